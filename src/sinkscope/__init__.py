@@ -1,0 +1,1 @@
+"""sinkscope: measure, explain and remove attention sinks."""

@@ -1,0 +1,358 @@
+"""Load HuggingFace models and tokenizers, know their architecture facts, and build tiny random models for tests.
+
+A model is a Hub id, a local directory, a built-in name, or an already constructed `transformers` model; nothing else
+in sinkscope cares which. Weights load from safetensors unless the caller opts in to pickle checkpoints, and code
+from a model repository never runs unless `trust_remote_code=True`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from sinkscope.errors import SinkscopeError
+
+# model_type values of encoder-only families: attention is bidirectional and there is no causal LM head.
+ENCODER_TYPES = frozenset(
+    {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "albert", "camembert", "mpnet", "deberta",
+     "deberta-v2", "modernbert", "ernie", "nomic_bert"}
+)
+
+
+@dataclass
+class ModelInfo:
+    """Architecture facts sinkscope needs: sizes, masking and tokenizer behaviour."""
+
+    name: str
+    model_type: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    is_causal: bool
+    adds_bos: bool
+    bos_token: str | None
+    max_positions: int | None
+    revision: str | None = None
+    dtype: str = "float32"
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer and facts. `model` is in eval mode."""
+
+    model: transformers.PreTrainedModel
+    tokenizer: Any
+    info: ModelInfo
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+
+def _config_int(config: PretrainedConfig, *names: str) -> int | None:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _text_config(config: PretrainedConfig) -> PretrainedConfig:
+    get = getattr(config, "get_text_config", None)
+    return get() if callable(get) else config
+
+
+def model_info(model: transformers.PreTrainedModel, tokenizer: Any, name: str) -> ModelInfo:
+    """Read layers, heads, KV heads, head size, causality, BOS behaviour and context length off a model."""
+    config = _text_config(model.config)
+    n_layers = _config_int(config, "num_hidden_layers", "n_layer", "num_layers")
+    n_heads = _config_int(config, "num_attention_heads", "n_head", "num_heads")
+    if n_layers is None or n_heads is None:
+        raise SinkscopeError(
+            f"cannot read the number of layers/heads of '{name}' ({type(config).__name__}); "
+            "sinkscope supports transformer models whose config names them the usual way"
+        )
+    n_kv = _config_int(config, "num_key_value_heads", "num_kv_heads") or n_heads
+    hidden = _config_int(config, "hidden_size", "n_embd", "d_model") or 0
+    head_dim = _config_int(config, "head_dim") or (hidden // n_heads if hidden else 0)
+    is_causal = config.model_type not in ENCODER_TYPES or bool(getattr(config, "is_decoder", False))
+    adds_bos, bos = _tokenizer_bos(tokenizer)
+    max_pos = _config_int(config, "max_position_embeddings", "n_positions", "n_ctx", "seq_length")
+    dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+    return ModelInfo(
+        name=name,
+        model_type=config.model_type,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        head_dim=head_dim,
+        is_causal=is_causal,
+        adds_bos=adds_bos,
+        bos_token=bos,
+        max_positions=max_pos,
+        revision=getattr(model.config, "_commit_hash", None),
+        dtype=dtype,
+    )
+
+
+def _tokenizer_bos(tokenizer: Any) -> tuple[bool, str | None]:
+    """Whether encoding a plain string puts a special token first (BOS or [CLS]) and which one."""
+    if tokenizer is None:
+        return False, None
+    ids = tokenizer("a")["input_ids"]
+    if not ids:
+        return False, None
+    first = ids[0]
+    specials = set(getattr(tokenizer, "all_special_ids", []) or [])
+    if first in specials:
+        return True, tokenizer.convert_ids_to_tokens(first)
+    return False, getattr(tokenizer, "bos_token", None)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Built-in names: a registry other modules (real offline models, the shipped tiny model) add to.
+# ---------------------------------------------------------------------------------------------------------------
+
+BUILTINS: dict[str, Callable[..., LoadedModel]] = {}
+
+
+def register_builtin(name: str) -> Callable[[Callable[..., LoadedModel]], Callable[..., LoadedModel]]:
+    """Register a function `(**load_kwargs) -> LoadedModel` under a built-in model name."""
+
+    def deco(fn: Callable[..., LoadedModel]) -> Callable[..., LoadedModel]:
+        BUILTINS[name] = fn
+        return fn
+
+    return deco
+
+
+def list_builtins() -> list[str]:
+    return sorted(BUILTINS) + [f"tiny:{family}" for family in sorted(TINY_FAMILIES)]
+
+
+def load_model(
+    name_or_model: str | os.PathLike | transformers.PreTrainedModel,
+    *,
+    tokenizer: Any = None,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = None,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    allow_pickle: bool = False,
+) -> LoadedModel:
+    """Load a model + tokenizer from a Hub id, a local directory, a built-in name or a constructed model.
+
+    - Built-in names: `tiny:<family>` (random-config test models, see `TINY_FAMILIES`) and names registered
+      with `register_builtin`.
+    - Weights load from safetensors only, unless `allow_pickle=True` (pickle checkpoints can run arbitrary code).
+    - Code shipped in a model repository runs only with `trust_remote_code=True`.
+    """
+    torch_dtype = _parse_dtype(dtype)
+    if isinstance(name_or_model, transformers.PreTrainedModel):
+        model = name_or_model
+        name = getattr(model.config, "_name_or_path", "") or type(model).__name__
+        loaded = LoadedModel(model=model.eval(), tokenizer=tokenizer, info=model_info(model, tokenizer, name))
+        return _place(loaded, device)
+    name = str(name_or_model)
+    if not name.strip():
+        raise SinkscopeError("no model given: pass --model with a Hub id, a local folder or a built-in name")
+    if name.startswith("tiny:"):
+        return _place(tiny_model(name.removeprefix("tiny:"), dtype=torch_dtype), device)
+    if name in BUILTINS:
+        return _place(BUILTINS[name](dtype=torch_dtype), device)
+    path = Path(name).expanduser()
+    if path.exists() and not path.is_dir():
+        raise SinkscopeError(f"'{name}' is a file; pass the folder that holds config.json and the weights")
+    local = path.is_dir()
+    if local and not (path / "config.json").exists():
+        raise SinkscopeError(f"'{name}' has no config.json: pass a folder saved with save_pretrained()")
+    try:
+        loaded = _from_pretrained(name, torch_dtype, revision, trust_remote_code, allow_pickle)
+    except SinkscopeError:
+        raise
+    except (OSError, ValueError) as err:
+        raise _load_error(name, local, err) from err
+    return _place(loaded, device)
+
+
+def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise SinkscopeError(f"unknown dtype '{dtype}': use one of {', '.join(sorted(table))}")
+    return table[dtype]
+
+
+def _place(loaded: LoadedModel, device: str | torch.device | None) -> LoadedModel:
+    if device is not None:
+        loaded.model.to(device)
+    return loaded
+
+
+def _load_error(name: str, local: bool, err: Exception) -> SinkscopeError:
+    text = str(err)
+    if "trust_remote_code" in text:
+        return SinkscopeError(
+            f"'{name}' needs code from its repository; rerun with --trust-remote-code if you trust it"
+        )
+    if "safetensors" in text.lower() or "pytorch_model.bin" in text or "use_safetensors" in text:
+        return SinkscopeError(
+            f"'{name}' has no safetensors weights; pickle checkpoints can run code when loaded, "
+            "pass --allow-pickle to load them anyway"
+        )
+    if local:
+        return SinkscopeError(f"could not load the model in '{name}': {text.splitlines()[0] if text else err!r}")
+    builtins = ", ".join(list_builtins())
+    return SinkscopeError(
+        f"could not load '{name}': it is not a local folder or built-in name, and the HuggingFace Hub is "
+        f"unreachable or has no such model. Check the id, download it with `huggingface-cli download {name}` "
+        f"and pass the local folder, or use a built-in name ({builtins})"
+    )
+
+
+def _from_pretrained(
+    name: str, dtype: torch.dtype, revision: str | None, trust_remote_code: bool, allow_pickle: bool
+) -> LoadedModel:
+    config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    text_config = _text_config(config)
+    auto = AutoModel if text_config.model_type in ENCODER_TYPES else AutoModelForCausalLM
+    model = auto.from_pretrained(
+        name,
+        revision=revision,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        use_safetensors=None if allow_pickle else True,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, info=model_info(model, tokenizer, name))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny random-config models (one per architecture family) with an offline byte-level tokenizer.
+# ---------------------------------------------------------------------------------------------------------------
+
+_COMMON = {"vocab_size": 262, "bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258}
+_LLAMA_LIKE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+               "num_key_value_heads": 2, "max_position_embeddings": 512}
+
+TINY_FAMILIES: dict[str, dict[str, Any]] = {
+    "gpt2": {"model_type": "gpt2", "n_embd": 32, "n_layer": 2, "n_head": 4, "n_positions": 512},
+    "llama": {"model_type": "llama", **_LLAMA_LIKE},
+    "mistral": {"model_type": "mistral", **_LLAMA_LIKE, "sliding_window": 5},
+    "qwen2": {"model_type": "qwen2", **_LLAMA_LIKE},
+    "qwen3": {"model_type": "qwen3", **_LLAMA_LIKE, "head_dim": 8},
+    "gemma2": {"model_type": "gemma2", **_LLAMA_LIKE, "head_dim": 8, "sliding_window": 4,
+               "attn_logit_softcapping": 2.0, "query_pre_attn_scalar": 8},
+    "phi3": {"model_type": "phi3", **_LLAMA_LIKE},
+    "gpt_neox": {"model_type": "gpt_neox", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                 "num_attention_heads": 4, "max_position_embeddings": 512},
+    "opt": {"model_type": "opt", "hidden_size": 32, "ffn_dim": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": 512, "word_embed_proj_dim": 32},
+    "mixtral": {"model_type": "mixtral", **_LLAMA_LIKE, "num_local_experts": 4, "num_experts_per_tok": 2},
+    "gpt_oss": {"model_type": "gpt_oss", **_LLAMA_LIKE, "head_dim": 8, "num_local_experts": 4,
+                "num_experts_per_tok": 2, "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"],
+                "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+    "bert": {"model_type": "bert", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "max_position_embeddings": 512},
+}
+
+
+def byte_tokenizer(encoder: bool = False) -> transformers.PreTrainedTokenizerFast:
+    """An offline byte-level tokenizer: 256 byte tokens plus <s>, </s>, <pad>, <unk> (ids 256-259) and, for
+    encoders, [CLS] [SEP] (ids 259-260 reuse the tail of the vocabulary). Decoders get `<s>` prepended."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=lambda ch: _byte_of(ch))
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    specials = ["<s>", "</s>", "<pad>", "<unk>", "[CLS]", "[SEP]"]
+    for offset, tok in enumerate(specials):
+        vocab[tok] = 256 + offset
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    if encoder:
+        core.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]",
+            special_tokens=[("[CLS]", vocab["[CLS]"]), ("[SEP]", vocab["[SEP]"])],
+        )
+        kwargs = {"cls_token": "[CLS]", "sep_token": "[SEP]"}
+    else:
+        core.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+        )
+        kwargs = {"bos_token": "<s>"}
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=core, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", **kwargs
+    )
+
+
+def _byte_of(ch: str) -> int:
+    table = _bytes_to_unicode()
+    return table[ch]
+
+
+def _bytes_to_unicode() -> dict[str, int]:
+    """GPT-2's reversible byte ↔ printable-character table, inverted (char → byte)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    n = 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+def tiny_config(family: str, **overrides: Any) -> PretrainedConfig:
+    """A 2-layer random config of `family` (see `TINY_FAMILIES`), small enough for unit tests."""
+    if family not in TINY_FAMILIES:
+        raise SinkscopeError(f"unknown tiny family '{family}': use one of {', '.join(sorted(TINY_FAMILIES))}")
+    params = {**_COMMON, **TINY_FAMILIES[family], **overrides}
+    model_type = params.pop("model_type")
+    config = AutoConfig.for_model(model_type, **params)
+    if family == "bert":
+        config.vocab_size = 262
+    return config
+
+
+def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any) -> LoadedModel:
+    """Build a random-weight tiny model of an architecture family, with an offline byte tokenizer."""
+    config = tiny_config(family, **overrides)
+    torch.manual_seed(seed)
+    encoder = config.model_type in ENCODER_TYPES
+    auto = AutoModel if encoder else AutoModelForCausalLM
+    model = auto.from_config(config, dtype=dtype)
+    _spread_init(model, seed)
+    model.eval()
+    tokenizer = byte_tokenizer(encoder=encoder)
+    name = f"tiny:{family}"
+    model.config._name_or_path = name
+    return LoadedModel(model=model, tokenizer=tokenizer, info=model_info(model, tokenizer, name))
+
+
+def _spread_init(model: torch.nn.Module, seed: int) -> None:
+    """Re-draw weights with a larger scale so tiny random models have peaked, non-uniform attention
+    (default 0.02-std initialisation gives nearly uniform maps, which test little)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() >= 2 and "norm" not in name:
+                param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32).to(param.dtype) * 0.3)
+            elif name.endswith("sinks"):
+                param.copy_(torch.randn(param.shape, generator=gen, dtype=torch.float32).to(param.dtype))
