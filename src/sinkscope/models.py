@@ -8,10 +8,12 @@ from a model repository never runs unless `trust_remote_code=True`.
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 import transformers
@@ -176,7 +178,7 @@ def load_model(
     if local and not (path / "config.json").exists():
         raise SinkscopeError(f"'{name}' has no config.json: pass a folder saved with save_pretrained()")
     try:
-        loaded = _from_pretrained(name, torch_dtype, revision, trust_remote_code, allow_pickle)
+        loaded = _from_pretrained(name, torch_dtype, revision, trust_remote_code, allow_pickle, local)
     except SinkscopeError:
         raise
     except (OSError, ValueError) as err:
@@ -221,9 +223,26 @@ def _load_error(name: str, local: bool, err: Exception) -> SinkscopeError:
     )
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connection to the Hub, so an offline machine fails at once instead of after retries."""
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        return False
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def _from_pretrained(
-    name: str, dtype: torch.dtype, revision: str | None, trust_remote_code: bool, allow_pickle: bool
+    name: str, dtype: torch.dtype, revision: str | None, trust_remote_code: bool, allow_pickle: bool, local: bool
 ) -> LoadedModel:
+    try:  # a local folder, or a Hub id already in the local cache
+        AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError):
+        if local or not _hub_reachable():
+            raise
     config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     text_config = _text_config(config)
     auto = AutoModel if text_config.model_type in ENCODER_TYPES else AutoModelForCausalLM

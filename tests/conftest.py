@@ -1,0 +1,26 @@
+"""Shared fixtures: tiny random models are built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach for the network
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def tiny_llama():
+    from sinkscope.models import tiny_model
+
+    return tiny_model("llama")
+
+
+@pytest.fixture(scope="session")
+def tiny_bert():
+    from sinkscope.models import tiny_model
+
+    return tiny_model("bert")
