@@ -186,6 +186,43 @@ def explain(
         console.print(f"wrote {folder}/ (tokens + manifest.json)")
 
 
+DEMO_PROMPTS = [
+    "Classify the sentiment of the sentence as positive or negative.\nSentence: the film is a charming, funny "
+    "delight from start to finish.\nSentiment:",
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Attention sinks are tokens that draw a large share of attention while carrying little meaning.",
+    "Question: what is the capital of France? Answer:",
+]
+
+
+@app.command()
+@user_errors
+def demo(
+    models: Annotated[str, typer.Option(help="Comma-separated model names")] = "smollm2,minilm",
+    out: OutOpt = None,
+) -> None:
+    """Profile and explain a few prompts on real models that install offline (see README); skips missing ones."""
+    from sinkscope.explain import explain as run_explain
+    from sinkscope.profile import profile as run_profile
+    from sinkscope.render import layer_table, print_explanation
+    from sinkscope.store import save_run
+
+    for name in [m.strip() for m in models.split(",") if m.strip()]:
+        try:
+            loaded = _load(name, None, "float32", False, False)
+        except SinkscopeError as err:
+            err_console.print(f"[yellow]skipping {name}:[/] {err}")
+            continue
+        result = run_profile(loaded, DEMO_PROMPTS, "column_mass")
+        info = loaded.info
+        console.rule(f"{name}: {info.n_layers} layers × {info.n_heads} heads ({info.n_kv_heads} KV heads)")
+        console.print(layer_table(result.tables["layers"], f"{name}: sinks per layer (column_mass, ε = 0.2)"))
+        print_explanation(console, run_explain(loaded, DEMO_PROMPTS[0], "zscore"), top_k=10)
+        if out is not None:
+            folder = save_run(out / name.replace(":", "-"), result.run(loaded, command="demo"))
+            console.print(f"wrote {folder}/")
+
+
 @app.command("models")
 def models_cmd() -> None:
     """List the built-in model names (any Hub id or local folder also works)."""

@@ -137,7 +137,12 @@ def register_builtin(name: str) -> Callable[[Callable[..., LoadedModel]], Callab
     return deco
 
 
+def _load_zoo() -> None:
+    import sinkscope.zoo  # noqa: F401  (registers the real offline models)
+
+
 def list_builtins() -> list[str]:
+    _load_zoo()
     return sorted(BUILTINS) + [f"tiny:{family}" for family in sorted(TINY_FAMILIES)]
 
 
@@ -169,6 +174,7 @@ def load_model(
         raise SinkscopeError("no model given: pass --model with a Hub id, a local folder or a built-in name")
     if name.startswith("tiny:"):
         return _place(tiny_model(name.removeprefix("tiny:"), dtype=torch_dtype), device)
+    _load_zoo()
     if name in BUILTINS:
         return _place(BUILTINS[name](dtype=torch_dtype), device)
     path = Path(name).expanduser()
