@@ -15,7 +15,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,17 @@ from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
 
 ATTN_NAME = "sinkscope"
+
+
+class ProbsHook(Protocol):
+    """An intervention: changes a layer's attention probabilities [b, h, q, k] inside the forward pass."""
+
+    def applies(self, layer: int | None) -> bool: ...
+
+    def __call__(self, probs: torch.Tensor, layer: int | None, bias: torch.Tensor) -> torch.Tensor: ...
+
+
+_HOOKS: contextvars.ContextVar[tuple[ProbsHook, ...]] = contextvars.ContextVar("sinkscope_hooks", default=())
 
 
 @dataclass
@@ -98,20 +109,62 @@ def sinkscope_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """Native attention output, plus statistics when a capture session is active. Returns ([b, q, h, d_v], None)."""
+    """Native attention output, plus statistics when a capture session is active, and the active interventions'
+    changes to the attention probabilities. Returns ([b, q, h, d_v], None)."""
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
     bias = _additive_bias(attention_mask, query, key, bool(is_causal), kwargs.get("position_bias"))
-    output = _native_output(module, query, key, value, attention_mask, bias, scaling, dropout, kwargs)
+    softcap, s_aux = kwargs.get("softcap"), kwargs.get("s_aux")
+    layer = getattr(module, "layer_idx", None)
+    hooks = [hook for hook in _HOOKS.get() if hook.applies(layer)]
+    probs = None
+    if hooks:
+        probs = attention_probs(query, key, bias, scaling, softcap, s_aux)  # [b, h, q, k]
+        for hook in hooks:
+            probs = hook(probs, layer, bias)
+        output = _weighted_values(probs, value).to(query.dtype)
+    else:
+        output = _native_output(module, query, key, value, attention_mask, bias, scaling, dropout, kwargs)
     session = _ACTIVE.get()
     if session is not None:
-        session.records.append(
-            _statistics(session, query, key, value, bias, scaling, kwargs.get("softcap"), kwargs.get("s_aux"))
-        )
+        session.records.append(_statistics(session, query, key, value, bias, scaling, softcap, s_aux, probs))
     return output, None
+
+
+def attention_probs(
+    query: torch.Tensor,  # [b, h, q, d]
+    key: torch.Tensor,  # [b, kvh, k, d]
+    bias: torch.Tensor,  # [b|1, 1|h, q, k]
+    scaling: float,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,  # [h]
+) -> torch.Tensor:
+    """softmax(QKᵀ·scale [soft-capped] + bias) in float32, with GQA and learned sink logits (their column dropped,
+    so rows sum to 1 − sink share). Fully masked rows are zeros. Returns [b, h, q, k]."""
+    b, h, nq, d = query.shape
+    kvh, nk = key.shape[1], key.shape[2]
+    scores = (query.float().view(b, kvh, h // kvh, nq, d) @ key.float().transpose(-1, -2)[:, :, None])
+    scores = scores.reshape(b, h, nq, nk) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    scores = scores + bias
+    if s_aux is not None:
+        sink = s_aux.float().reshape(1, h, 1, 1).expand(b, h, nq, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, dim=-1)
+    return torch.nan_to_num(probs, nan=0.0)
+
+
+def _weighted_values(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """o_i = Σ_j A_ij v_j per head, with GQA. probs [b, h, q, k], value [b, kvh, k, dv] → [b, q, h, dv]."""
+    b, h, nq, nk = probs.shape
+    kvh = value.shape[1]
+    out = probs.view(b, kvh, h // kvh, nq, nk) @ value.float()[:, :, None]
+    return out.reshape(b, h, nq, -1).transpose(1, 2).contiguous()
 
 
 def _native_output(
@@ -185,15 +238,12 @@ def _statistics(
     scaling: float,
     softcap: float | None,
     s_aux: torch.Tensor | None,  # [h] learned sink logits
+    probs_full: torch.Tensor | None = None,  # [b, h, q, k] when an intervention already computed (and changed) them
 ) -> LayerRecord:
     """Recompute softmax(QKᵀ·scale + bias) chunk by chunk in float32 and reduce it to the requested statistics."""
     cfg = session.config
-    b, h, nq, d = query.shape
-    kvh, nk = key.shape[1], key.shape[2]
-    g = h // kvh
-    q32 = query.float().view(b, kvh, g, nq, d)
-    kt = key.float().transpose(-1, -2)[:, :, None]  # [b, kvh, 1, d, k]
-    v32 = value.float()[:, :, None] if (cfg.head_outputs or cfg.maps) else None  # [b, kvh, 1, k, dv]
+    b, h, nq, _ = query.shape
+    nk = key.shape[2]
     qvalid = session.query_valid[:, -nq:].to(query.device)  # [b, q]
     want_maps = cfg.maps and nk <= cfg.max_map_tokens
     sel = session.row_positions.to(query.device) - (session.query_valid.shape[1] - nq) \
@@ -210,18 +260,13 @@ def _statistics(
     step = _chunk_size(cfg, b, h, nk)
     for c0 in range(0, nq, step):
         c1 = min(nq, c0 + step)
-        scores = (q32[:, :, :, c0:c1] @ kt).reshape(b, h, c1 - c0, nk) * scaling
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
         chunk_bias = bias[:, :, c0:c1]
-        scores = scores + chunk_bias
-        if s_aux is not None:
-            sink = s_aux.float().reshape(1, h, 1, 1).expand(b, h, c1 - c0, 1)
-            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
-            sink_share[:, :, c0:c1] = 1.0 - probs.sum(-1)
+        if probs_full is not None:
+            probs = probs_full[:, :, c0:c1]
         else:
-            probs = torch.softmax(scores, dim=-1)
-        probs = torch.nan_to_num(probs, nan=0.0)  # fully masked rows (left padding) → all zeros
+            probs = attention_probs(query[:, :, c0:c1], key, chunk_bias, scaling, softcap, s_aux)
+        if sink_share is not None:
+            sink_share[:, :, c0:c1] = 1.0 - probs.sum(-1)
         valid = qvalid[:, None, c0:c1, None].float()  # [b, 1, c, 1]
         key_mass_sum += (probs * valid).sum(-2)
         seen = torch.isfinite(chunk_bias).expand(b, 1, c1 - c0, nk)[:, 0] & qvalid[:, c0:c1, None]
@@ -231,7 +276,7 @@ def _statistics(
         if maps is not None:
             maps[:, :, c0:c1] = probs
         if outs is not None:
-            outs[:, :, c0:c1] = (probs.view(b, kvh, g, c1 - c0, nk) @ v32).reshape(b, h, c1 - c0, -1)
+            outs[:, :, c0:c1] = _weighted_values(probs, value).transpose(1, 2)
         if rows is not None:
             _gather_rows(rows, probs, sel, c0, c1)
     return LayerRecord(
