@@ -223,6 +223,74 @@ def demo(
             console.print(f"wrote {folder}/")
 
 
+def read_text(path: Path) -> str:
+    """A text file, or a JSONL file whose `text` fields are joined with blank lines."""
+    if not path.exists():
+        raise SinkscopeError(f"text file {path} does not exist")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix != ".jsonl":
+        return raw
+    texts = []
+    for i, line in enumerate(raw.splitlines()):
+        try:
+            texts.append(json.loads(line)["text"])
+        except (ValueError, KeyError, TypeError):
+            raise SinkscopeError(f"{path} line {i + 1} is not a JSON object with a 'text' field") from None
+    return "\n\n".join(texts)
+
+
+@app.command()
+@user_errors
+def stream(
+    model: ModelOpt,
+    text: Annotated[Path, typer.Option(help="Text file (or JSONL with a text field) to score")],
+    sink: Annotated[int, typer.Option(help="Initial tokens kept in the cache")] = 4,
+    window: Annotated[int, typer.Option(help="Recent tokens kept in the cache")] = 256,
+    max_tokens: Annotated[int, typer.Option(help="Score the first N tokens of the text")] = 1024,
+    out: OutOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
+    trust_remote_code: TrustOpt = False,
+    allow_pickle: PickleOpt = False,
+) -> None:
+    """Perplexity with the full KV cache, StreamingLLM's sinks + window, and window only, side by side."""
+    import pandas as pd
+    from rich.table import Table
+
+    from sinkscope.profile import profile as run_profile
+    from sinkscope.store import Run, make_manifest, save_run
+    from sinkscope.stream import compare, perplexity
+
+    loaded = _load(model, device, dtype, trust_remote_code, allow_pickle)
+    ids = loaded.tokenizer(read_text(text))["input_ids"][:max_tokens]
+    budget = sink + window
+    if len(ids) <= budget + 1:
+        raise SinkscopeError(f"the text has {len(ids)} tokens: it needs more than sink + window = {budget} to evict")
+    sinks = run_profile(loaded, [loaded.tokenizer.decode(ids[:256])], "column_mass").tables["layers"]
+    results = compare(loaded, ids, sink, window, progress=True)
+    table = Table(title=f"{loaded.info.name}: {len(ids)} tokens, cache budget {budget} ({sink} sinks + {window})",
+                  title_justify="left")
+    for col in ("cache", "ppl (all)", f"ppl (tokens ≥ {budget}, after eviction)"):
+        table.add_column(col, justify="left" if col == "cache" else "right")
+    rows = []
+    for r in results:
+        after = perplexity(r.nll[budget:])
+        rows.append({"policy": r.policy, "sink": sink, "window": window, "ppl": r.perplexity, "ppl_after": after})
+        table.add_row(r.policy, f"{r.perplexity:.2f}", f"{after:.2f}")
+    console.print(table)
+    strong = sinks[sinks["pos0_alpha"] > 0.2]["layer"].tolist()
+    console.print(f"position-0 sink (α₀ > 0.2) in {len(strong)}/{len(sinks)} layers; mean α₀ over layers "
+                  f"{sinks['pos0_alpha'].mean():.2f}" + ("" if strong else " — the model has no first-token sink, "
+                  "so this comparison tests StreamingLLM's precondition rather than its result"))
+    if out is not None:
+        tokens = pd.DataFrame({f"nll_{r.policy}": r.nll.numpy() for r in results})
+        tokens.insert(0, "position", range(1, len(ids)))
+        manifest = make_manifest("stream", {"name": loaded.info.name}, {"sink": sink, "window": window,
+                                 "text": str(text), "n_tokens": len(ids)})
+        folder = save_run(out, Run({"perplexity": pd.DataFrame(rows), "tokens": tokens, "layers": sinks}, manifest))
+        console.print(f"wrote {folder}/")
+
+
 @app.command("models")
 def models_cmd() -> None:
     """List the built-in model names (any Hub id or local folder also works)."""
