@@ -169,3 +169,21 @@ def test_maps_skipped_for_long_prompts():
     lm = tiny_model("gpt2")
     trace = run_capture(lm, ["a" * 40], CaptureConfig(maps=True, max_map_tokens=16))
     assert trace.maps is None
+
+
+def test_fused_capture_matches_native(loaded):
+    """fused=True computes the output from the statistics' own chunks: same logits and statistics."""
+    tok = loaded.tokenizer
+    tok.padding_side = "right"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        plain = loaded.model(**enc)
+        with capture_session(loaded.model, CaptureConfig(fused=True, chunk_size=4), enc["attention_mask"]) as fused:
+            out = loaded.model(**enc)
+        with capture_session(loaded.model, CaptureConfig(), enc["attention_mask"]) as native:
+            loaded.model(**enc)
+    field = "logits" if hasattr(plain, "logits") else "last_hidden_state"
+    mask = enc["attention_mask"].bool()
+    torch.testing.assert_close(getattr(out, field)[mask], getattr(plain, field)[mask], atol=1e-5, rtol=0)
+    for a, b in zip(fused.records, native.records, strict=True):
+        torch.testing.assert_close(a.key_mass_sum, b.key_mass_sum, atol=1e-5, rtol=0)

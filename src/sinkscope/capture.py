@@ -52,6 +52,9 @@ class CaptureConfig:
     head_outputs: per-head outputs o_i = Σ_j A_ij v_j (before the output projection).
     values: per-KV-head value vectors v_j.
     chunk_size: queries per chunk in the recomputation (None: sized to keep a chunk near 32 MB).
+    fused: compute the layer output from the same float32 chunks as the statistics (A·V) instead of calling the
+        native kernel as well — one attention computation instead of two; outputs then equal SDPA's up to float32
+        rounding (≈1e-6), not bit for bit.
     """
 
     rows: str | Sequence[int] | None = "last"
@@ -61,6 +64,7 @@ class CaptureConfig:
     head_outputs: bool = False
     values: bool = False
     chunk_size: int | None = None
+    fused: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.rows, str) and self.rows != "last":
@@ -120,17 +124,21 @@ def sinkscope_attention(
     softcap, s_aux = kwargs.get("softcap"), kwargs.get("s_aux")
     layer = getattr(module, "layer_idx", None)
     hooks = [hook for hook in _HOOKS.get() if hook.applies(layer)]
+    session = _ACTIVE.get()
     probs = None
     if hooks:
         probs = attention_probs(query, key, bias, scaling, softcap, s_aux)  # [b, h, q, k]
         for hook in hooks:
             probs = hook(probs, layer, bias)
         output = _weighted_values(probs, value).to(query.dtype)
+    elif session is not None and session.config.fused:
+        record, output = _statistics(session, query, key, value, bias, scaling, softcap, s_aux, want_output=True)
+        session.records.append(record)
+        return output.to(query.dtype), None
     else:
         output = _native_output(module, query, key, value, attention_mask, bias, scaling, dropout, kwargs)
-    session = _ACTIVE.get()
     if session is not None:
-        session.records.append(_statistics(session, query, key, value, bias, scaling, softcap, s_aux, probs))
+        session.records.append(_statistics(session, query, key, value, bias, scaling, softcap, s_aux, probs)[0])
     return output, None
 
 
@@ -239,8 +247,10 @@ def _statistics(
     softcap: float | None,
     s_aux: torch.Tensor | None,  # [h] learned sink logits
     probs_full: torch.Tensor | None = None,  # [b, h, q, k] when an intervention already computed (and changed) them
-) -> LayerRecord:
-    """Recompute softmax(QKᵀ·scale + bias) chunk by chunk in float32 and reduce it to the requested statistics."""
+    want_output: bool = False,
+) -> tuple[LayerRecord, torch.Tensor | None]:
+    """Recompute softmax(QKᵀ·scale + bias) chunk by chunk in float32 and reduce it to the requested statistics;
+    with `want_output`, also the layer's attention output A·V [b, q, h, dv] (float32) from the same chunks."""
     cfg = session.config
     b, h, nq, _ = query.shape
     nk = key.shape[2]
@@ -256,6 +266,7 @@ def _statistics(
     rows = torch.zeros(b, h, sel.shape[1], nk, device=query.device) if sel is not None else None
     maps = torch.zeros(b, h, nq, nk, device=query.device) if want_maps else None
     outs = torch.zeros(b, h, nq, value.shape[-1], device=query.device) if cfg.head_outputs else None
+    layer_out = torch.empty(b, nq, h, value.shape[-1], device=query.device) if want_output else None
 
     step = _chunk_size(cfg, b, h, nk)
     for c0 in range(0, nq, step):
@@ -275,11 +286,15 @@ def _statistics(
             entropy[:, :, c0:c1] = -torch.special.xlogy(probs, probs).sum(-1)
         if maps is not None:
             maps[:, :, c0:c1] = probs
-        if outs is not None:
-            outs[:, :, c0:c1] = _weighted_values(probs, value).transpose(1, 2)
+        if outs is not None or layer_out is not None:
+            chunk_out = _weighted_values(probs, value)  # [b, c, h, dv]
+            if outs is not None:
+                outs[:, :, c0:c1] = chunk_out.transpose(1, 2)
+            if layer_out is not None:
+                layer_out[:, c0:c1] = chunk_out
         if rows is not None:
             _gather_rows(rows, probs, sel, c0, c1)
-    return LayerRecord(
+    record = LayerRecord(
         key_mass_sum=key_mass_sum,
         key_count=key_count,
         rows=rows,
@@ -289,6 +304,7 @@ def _statistics(
         head_outputs=outs,
         values=value.float().clone() if cfg.values else None,
     )
+    return record, layer_out
 
 
 def _gather_rows(rows: torch.Tensor, probs: torch.Tensor, sel: torch.Tensor, c0: int, c1: int) -> None:
