@@ -150,8 +150,11 @@ def profile(
     for i, why in sorted(skipped.items()):
         err_console.print(f"[yellow]skipped[/] prompt {i + 1}: {why}", highlight=False)
     if out is not None:
+        from sinkscope.report import write_report
+
         folder = save_run(out, result.run(loaded))
         console.print(f"wrote {folder}/ ({', '.join(result.tables)} + manifest.json)")
+        console.print(f"wrote {write_report(folder)}")
 
 
 @app.command()
@@ -219,8 +222,12 @@ def demo(
         console.print(layer_table(result.tables["layers"], f"{name}: sinks per layer (column_mass, ε = 0.2)"))
         print_explanation(console, run_explain(loaded, DEMO_PROMPTS[0], "zscore"), top_k=10)
         if out is not None:
-            folder = save_run(out / name.replace(":", "-"), result.run(loaded, command="demo"))
-            console.print(f"wrote {folder}/")
+            from sinkscope.report import write_report
+            from sinkscope.report.maps import add_maps, capture_maps
+
+            run = add_maps(result.run(loaded, command="demo"), capture_maps(loaded, DEMO_PROMPTS))
+            folder = save_run(out / name.replace(":", "-"), run)
+            console.print(f"wrote {folder}/ and {write_report(folder)}")
 
 
 def read_text(path: Path) -> str:
@@ -308,6 +315,9 @@ def detectors() -> None:
 
 
 def _mount_subapps() -> None:
+    from sinkscope.report.command import report_command
+
+    app.command("report")(user_errors(report_command))
     try:
         from sinkscope.toy.cli import app as toy_app
     except ImportError:
