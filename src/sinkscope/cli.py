@@ -318,6 +318,9 @@ def _mount_subapps() -> None:
     from sinkscope.report.command import report_command
 
     app.command("report")(user_errors(report_command))
+    from sinkscope.mechanisms_cli import mechanisms_command
+
+    app.command("mechanisms")(mechanisms_command)
     try:
         from sinkscope.toy.cli import app as toy_app
     except ImportError:
