@@ -319,6 +319,10 @@ def _mount_subapps() -> None:
 
     app.command("report")(user_errors(report_command))
     from sinkscope.mechanisms_cli import mechanisms_command
+    from sinkscope.toy.lm_cli import plot_trace, train_lm
+
+    app.command("train-lm")(user_errors(train_lm))
+    app.command("plot-trace")(user_errors(plot_trace))
 
     app.command("mechanisms")(mechanisms_command)
     try:

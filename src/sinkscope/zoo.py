@@ -75,6 +75,14 @@ def smollm2(dtype: torch.dtype = torch.float32) -> LoadedModel:
     return loaded
 
 
+@register_builtin("sinkscope-tiny")
+def sinkscope_tiny(dtype: torch.dtype = torch.float32) -> LoadedModel:
+    """sinkscope's own small Llama-architecture decoder, shipped inside the package (see its model card)."""
+    from sinkscope.toy.tinylm import load_tiny
+
+    return load_tiny(dtype)
+
+
 @register_builtin("minilm")
 def minilm(dtype: torch.dtype = torch.float32) -> LoadedModel:
     """all-MiniLM-L6-v2 (6-layer BERT encoder, 12 heads); inputs are wrapped in [CLS] … [SEP]."""
