@@ -68,6 +68,19 @@ def _method_params(method: str, threshold: float | None) -> dict[str, Any]:
     return {first: threshold}
 
 
+def _calibrated(loaded: LoadedModel, calibration: Path | None) -> Any:
+    """A context that applies a saved ACT calibration to every forward pass (or does nothing)."""
+    from contextlib import nullcontext
+
+    if calibration is None:
+        return nullcontext()
+    from sinkscope.calibrate import Calibration
+    from sinkscope.intervene import intervene
+
+    interventions = Calibration.load(calibration).interventions()
+    return intervene(loaded.model, *interventions) if interventions else nullcontext()
+
+
 def parse_selection(spec: str | None) -> list[int] | None:
     """'all' or None → None; '-1' → [-1]; '0,2,5' → [0, 2, 5]; '3-6' → [3, 4, 5, 6]."""
     if spec is None or spec == "all":
@@ -120,6 +133,7 @@ def profile(
     threshold: ThresholdOpt = None,
     out: OutOpt = None,
     batch_size: Annotated[int, typer.Option(help="Prompts per forward pass")] = 8,
+    calibration: Annotated[Path | None, typer.Option(help="Apply an ACT calibration (sinkscope calibrate)")] = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = "float32",
     trust_remote_code: TrustOpt = False,
@@ -139,8 +153,9 @@ def profile(
         raise SinkscopeError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
     params = _method_params(method, threshold)
     loaded = _load(model, device, dtype, trust_remote_code, allow_pickle)
-    result = run_profile(loaded, texts, method, params, capture=CaptureConfig(), batch_size=batch_size,
-                         progress=True)
+    with _calibrated(loaded, calibration):
+        result = run_profile(loaded, texts, method, params, capture=CaptureConfig(), batch_size=batch_size,
+                             progress=True)
     skipped = dict(result.skipped)
     skipped.update(dict(file_bad))
     info = loaded.info
@@ -323,6 +338,18 @@ def _mount_subapps() -> None:
 
     app.command("train-lm")(user_errors(train_lm))
     app.command("plot-trace")(user_errors(plot_trace))
+    from sinkscope.tags_cli import probe_command, tags_command, tags_sensitivity_command
+
+    app.command("tags")(tags_command)
+    app.command("tags-sensitivity")(tags_sensitivity_command)
+    app.command("probe")(probe_command)
+    from sinkscope.evaluate.cli import eval_command
+
+    app.command("eval")(user_errors(eval_command))
+    from sinkscope.mitigation_cli import bench_mitigation_command, calibrate_command
+
+    app.command("calibrate")(user_errors(calibrate_command))
+    app.command("bench-mitigation")(user_errors(bench_mitigation_command))
 
     app.command("mechanisms")(mechanisms_command)
     try:

@@ -1,0 +1,173 @@
+"""Zero-shot classification by verbaliser log-probability, with the last prompt token's attention captured in the
+same batched forward pass.
+
+    score(x, y) = Σ_t log p(y_t | x, y_<t)        y = answer_prefix + label, tokenised without special tokens
+    prediction  = argmax_y score(x, y)
+
+A single-token label is read off the prompt's next-token distribution; a multi-token label is scored by one more
+forward pass over prompt + label[:-1] (summed log-probabilities, as in ACT's and lm-eval's multiple-choice
+scoring). Prompts are padded to a batch on either side; the logits and attention rows are read at each prompt's
+last real token, so a batched run gives the unbatched numbers.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sinkscope.capture import CaptureConfig, capture_session
+from sinkscope.errors import SinkscopeError
+from sinkscope.models import LoadedModel
+
+__all__ = ["PromptPass", "label_token_ids", "pad_batch", "prompt_pass", "score_labels"]
+
+
+def label_token_ids(tokenizer: Any, labels: Sequence[str], prefix: str = " ") -> list[list[int]]:
+    """The token ids of prefix + label for each label (no special tokens). Raises if a label is empty or two labels
+    tokenise alike."""
+    ids = [list(tokenizer(prefix + label, add_special_tokens=False)["input_ids"]) for label in labels]
+    for label, toks in zip(labels, ids, strict=True):
+        if not toks:
+            raise SinkscopeError(f"label {label!r} tokenises to nothing; use a non-empty verbaliser")
+    if len({tuple(t) for t in ids}) != len(ids):
+        raise SinkscopeError(f"two of the labels {list(labels)} tokenise to the same ids; use distinct verbalisers")
+    return ids
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right"
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad token id lists into a batch.
+
+    Returns ids [b, n], attention mask [b, n] (1 at real tokens) and offsets [b] (where each sequence starts:
+    0 with right padding, n − len with left padding).
+    """
+    if side not in ("left", "right"):
+        raise SinkscopeError("padding side must be 'left' or 'right'")
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    offsets = torch.zeros(len(seqs), dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        start = 0 if side == "right" else n - len(seq)
+        ids[i, start : start + len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[i, start : start + len(seq)] = 1
+        offsets[i] = start
+    return ids, mask, offsets
+
+
+def _forward_args(model: torch.nn.Module) -> set[str]:
+    return set(inspect.signature(model.forward).parameters)
+
+
+def forward_inputs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, device: torch.device
+                   ) -> dict[str, torch.Tensor | bool]:
+    """Keyword arguments for a padded forward: positions count real tokens only (left padding shifts nothing)."""
+    args = _forward_args(model)
+    inputs: dict[str, torch.Tensor | bool] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    if "position_ids" in args:
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
+    if "use_cache" in args:
+        inputs["use_cache"] = False
+    return inputs
+
+
+@dataclass
+class PromptPass:
+    """What one forward pass over the prompts gives (P prompts, V vocabulary, L layers, H heads, n_p tokens).
+
+    logprobs: [P, V] log p(next token | prompt) at each prompt's last token
+    rows: P × [L, H, n_p] the last prompt token's attention over the prompt, per layer and head
+    key_mass: P × [L, H, n_p] column mass α_k (mean attention key k receives from the queries that see it)
+    """
+
+    logprobs: torch.Tensor
+    rows: list[torch.Tensor]
+    key_mass: list[torch.Tensor]
+
+
+def prompt_pass(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], padding_side: str = "right") -> PromptPass:
+    """One padded forward pass over the prompts under a capture session (seed 000 §4.1: the last token's row)."""
+    model = loaded.model
+    ids, mask, offsets = pad_batch(prompt_ids, _pad_id(loaded.tokenizer), padding_side)
+    lengths = mask.sum(-1)
+    last = offsets + lengths - 1  # [b] in padded coordinates
+    config = CaptureConfig(rows="last", entropy=False)
+    with torch.inference_mode(), capture_session(model, config, mask, last[:, None]) as session:
+        logits = model(**forward_inputs(model, ids, mask, loaded.device)).logits  # [b, n, V]
+    records = session.records
+    if len(records) != loaded.info.n_layers:
+        raise SinkscopeError(f"captured {len(records)} attention calls for {loaded.info.n_layers} layers: "
+                             f"{type(model).__name__} does not route attention through the AttentionInterface")
+    logprobs = torch.log_softmax(logits[torch.arange(len(prompt_ids)), last.to(logits.device)].float(), -1).cpu()
+    rows = torch.stack([r.rows[:, :, 0].cpu() for r in records], dim=1)  # [b, L, H, n]
+    mass = torch.stack([(r.key_mass_sum / r.key_count[:, None].clamp(min=1)).cpu() for r in records], dim=1)
+    cut = [(int(o), int(o + n)) for o, n in zip(offsets, lengths, strict=True)]
+    return PromptPass(
+        logprobs=logprobs,
+        rows=[rows[i, :, :, a:b].clone() for i, (a, b) in enumerate(cut)],
+        key_mass=[mass[i, :, :, a:b].clone() for i, (a, b) in enumerate(cut)],
+    )
+
+
+def continuation_logprobs(
+    loaded: LoadedModel,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    padding_side: str = "right",
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """Σ_t log p(y_t | x, y_<t) for each (x, y) pair, from forward passes over x + y[:-1]. Returns [len(pairs)]."""
+    model = loaded.model
+    out = torch.zeros(len(pairs))
+    for b0 in range(0, len(pairs), batch_size):
+        chunk = pairs[b0 : b0 + batch_size]
+        seqs = [list(x) + list(y[:-1]) for x, y in chunk]
+        ids, mask, offsets = pad_batch(seqs, _pad_id(loaded.tokenizer), padding_side)
+        with torch.inference_mode():
+            logits = model(**forward_inputs(model, ids, mask, loaded.device)).logits.float().cpu()  # [b, n, V]
+        for i, (x, y) in enumerate(chunk):
+            at = int(offsets[i]) + len(x) - 1 + torch.arange(len(y))  # positions predicting y_0 … y_{m-1}
+            logprobs = torch.log_softmax(logits[i, at], -1)  # [m, V]
+            out[b0 + i] = logprobs[torch.arange(len(y)), torch.tensor(list(y))].sum()
+    return out
+
+
+def score_labels(
+    loaded: LoadedModel,
+    prompt_ids: Sequence[Sequence[int]],
+    label_ids: Sequence[Sequence[int]],
+    first: torch.Tensor,
+    padding_side: str = "right",
+    batch_size: int = 8,
+) -> torch.Tensor:
+    """score[p, c] = Σ_t log p(label_c[t] | prompt_p, label_c[:t]).
+
+    first: [P, V] next-token log-probabilities after each prompt (`PromptPass.logprobs`), used for single-token
+    labels; multi-token labels get their own forward passes. Returns [P, C].
+    """
+    scores = torch.zeros(len(prompt_ids), len(label_ids))
+    pairs: list[tuple[Sequence[int], Sequence[int]]] = []
+    where: list[tuple[int, int]] = []
+    for c, label in enumerate(label_ids):
+        if len(label) == 1:
+            scores[:, c] = first[:, label[0]]
+            continue
+        for p, prompt in enumerate(prompt_ids):
+            pairs.append((prompt, label))
+            where.append((p, c))
+    if pairs:
+        values = continuation_logprobs(loaded, pairs, padding_side, batch_size)
+        for (p, c), value in zip(where, values.tolist(), strict=True):
+            scores[p, c] = value
+    return scores
