@@ -123,6 +123,19 @@ def read_prompts(path: Path) -> tuple[list[str], list[tuple[int, str]]]:
     return prompts, bad
 
 
+def gather_prompts(prompt: list[str] | None, prompts: Path | None) -> tuple[list[str], list[tuple[int, str]]]:
+    """--prompt texts followed by the --prompts file's lines, and (index, reason) for unreadable lines."""
+    texts = list(prompt or [])
+    file_bad: list[tuple[int, str]] = []
+    if prompts is not None:
+        from_file, bad = read_prompts(prompts)
+        file_bad = [(len(texts) + i, why) for i, why in bad]
+        texts.extend(from_file)
+    if not texts:
+        raise SinkscopeError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE (one per line)")
+    return texts, file_bad
+
+
 @app.command()
 @user_errors
 def profile(
@@ -144,13 +157,7 @@ def profile(
     from sinkscope.render import layer_table
     from sinkscope.store import save_run
 
-    texts = list(prompt or [])
-    file_bad: list[tuple[int, str]] = []
-    if prompts is not None:
-        from_file, file_bad = read_prompts(prompts)
-        texts.extend(from_file)
-    if not texts:
-        raise SinkscopeError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
+    texts, file_bad = gather_prompts(prompt, prompts)
     params = _method_params(method, threshold)
     loaded = _load(model, device, dtype, trust_remote_code, allow_pickle)
     with _calibrated(loaded, calibration):

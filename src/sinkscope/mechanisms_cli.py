@@ -56,17 +56,11 @@ def _run(model: str, prompts: Path | None, prompt: list[str] | None, out: Path |
          min_share: float, norm_ratio: float, ablate_layers: str, ablate_heads: str, massive_ratio: float,
          bos_id: int | None, replace_with: str, no_bos: bool, no_figures: bool, batch_size: int, device: str | None,
          dtype: str, trust_remote_code: bool, allow_pickle: bool) -> None:
-    from sinkscope.cli import parse_selection, read_prompts  # lazy: sinkscope.cli imports this module
+    from sinkscope.cli import gather_prompts, parse_selection  # lazy: sinkscope.cli imports this module
     from sinkscope.mechanisms.analysis import analyze, write
     from sinkscope.models import load_model
 
-    texts = list(prompt or [])
-    file_bad: list[tuple[int, str]] = []
-    if prompts is not None:
-        from_file, file_bad = read_prompts(prompts)
-        texts.extend(from_file)
-    if not texts:
-        raise SinkscopeError("no prompts: pass --prompts FILE (one per line) or --prompt TEXT (repeatable)")
+    texts, file_bad = gather_prompts(prompt, prompts)
     layers = [] if ablate_layers.strip().lower() == "none" else parse_selection(ablate_layers)
     heads = parse_selection(ablate_heads)
     with console.status(f"loading {model}"):
