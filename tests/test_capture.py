@@ -187,3 +187,95 @@ def test_fused_capture_matches_native(loaded):
     torch.testing.assert_close(getattr(out, field)[mask], getattr(plain, field)[mask], atol=1e-5, rtol=0)
     for a, b in zip(fused.records, native.records, strict=True):
         torch.testing.assert_close(a.key_mass_sum, b.key_mass_sum, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, None])
+def test_unpadded_prompt_skips_the_mask_and_matches_eager(loaded, chunk_size):
+    """Without padding the model passes no n×n mask (mask=None): each chunk builds its own causal or full visibility.
+    Every statistic still equals eager's, for chunk sizes that split the causal triangle differently, fused or not."""
+    prompt = PROMPTS[2]
+    ref, _, lengths = _eager_reference(loaded, [prompt], "right")
+    n = int(lengths[0])
+    for fused in (False, True):
+        trace = run_capture(loaded, [prompt], CaptureConfig(maps=True, chunk_size=chunk_size, fused=fused))
+        for layer, r in enumerate(ref):
+            torch.testing.assert_close(trace.key_mass[0, layer], r["key_mass"][0], atol=TOL, rtol=0)
+            torch.testing.assert_close(trace.key_count[0, layer], r["count"][0])
+            torch.testing.assert_close(trace.entropy[0, layer], r["entropy"][0], atol=TOL, rtol=0)
+            torch.testing.assert_close(trace.last_rows()[0, layer], r["row"][0], atol=TOL, rtol=0)
+            torch.testing.assert_close(trace.maps[0, layer, :, :n, :n], r["maps"][0], atol=TOL, rtol=0)
+
+
+def test_no_square_mask_for_unpadded_causal_input():
+    """The registered mask function returns None (no n×n tensor) where SDPA itself would skip the mask."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    from sinkscope.capture import ATTN_NAME
+
+    fn = ALL_MASK_ATTENTION_FUNCTIONS[ATTN_NAME]
+    assert fn(batch_size=1, q_length=64, kv_length=64, attention_mask=torch.ones(1, 64, dtype=torch.bool)) is None
+    padded = torch.ones(2, 64, dtype=torch.bool)
+    padded[1, :5] = False
+    mask = fn(batch_size=2, q_length=64, kv_length=64, attention_mask=padded)
+    assert mask is not None and mask.shape == (2, 1, 64, 64) and not bool(mask[1, 0, :, :5].any())
+
+
+def test_chunk_size_adapts_to_free_memory(monkeypatch):
+    import sinkscope.capture as capture
+
+    cpu = torch.device("cpu")
+    real = capture.free_memory(cpu)
+    assert real is None or real > 0
+    assert capture.chunk_size_for(1, 12, 2048, cpu, requested=7) == 7
+    monkeypatch.setattr(capture, "free_memory", lambda device: 2**40)
+    roomy = capture.chunk_size_for(1, 12, 2048, cpu)
+    assert roomy * 12 * 2048 * 4 <= capture._CPU_CHUNK_BYTES
+    monkeypatch.setattr(capture, "free_memory", lambda device: 16 * 12 * 2048 * 4 * 10)  # room for 10 query rows
+    assert capture.chunk_size_for(1, 12, 2048, cpu) == 10 < roomy
+    monkeypatch.setattr(capture, "free_memory", lambda device: 0)
+    assert capture.chunk_size_for(8, 32, 2**17, cpu) == 1  # never zero
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_half_precision_statistics_accumulate_in_float32(family):
+    """A bfloat16 model is captured with float32 statistics: key mass and entropy agree with a float32 capture of the
+    same (bf16-rounded) weights to bf16 activation precision, rows still sum to 1, and the fused output keeps bf16."""
+    lm16 = tiny_model(family)
+    lm16.model.to(torch.bfloat16)
+    lm32 = tiny_model(family)
+    lm32.model.load_state_dict({k: v.float() for k, v in lm16.model.state_dict().items()})
+    for fused in (False, True):
+        t16 = run_capture(lm16, PROMPTS, CaptureConfig(fused=fused), padding_side="left")
+        t32 = run_capture(lm32, PROMPTS, CaptureConfig(fused=fused), padding_side="left")
+        assert t16.key_mass.dtype == torch.float32 and t16.entropy.dtype == torch.float32
+        # bf16 activations drift from fp32 ones layer by layer; the statistics follow them, no more
+        assert float((t16.key_mass - t32.key_mass).abs().mean()) < 2e-3
+        assert float((t16.entropy - t32.entropy).abs().mean()) < 5e-3
+        torch.testing.assert_close(t16.last_rows().sum(-1), torch.ones(3, t16.n_layers, t16.n_heads), atol=1e-5,
+                                   rtol=0)
+    enc = lm16.tokenizer(PROMPTS[:1], return_tensors="pt")
+    with torch.no_grad(), capture_session(lm16.model, CaptureConfig(fused=True), enc["attention_mask"]):
+        out = lm16.model(**enc)
+    assert out.logits.dtype == torch.bfloat16 and bool(torch.isfinite(out.logits).all())
+
+
+def test_half_precision_inputs_are_reduced_in_float32():
+    """Given bf16 queries, keys and values, the statistics equal a float32 softmax of the same (upcast) tensors to
+    1e-5 — far below bf16's resolution (≈4e-3), so nothing is accumulated in bf16."""
+    from sinkscope.capture import _Session, _statistics
+
+    torch.manual_seed(0)
+    b, h, kvh, n, d = 2, 4, 2, 37, 16
+    q, k, v = (torch.randn(b, x, n, d).to(torch.bfloat16) for x in (h, kvh, kvh))
+    session = _Session(config=CaptureConfig(chunk_size=5), query_valid=torch.ones(b, n, dtype=torch.bool),
+                       row_positions=torch.full((b, 1), n - 1))
+    record, out = _statistics(session, q, k, v, None, True, d**-0.5, None, None, want_output=True)
+    kf, vf = k.float().repeat_interleave(h // kvh, 1), v.float().repeat_interleave(h // kvh, 1)
+    scores = (q.float() @ kf.transpose(-1, -2)) * d**-0.5
+    scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    probs = torch.softmax(scores, -1)  # [b, h, n, n] float32
+    torch.testing.assert_close(record.key_mass_sum, probs.sum(-2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(record.entropy, -torch.special.xlogy(probs, probs).sum(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(record.rows[:, :, 0], probs[:, :, -1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out, (probs @ vf).transpose(1, 2), atol=1e-5, rtol=0)
+    assert record.key_mass_sum.dtype == torch.float32 and out.dtype == torch.float32

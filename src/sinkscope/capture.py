@@ -120,25 +120,30 @@ def sinkscope_attention(
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = getattr(module, "is_causal", True)
-    bias = _additive_bias(attention_mask, query, key, bool(is_causal), kwargs.get("position_bias"))
+    is_causal = bool(is_causal)
+    position_bias = kwargs.get("position_bias")
     softcap, s_aux = kwargs.get("softcap"), kwargs.get("s_aux")
     layer = getattr(module, "layer_idx", None)
     hooks = [hook for hook in _HOOKS.get() if hook.applies(layer)]
     session = _ACTIVE.get()
     probs = None
     if hooks:
+        bias = _additive_bias(attention_mask, query, key, is_causal, position_bias)
         probs = attention_probs(query, key, bias, scaling, softcap, s_aux)  # [b, h, q, k]
         for hook in hooks:
             probs = hook(probs, layer, bias)
         output = _weighted_values(probs, value).to(query.dtype)
     elif session is not None and session.config.fused:
-        record, output = _statistics(session, query, key, value, bias, scaling, softcap, s_aux, want_output=True)
+        record, fused = _statistics(session, query, key, value, attention_mask, is_causal, scaling, softcap, s_aux,
+                                    position_bias, want_output=True)
         session.records.append(record)
-        return output.to(query.dtype), None
+        return fused.to(query.dtype), None
     else:
-        output = _native_output(module, query, key, value, attention_mask, bias, scaling, dropout, kwargs)
+        output = _native_output(module, query, key, value, attention_mask, is_causal, scaling, dropout, kwargs)
     if session is not None:
-        session.records.append(_statistics(session, query, key, value, bias, scaling, softcap, s_aux, probs)[0])
+        record, _ = _statistics(session, query, key, value, attention_mask, is_causal, scaling, softcap, s_aux,
+                                position_bias, probs)
+        session.records.append(record)
     return output, None
 
 
@@ -181,7 +186,7 @@ def _native_output(
     key: torch.Tensor,
     value: torch.Tensor,
     attention_mask: torch.Tensor | None,
-    bias: torch.Tensor,
+    is_causal: bool,
     scaling: float,
     dropout: float,
     kwargs: dict[str, Any],
@@ -195,6 +200,7 @@ def _native_output(
                 f"{type(module).__name__} uses soft-capping or sink logits but its module has no eager attention "
                 "function; sinkscope cannot reproduce its output"
             )
+        bias = _additive_bias(attention_mask, query, key, is_causal, kwargs.get("position_bias"))
         mask = bias.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
         out, _ = eager(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
         return out
@@ -230,11 +236,123 @@ def _additive_bias(
     return bias
 
 
-def _chunk_size(config: CaptureConfig, batch: int, heads: int, nk: int) -> int:
-    if config.chunk_size is not None:
-        return config.chunk_size
-    budget = 32 * 2**20 // 4  # floats per chunk of scores
-    return max(1, min(4096, budget // max(1, batch * heads * nk)))
+_CPU_CHUNK_BYTES = 4 * 2**20  # float32 scores per chunk on CPU: small enough to stay in cache
+_GPU_CHUNK_BYTES = 512 * 2**20  # on accelerators fewer, larger kernels win
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free for new tensors on `device` (CUDA: the driver's count; CPU: MemAvailable), or None if unknown."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def chunk_size_for(batch: int, heads: int, nk: int, device: torch.device, requested: int | None = None) -> int:
+    """Queries per chunk: `requested`, or as many as keep one chunk's float32 scores [b, h, c, nk] near the device's
+    target size and below 1/16 of its free memory (a chunk holds about four such tensors at once)."""
+    if requested is not None:
+        return requested
+    row = batch * heads * nk * 4
+    target = _CPU_CHUNK_BYTES if device.type == "cpu" else _GPU_CHUNK_BYTES
+    free = free_memory(device)
+    if free is not None:
+        target = min(target, free // 16)
+    return max(1, min(4096, target // max(1, row)))
+
+
+_NEG = -1e30  # finite "minus infinity": exp underflows to 0 and 0 · _NEG stays finite, so no NaN fix-ups
+
+
+def _chunk_visibility(
+    mask: torch.Tensor | None,  # [b, 1, q, k] bool or additive float, or None
+    c0: int,
+    c1: int,
+    nq: int,
+    nk: int,
+    is_causal: bool,
+    device: torch.device,
+) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+    """Which keys the queries c0..c1 see, without building the n×n mask.
+
+    Returns (bias [b|1, 1, c, kend] float32 with _NEG at invisible keys, or None when every key < kend is visible
+    except a causal triangle handled by the caller; visible [b|1, c, kend] bool; kend: one past the last key any query
+    of the chunk sees — keys past it get no attention and are skipped)."""
+    c = c1 - c0
+    offset = nk - nq
+    if mask is None:
+        if not (is_causal and nq > 1):
+            return None, torch.ones(1, c, nk, dtype=torch.bool, device=device), nk
+        kend = c1 + offset
+        visible = torch.arange(c0 + offset, kend, device=device)[:, None] >= torch.arange(kend, device=device)
+        return None, visible[None], kend
+    chunk = mask[:, :, c0:c1, -nk:]
+    visible = chunk[:, 0] if chunk.dtype == torch.bool else chunk[:, 0] > torch.finfo(chunk.dtype).min / 2
+    hit = visible.any(0).any(0).nonzero()
+    kend = int(hit[-1]) + 1 if hit.numel() else 1
+    visible = visible[..., :kend]
+    if chunk.dtype == torch.bool:
+        bias = torch.zeros(visible.shape, device=device).masked_fill_(~visible, _NEG)[:, None]
+    else:
+        bias = chunk[..., :kend].float().masked_fill(~visible[:, None], _NEG)
+    return bias, visible, kend
+
+
+def _chunk_probs(
+    query: torch.Tensor,  # [b, h, c, d] (one chunk of queries)
+    key: torch.Tensor,  # [b, kvh, kend, d]
+    bias: torch.Tensor | None,  # [b|1, 1|h, c, kend] or None (causal triangle at the end)
+    visible: torch.Tensor,  # [b|1, c, kend]
+    causal_tail: bool,
+    scaling: float,
+    softcap: float | None,
+    s_aux: torch.Tensor | None,  # [h]
+    want_entropy: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Unnormalised attention e = exp(s − max) of a chunk and its row normaliser, in float32.
+
+    Returns (e [b, h, c, kend], rz [b, h, c, 1] = 1/Z (0 for rows that see no key), entropy [b, h, c] or None,
+    sink share [b, h, c] or None). A = e · rz; with learned sink logits Z includes the sink's exp, so rows sum to
+    1 − sink share. The entropy uses H = log Z · Σ_j A_j − rz · Σ_j e_j (s_j − max) — no log of the n×c matrix."""
+    b, h, c, d = query.shape
+    kvh, kend = key.shape[1], key.shape[2]
+    g = h // kvh
+    q = query.float().mul(scaling).view(b, kvh, g, c, d).reshape(b, kvh, g * c, d)
+    s = (q @ key.float().transpose(-1, -2)).view(b, h, c, kend)  # [b, h, c, kend]
+    if softcap is not None:
+        s.div_(softcap).tanh_().mul_(softcap)
+    if bias is not None:
+        s += bias
+    elif causal_tail and c > 1:
+        tri = torch.zeros(c, c, device=s.device).masked_fill_(visible[0, :, kend - c:].logical_not(), _NEG)
+        s[..., kend - c:] += tri
+    m = s.amax(-1, keepdim=True)  # [b, h, c, 1]
+    if s_aux is not None:
+        sink = s_aux.float().view(1, h, 1, 1)
+        m = torch.maximum(m, sink)
+    s -= m
+    e = torch.exp(s)
+    z = e.sum(-1, keepdim=True)
+    sink_e = torch.exp(sink - m) if s_aux is not None else None
+    if sink_e is not None:
+        z = z + sink_e
+    rz = z.reciprocal() * visible.any(-1)[:, None, :, None]  # rows that see nothing get zeros
+    entropy = share = None
+    if want_entropy or sink_e is not None:
+        row_sum = rz * (z - sink_e) if sink_e is not None else (rz > 0).float()
+        if want_entropy:
+            et = torch.einsum("bhck,bhck->bhc", e, s)[..., None]
+            entropy = (torch.log(z) * row_sum - rz * et).squeeze(-1)
+        if sink_e is not None:
+            share = (1.0 - row_sum).squeeze(-1) * visible.any(-1)[:, None, :].float()
+    return e, rz, entropy, share
 
 
 def _statistics(
@@ -242,61 +360,82 @@ def _statistics(
     query: torch.Tensor,  # [b, h, q, d]
     key: torch.Tensor,  # [b, kvh, k, d]
     value: torch.Tensor,  # [b, kvh, k, dv]
-    bias: torch.Tensor,  # [b|1, 1|h, q, k]
+    mask: torch.Tensor | None,  # [b, 1, q, k] bool or additive float, or None (causal or full, by is_causal)
+    is_causal: bool,
     scaling: float,
     softcap: float | None,
     s_aux: torch.Tensor | None,  # [h] learned sink logits
+    position_bias: torch.Tensor | None = None,  # [b|1, h, q, k]
     probs_full: torch.Tensor | None = None,  # [b, h, q, k] when an intervention already computed (and changed) them
     want_output: bool = False,
 ) -> tuple[LayerRecord, torch.Tensor | None]:
-    """Recompute softmax(QKᵀ·scale + bias) chunk by chunk in float32 and reduce it to the requested statistics;
-    with `want_output`, also the layer's attention output A·V [b, q, h, dv] (float32) from the same chunks."""
+    """Recompute the attention chunk by chunk in float32 and reduce it to the requested statistics; with
+    `want_output`, also the layer's attention output A·V [b, q, h, dv] (float32) from the same chunks.
+
+    Per query chunk only the keys some query of the chunk can see are touched (for a causal mask, half the work), the
+    mask is built per chunk (never n×n unless the model passed one), and the probabilities are never normalised
+    as a matrix: key mass, entropy, rows and A·V are all reductions of e = exp(s − max) scaled by 1/Z per row."""
     cfg = session.config
     b, h, nq, _ = query.shape
-    nk = key.shape[2]
-    qvalid = session.query_valid[:, -nq:].to(query.device)  # [b, q]
+    kvh, nk = key.shape[1], key.shape[2]
+    g = h // kvh
+    dev = query.device
+    qvalid = session.query_valid[:, -nq:].to(dev)  # [b, q]
+    all_valid = bool(qvalid.all())
     want_maps = cfg.maps and nk <= cfg.max_map_tokens
-    sel = session.row_positions.to(query.device) - (session.query_valid.shape[1] - nq) \
+    sel = session.row_positions.to(dev) - (session.query_valid.shape[1] - nq) \
         if session.row_positions is not None else None  # [b, s]
 
-    key_mass_sum = torch.zeros(b, h, nk, device=query.device)
-    key_count = torch.zeros(b, nk, device=query.device)
-    entropy = torch.zeros(b, h, nq, device=query.device) if cfg.entropy else None
-    sink_share = torch.zeros(b, h, nq, device=query.device) if s_aux is not None else None
-    rows = torch.zeros(b, h, sel.shape[1], nk, device=query.device) if sel is not None else None
-    maps = torch.zeros(b, h, nq, nk, device=query.device) if want_maps else None
-    outs = torch.zeros(b, h, nq, value.shape[-1], device=query.device) if cfg.head_outputs else None
-    layer_out = torch.empty(b, nq, h, value.shape[-1], device=query.device) if want_output else None
+    key_mass_sum = torch.zeros(b, h, 1, nk, device=dev)
+    key_count = torch.zeros(b, 1, nk, device=dev)
+    entropy = torch.zeros(b, h, nq, device=dev) if cfg.entropy else None
+    sink_share = torch.zeros(b, h, nq, device=dev) if s_aux is not None else None
+    rows = torch.zeros(b, h, sel.shape[1], nk, device=dev) if sel is not None else None
+    maps = torch.zeros(b, h, nq, nk, device=dev) if want_maps else None
+    outs = torch.zeros(b, h, nq, value.shape[-1], device=dev) if cfg.head_outputs else None
+    layer_out = torch.zeros(b, nq, h, value.shape[-1], device=dev) if want_output else None
+    need_av = outs is not None or layer_out is not None
 
-    step = _chunk_size(cfg, b, h, nk)
+    step = chunk_size_for(b, h, nk, dev, cfg.chunk_size)
     for c0 in range(0, nq, step):
         c1 = min(nq, c0 + step)
-        chunk_bias = bias[:, :, c0:c1]
+        c = c1 - c0
+        bias, visible, kend = _chunk_visibility(mask, c0, c1, nq, nk, is_causal, dev)
         if probs_full is not None:
-            probs = probs_full[:, :, c0:c1]
+            e = probs_full[:, :, c0:c1, :kend].contiguous()
+            rz = torch.ones(b, h, c, 1, device=dev)
+            if entropy is not None:
+                entropy[:, :, c0:c1] = -torch.special.xlogy(e, e).sum(-1)
+            if sink_share is not None:
+                sink_share[:, :, c0:c1] = 1.0 - e.sum(-1)
         else:
-            probs = attention_probs(query[:, :, c0:c1], key, chunk_bias, scaling, softcap, s_aux)
-        if sink_share is not None:
-            sink_share[:, :, c0:c1] = 1.0 - probs.sum(-1)
-        valid = qvalid[:, None, c0:c1, None].float()  # [b, 1, c, 1]
-        key_mass_sum += (probs * valid).sum(-2)
-        seen = torch.isfinite(chunk_bias).expand(b, 1, c1 - c0, nk)[:, 0] & qvalid[:, c0:c1, None]
-        key_count += seen.sum(-2)
-        if entropy is not None:
-            entropy[:, :, c0:c1] = -torch.special.xlogy(probs, probs).sum(-1)
-        if maps is not None:
-            maps[:, :, c0:c1] = probs
-        if outs is not None or layer_out is not None:
-            chunk_out = _weighted_values(probs, value)  # [b, c, h, dv]
+            if position_bias is not None:
+                pb = position_bias[:, :, c0:c1, -nk:][..., :kend].float()
+                bias = pb if bias is None else bias + pb
+                if mask is None and is_causal and nq > 1:
+                    bias = bias.masked_fill(~visible[:, None], _NEG)
+            e, rz, ent, share = _chunk_probs(query[:, :, c0:c1], key[:, :, :kend], bias, visible,
+                                             mask is None and is_causal, scaling, softcap, s_aux, entropy is not None)
+            if entropy is not None:
+                entropy[:, :, c0:c1] = ent
+            if sink_share is not None:
+                sink_share[:, :, c0:c1] = share
+        weight = rz if all_valid else rz * qvalid[:, None, c0:c1, None]  # [b, h, c, 1]
+        key_mass_sum[..., :kend] += weight.transpose(-1, -2) @ e
+        key_count[..., :kend] += qvalid[:, None, c0:c1].float() @ visible.float()
+        if need_av:
+            av = (e.view(b, kvh, g, c, kend) @ value[:, :, None, :kend].float()).view(b, h, c, -1) * rz
             if outs is not None:
-                outs[:, :, c0:c1] = chunk_out.transpose(1, 2)
+                outs[:, :, c0:c1] = av
             if layer_out is not None:
-                layer_out[:, c0:c1] = chunk_out
+                layer_out[:, c0:c1] = av.transpose(1, 2)
+        if maps is not None:
+            maps[:, :, c0:c1, :kend] = e * rz
         if rows is not None:
-            _gather_rows(rows, probs, sel, c0, c1)
+            _gather_rows(rows, e, rz, sel, c0, c1, kend)
     record = LayerRecord(
-        key_mass_sum=key_mass_sum,
-        key_count=key_count,
+        key_mass_sum=key_mass_sum[:, :, 0],
+        key_count=key_count[:, 0],
         rows=rows,
         entropy=entropy,
         sink_share=sink_share,
@@ -307,19 +446,22 @@ def _statistics(
     return record, layer_out
 
 
-def _gather_rows(rows: torch.Tensor, probs: torch.Tensor, sel: torch.Tensor, c0: int, c1: int) -> None:
-    """Copy the rows of selected queries that fall in chunk [c0, c1) into rows [b, h, s, k]."""
+def _gather_rows(rows: torch.Tensor, e: torch.Tensor, rz: torch.Tensor, sel: torch.Tensor, c0: int, c1: int,
+                 kend: int) -> None:
+    """Copy the normalised rows of selected queries that fall in chunk [c0, c1) into rows [b, h, s, k]."""
     inside = (sel >= c0) & (sel < c1)  # [b, s]
     if not inside.any():
         return
     bi, si = inside.nonzero(as_tuple=True)
-    rows[bi, :, si] = probs[bi, :, sel[bi, si] - c0]
+    qi = sel[bi, si] - c0
+    rows[bi, :, si, :kend] = e[bi, :, qi] * rz[bi, :, qi]
 
 
 def _sinkscope_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-    """SDPA's boolean mask, always materialised, so the statistics see exactly which keys each query sees."""
-    kwargs["allow_is_causal_skip"] = False
-    kwargs["allow_is_bidirectional_skip"] = False
+    """SDPA's boolean mask — or None where it is plain causal or full attention without padding, exactly when SDPA
+    itself would skip it; the statistics then build each chunk's visibility from `is_causal` without an n×n mask."""
+    kwargs.setdefault("allow_is_causal_skip", True)
+    kwargs.setdefault("allow_is_bidirectional_skip", True)
     return sdpa_mask(*args, **kwargs)
 
 
