@@ -96,3 +96,32 @@ def test_layer_count_mismatch_is_reported(monkeypatch):
     monkeypatch.setattr(lm.info, "n_layers", 3)
     with pytest.raises(SinkscopeError, match="does not route all its attention"):
         run_capture(lm, ["hello"])
+
+
+def test_model_parallel_dispatch_captures_across_devices(tmp_path):
+    """device="auto" / a device map load through accelerate; with one layer offloaded to disk (its weights reach the
+    execution device through accelerate's hooks at run time) the capture equals the undispatched model's."""
+    pytest.importorskip("accelerate")
+    from sinkscope.capture import CaptureConfig
+    from sinkscope.models import dispatch
+    from sinkscope.trace import run_capture
+
+    prompts = ["The cat sat on the mat.", "Hi!"]
+    plain = run_capture(load_model("tiny:llama"), prompts, CaptureConfig(maps=True), padding_side="left")
+    auto = load_model("tiny:llama", device="auto")
+    assert auto.model.hf_device_map and auto.device.type == "cpu"
+    split = load_model("tiny:llama")
+    names = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk", "model.norm": "cpu",
+             "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    dispatch(split, names, offload_folder=tmp_path / "offload")
+    assert any(p.device.type == "meta" for p in split.model.model.layers[1].parameters())  # really offloaded
+    for lm in (auto, split):
+        trace = run_capture(lm, prompts, CaptureConfig(maps=True), padding_side="left")
+        torch.testing.assert_close(trace.key_mass, plain.key_mass, atol=1e-6, rtol=0)
+        torch.testing.assert_close(trace.maps, plain.maps, atol=1e-6, rtol=0)
+    with pytest.raises(SinkscopeError, match="offload folder"):
+        dispatch(load_model("tiny:llama"), names)
+    with pytest.raises(SinkscopeError, match="not both"):
+        load_model("tiny:llama", device="cpu", device_map="auto")
+    with pytest.raises(SinkscopeError, match="unknown device map"):
+        load_model("tiny:llama", device_map="everywhere")

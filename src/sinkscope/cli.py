@@ -46,7 +46,8 @@ ModelOpt = Annotated[
     str, typer.Option("--model", "-m", help="Hub id, local folder, or built-in name (sinkscope models)")
 ]
 OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write a run folder (Parquet tables + manifest.json)")]
-DeviceOpt = Annotated[str | None, typer.Option(help="Device, e.g. cpu or cuda (default: where the model loads)")]
+DeviceOpt = Annotated[str | None, typer.Option(
+    help="Device: cpu, cuda, cuda:1, or auto (model parallel: layers spread over every GPU, then CPU, via accelerate)")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
 TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow code from the model repository to run")]
 PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle (.bin) checkpoints; they can run code")]
@@ -357,6 +358,8 @@ def _mount_subapps() -> None:
 
     app.command("calibrate")(user_errors(calibrate_command))
     app.command("bench-mitigation")(user_errors(bench_mitigation_command))
+    from sinkscope.sweep_cli import sweep_command
+    app.command("sweep")(user_errors(sweep_command))
 
     app.command("mechanisms")(mechanisms_command)
     try:
@@ -371,3 +374,7 @@ _mount_subapps()
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":
+    main()

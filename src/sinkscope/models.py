@@ -57,6 +57,13 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
+        """Where inputs go: the input embeddings' device (for a model dispatched over several devices, the first)."""
+        device_map = getattr(self.model, "hf_device_map", None)
+        if device_map:
+            first = next(iter(device_map.values()))
+            if isinstance(first, int):
+                return torch.device("cuda", first)
+            return torch.device(first if first not in ("disk", "meta") else "cpu")
         return next(self.model.parameters()).device
 
 
@@ -155,6 +162,9 @@ def load_model(
     revision: str | None = None,
     trust_remote_code: bool = False,
     allow_pickle: bool = False,
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | os.PathLike | None = None,
 ) -> LoadedModel:
     """Load a model + tokenizer from a Hub id, a local directory, a built-in name or a constructed model.
 
@@ -162,8 +172,19 @@ def load_model(
       with `register_builtin`.
     - Weights load from safetensors only, unless `allow_pickle=True` (pickle checkpoints can run arbitrary code).
     - Code shipped in a model repository runs only with `trust_remote_code=True`.
+    - Model parallel: `device="auto"` (or `device_map="auto"` / an explicit accelerate device map, with optional
+      `max_memory` and `offload_folder`) spreads the layers over every GPU, then CPU, then disk, through accelerate.
+      Capture works across devices: each layer's statistics are computed where that layer runs.
     """
     torch_dtype = _parse_dtype(dtype)
+    if device is not None and str(device) == "auto":
+        device, device_map = None, device_map or "auto"
+    if device_map is not None:
+        if device is not None:
+            raise SinkscopeError("pass either a device or a device map (--device auto), not both")
+        loaded = load_model(name_or_model, tokenizer=tokenizer, dtype=torch_dtype, revision=revision,
+                            trust_remote_code=trust_remote_code, allow_pickle=allow_pickle)
+        return dispatch(loaded, device_map, max_memory=max_memory, offload_folder=offload_folder)
     if isinstance(name_or_model, transformers.PreTrainedModel):
         model = name_or_model
         name = getattr(model.config, "_name_or_path", "") or type(model).__name__
@@ -190,6 +211,34 @@ def load_model(
     except (OSError, ValueError) as err:
         raise _load_error(name, local, err) from err
     return _place(loaded, device)
+
+
+def dispatch(
+    loaded: LoadedModel,
+    device_map: str | dict[str, Any] = "auto",
+    *,
+    max_memory: dict[Any, Any] | None = None,
+    offload_folder: str | os.PathLike | None = None,
+) -> LoadedModel:
+    """Spread a loaded model's layers over devices with accelerate (model parallel). `device_map` is "auto",
+    "balanced", "sequential" or an explicit {module name: device} map; a layer mapped to "disk" needs
+    `offload_folder`. The model is first loaded on CPU: for checkpoints larger than CPU memory, load them with
+    transformers' `from_pretrained(..., device_map="auto")` and pass the model to `load_model`."""
+    try:
+        from accelerate import dispatch_model, infer_auto_device_map
+    except ImportError as err:
+        raise SinkscopeError("model parallel loading needs accelerate: pip install accelerate") from err
+    model = loaded.model
+    if isinstance(device_map, str):
+        if device_map not in ("auto", "balanced", "balanced_low_0", "sequential"):
+            raise SinkscopeError(f"unknown device map '{device_map}': use auto, balanced, sequential or a dict")
+        no_split = list(getattr(model, "_no_split_modules", None) or [])
+        device_map = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split)
+    if "disk" in device_map.values() and offload_folder is None:
+        raise SinkscopeError("the device map offloads layers to disk: pass an offload folder")
+    dispatch_model(model, device_map=device_map, offload_dir=None if offload_folder is None else str(offload_folder))
+    model.hf_device_map = dict(device_map)
+    return loaded
 
 
 def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
