@@ -17,7 +17,7 @@ Ways of running the same random model on the same token ids, all with `use_cache
 Time: one process per (shape, batch, length) builds the model once and runs the ways in turns (warm-up first), so a
 change in machine load hits every way alike; each ratio is the median over turns of that turn's time / plain's time.
 Memory: each way runs once in a fresh process; extra peak is its peak minus the plain forward's peak (peak RSS on CPU,
-`max_memory_allocated` on CUDA). Ratios, not seconds, are the result: these machines are shared and noisy.
+with glibc's mmap threshold fixed at 64 KiB so RSS follows live tensors; `max_memory_allocated` on CUDA). Ratios, not seconds, are the result: these machines are shared and noisy.
 
 Shapes: gpt2 = GPT-2 small (12 layers × 12 heads, d = 768, vocabulary 50,257); llama = 12 layers, 12 query heads
 sharing 4 KV heads (GQA), d = 768, MLP 2,048, vocabulary 32,000.
@@ -139,7 +139,13 @@ def memory_worker(way: str, shape: str, n: int, batch: int, device: str, dtype: 
 
 def _sub(args: argparse.Namespace, *extra: str) -> dict | None:
     cmd = [sys.executable, __file__, "--device", args.device, "--dtype", args.dtype, *extra]
-    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if "--memory-worker" in extra:
+        # A fixed mmap threshold makes glibc return freed blocks over 64 KiB to the system at once, so peak RSS
+        # measures live tensors; with its default (a threshold that rises with every large free) the heap keeps
+        # freed memory and peak RSS of the *same* forward varies by ±200 MB from run to run. Same for every way.
+        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(64 * 1024))
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         tail = (out.stderr.strip().splitlines() or ["killed"])[-1]
         print(f"  ({' '.join(extra)} failed: {tail})", file=sys.stderr)
