@@ -17,7 +17,8 @@ Ways of running the same random model on the same token ids, all with `use_cache
 Time: one process per (shape, batch, length) builds the model once and runs the ways in turns (warm-up first), so a
 change in machine load hits every way alike; each ratio is the median over turns of that turn's time / plain's time.
 Memory: each way runs once in a fresh process; extra peak is its peak minus the plain forward's peak (peak RSS on CPU,
-with glibc's mmap threshold fixed at 64 KiB so RSS follows live tensors; `max_memory_allocated` on CUDA). Ratios, not seconds, are the result: these machines are shared and noisy.
+with glibc's mmap threshold fixed at 64 KiB so RSS follows live tensors; `max_memory_allocated` on CUDA). Ratios,
+not seconds, are the result: these machines are shared and noisy.
 
 Shapes: gpt2 = GPT-2 small (12 layers × 12 heads, d = 768, vocabulary 50,257); llama = 12 layers, 12 query heads
 sharing 4 KV heads (GQA), d = 768, MLP 2,048, vocabulary 32,000.

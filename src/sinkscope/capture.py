@@ -51,10 +51,11 @@ class CaptureConfig:
     maps: full [query, key] maps — only for prompts up to `max_map_tokens` tokens.
     head_outputs: per-head outputs o_i = Σ_j A_ij v_j (before the output projection).
     values: per-KV-head value vectors v_j.
-    chunk_size: queries per chunk in the recomputation (None: sized to keep a chunk near 32 MB).
-    fused: compute the layer output from the same float32 chunks as the statistics (A·V) instead of calling the
-        native kernel as well — one attention computation instead of two; outputs then equal SDPA's up to float32
-        rounding (≈1e-6), not bit for bit.
+    chunk_size: queries per chunk in the recomputation (None: adaptive, see `chunk_size_for`).
+    fused: compute the layer output A·V from the same float32 chunks as the statistics (the default: one attention
+        computation per layer); outputs then equal SDPA's up to float32 rounding (≈1e-6), not bit for bit. False:
+        the output comes from the native kernel (SDPA / the model's eager function) as well, exactly as without
+        sinkscope, at the cost of a second attention pass.
     """
 
     rows: str | Sequence[int] | None = "last"
@@ -64,7 +65,7 @@ class CaptureConfig:
     head_outputs: bool = False
     values: bool = False
     chunk_size: int | None = None
-    fused: bool = False
+    fused: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.rows, str) and self.rows != "last":
@@ -257,6 +258,7 @@ def _additive_bias(
 
 _CPU_CHUNK_BYTES = 4 * 2**20  # float32 scores per chunk on CPU: small enough to stay in cache
 _GPU_CHUNK_BYTES = 512 * 2**20  # on accelerators fewer, larger kernels win
+_MIN_CHUNK = 64  # queries: at least the usual head dimension (see chunk_size_for)
 
 
 def free_memory(device: torch.device) -> int | None:
@@ -276,15 +278,18 @@ def free_memory(device: torch.device) -> int | None:
 
 def chunk_size_for(batch: int, heads: int, nk: int, device: torch.device, requested: int | None = None) -> int:
     """Queries per chunk: `requested`, or as many as keep one chunk's float32 scores [b, h, c, nk] near the device's
-    target size and below 1/16 of its free memory (a chunk holds about four such tensors at once)."""
+    target size, but at least `_MIN_CHUNK` — every chunk re-reads K and V, so fewer queries than the head dimension
+    turn the chunk's matmuls from compute-bound into memory-bound — and always below 1/16 of free memory (a chunk
+    holds about four such tensors at once)."""
     if requested is not None:
         return requested
-    row = batch * heads * nk * 4
+    row = max(1, batch * heads * nk * 4)
     target = _CPU_CHUNK_BYTES if device.type == "cpu" else _GPU_CHUNK_BYTES
+    chunk = max(_MIN_CHUNK, target // row)
     free = free_memory(device)
     if free is not None:
-        target = min(target, free // 16)
-    return max(1, min(4096, target // max(1, row)))
+        chunk = min(chunk, free // 16 // row)
+    return max(1, min(4096, chunk))
 
 
 _NEG = -1e30  # finite "minus infinity": exp underflows to 0 and 0 · _NEG stays finite, so no NaN fix-ups
@@ -305,12 +310,11 @@ def _chunk_visibility(
     except a causal triangle handled by the caller; visible [b|1, c, kend] bool; kend: one past the last key any query
     of the chunk sees — keys past it get no attention and are skipped)."""
     c = c1 - c0
-    offset = nk - nq
-    if mask is None:
+    if mask is None:  # SDPA's semantics: is_causal is top-left aligned (query i sees keys ≤ i); one query sees all
         if not (is_causal and nq > 1):
             return None, torch.ones(1, c, nk, dtype=torch.bool, device=device), nk
-        kend = c1 + offset
-        visible = torch.arange(c0 + offset, kend, device=device)[:, None] >= torch.arange(kend, device=device)
+        kend = min(c1, nk)
+        visible = torch.arange(c0, c1, device=device)[:, None] >= torch.arange(kend, device=device)
         return None, visible[None], kend
     chunk = mask[:, :, c0:c1, -nk:]
     visible = chunk[:, 0] if chunk.dtype == torch.bool else chunk[:, 0] > torch.finfo(chunk.dtype).min / 2
@@ -352,9 +356,9 @@ def _chunk_probs(
         s.div_(softcap).tanh_().mul_(softcap)
     if bias is not None:
         s += bias
-    elif causal_tail and c > 1:
-        tri = torch.zeros(c, c, device=s.device).masked_fill_(visible[0, :, kend - c:].logical_not(), _NEG)
-        s[..., kend - c:] += tri
+    elif causal_tail and c > 1:  # every key before the last min(c, kend) is visible to the whole chunk
+        w = min(c, kend)
+        s[..., kend - w:] += torch.zeros(c, w, device=s.device).masked_fill_(~visible[0, :, kend - w:], _NEG)
     m = s.amax(-1, keepdim=True)  # [b, h, c, 1]
     if s_aux is not None:
         sink = s_aux.float().view(1, h, 1, 1)
@@ -482,10 +486,8 @@ def _gather_rows(rows: torch.Tensor, e: torch.Tensor, rz: torch.Tensor, sel: tor
 
 
 def _sinkscope_mask(*args: Any, **kwargs: Any) -> torch.Tensor | None:
-    """SDPA's boolean mask — or None where it is plain causal or full attention without padding, exactly when SDPA
-    itself would skip it; the statistics then build each chunk's visibility from `is_causal` without an n×n mask."""
-    kwargs.setdefault("allow_is_causal_skip", True)
-    kwargs.setdefault("allow_is_bidirectional_skip", True)
+    """SDPA's mask, with SDPA's own rules: None where the caller allows it and plain `is_causal` (top-left aligned)
+    or no mask at all is equivalent — then each statistics chunk builds its visibility without an n×n tensor."""
     return sdpa_mask(*args, **kwargs)
 
 

@@ -124,7 +124,7 @@ def analyze(
                               "ablate_layers": list(ablate_layers), "ablate_heads": ablate_heads,
                               "massive_ratio": massive_ratio, "massive_min_value": massive_min_value, "top_k": top_k,
                               "bos": bos, "replace_with": replace_with, "bias": bias, "n_prompts": len(texts)}
-    config = CaptureConfig(rows=None, entropy=False)
+    config = CaptureConfig(rows=None, entropy=False, fused=False)
     main = capture_ids(loaded, native, config, batch_size=batch_size, prompts=texts)
     traces: dict[str, MechTrace] = {"native": main}
     tables: dict[str, pd.DataFrame] = {
@@ -193,7 +193,7 @@ def analyze(
     summary["massive"] = _massive_digest(entries, tables["massive_dims"], spikes)
     # 7. implicit attention bias
     if bias:
-        bias_cfg = CaptureConfig(rows=None, entropy=False, head_outputs=True, values=True)
+        bias_cfg = CaptureConfig(rows=None, entropy=False, head_outputs=True, values=True, fused=False)
         bias_trace = capture_ids(loaded, native, bias_cfg, sink_position=0, hidden=False, batch_size=batch_size,
                                  prompts=texts)
         heads, queries = implicit_bias(bias_trace, kept, eps=eps)

@@ -266,7 +266,7 @@ def capture_ids(
         `sink_position` adds a `SinkColumnProbe` that records A_{i,s} for that key.
     Returns a `MechTrace`; `hidden` is an empty tensor when `hidden=False`.
     """
-    config = config or CaptureConfig(rows=None, entropy=False)
+    config = config or CaptureConfig(rows=None, entropy=False, fused=False)
     seqs = [list(map(int, s)) for s in ids]
     if not seqs or any(len(s) == 0 for s in seqs):
         raise SinkscopeError("capture_ids needs at least one non-empty token sequence")
