@@ -33,7 +33,9 @@ def test_identity_calibration_keeps_predictions(setup):
 
 def test_search_and_roundtrip(setup, tmp_path):
     lm, spec, examples = setup
-    calibration = search_heads(lm, spec, examples, beta=0.0, top_layers=2)
+    seen: list[dict] = []
+    calibration = search_heads(lm, spec, examples, beta=0.0, top_layers=2, on_trial=seen.append)
+    assert seen == calibration.search and all(r["seconds"] > 0 for r in seen)
     layer_rows = [r for r in calibration.search if r["stage"] == "layer"]
     assert [r["layer"] for r in layer_rows] == [0, 1]
     assert calibration.base_accuracy == pytest.approx(accuracy(lm, spec, examples))
@@ -51,6 +53,7 @@ def test_search_and_roundtrip(setup, tmp_path):
 def test_mitigation_benchmark_table(setup):
     lm, spec, examples = setup
     table = mitigation_benchmark(lm, spec, examples, Calibration(heads={1: [0]}))
-    assert table["method"].tolist() == ["none", "mask_pos0", "act_all", "act_searched"]
+    assert table["method"].tolist() == ["none", "mask_pos0", "reweight_zscore_0.4", "act_all", "act_searched",
+                                        "dmr_zscore", "dmr_entropy_delta"]
     assert table["accuracy"].between(0, 1).all() and table.loc[0, "changed_predictions"] == 0.0
     assert (table["ms_per_example"] > 0).all()

@@ -1,4 +1,5 @@
-"""Interventions on attention inside the forward pass: sink masking, ACT calibration, temperature and reweighting.
+"""Interventions on attention inside the forward pass: sink masking, ACT calibration, temperature and reweighting
+(of fixed key positions, or of the sinks a row detector flags).
 
 Each intervention is a hook on the registered sinkscope attention function (the same code path as capture): it
 receives a layer's attention probabilities A [batch, head, query, key] and returns changed ones, and the layer's
@@ -13,15 +14,17 @@ Rows keep their total mass (1, or 1 − the learned sink share for gpt-oss style
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import transformers
 
 from sinkscope.capture import _HOOKS, use_sinkscope_attention
 from sinkscope.detect import act as act_detector
+from sinkscope.detect import detect, get_detector
 from sinkscope.errors import SinkscopeError
 
 
@@ -98,6 +101,33 @@ class Reweight(Intervention):
 
 
 @dataclass
+class ReweightSinks(Intervention):
+    """Seed 000 eq. (1) in the forward pass: weight the keys a row detector flags in each attention row by γ and
+    renormalise, A'_ij = A_ij w_ij · (Σ_k A_ik) / (Σ_k A_ik w_ik) with w_ij = γ at sinks of row i, 1 elsewhere.
+
+    method: a registered row detector that returns a mask (default zscore: z_j > α = 2 over the keys row i sees,
+    seed 000 §4.4); params: its thresholds. γ = 0 is detect-mask-renormalise (Algorithm 1) on every row of every
+    scoped head inside the forward pass; γ = 1 is the identity.
+    """
+
+    gamma: float = 0.4
+    method: str = "zscore"
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.gamma >= 0:
+            raise SinkscopeError("the reweighting γ must be non-negative")
+        detector = get_detector(self.method)
+        if detector.statistic != "row" or detector.returns != "mask":
+            raise SinkscopeError(f"{self.method} is not a row detector that returns a sink mask")
+        detect(self.method, torch.tensor([0.6, 0.3, 0.1]), **self.params)  # checks the thresholds
+
+    def change(self, probs: torch.Tensor, layer: int | None, visible: torch.Tensor) -> torch.Tensor:
+        sinks = detect(self.method, probs, valid=visible, **self.params)  # [b, h, q, k]
+        return _rescale_rows(probs, torch.where(sinks, self.gamma, 1.0).to(probs.dtype))
+
+
+@dataclass
 class Temperature(Intervention):
     """Sharpen (t < 1) or flatten (t > 1) each row: softmax(s/t) = A^{1/t} / Σ A^{1/t} over the visible keys."""
 
@@ -119,7 +149,8 @@ class Calibrate(Intervention):
     Sinks S of a head are the keys whose causal column mean α_k = mean_{i ≥ k, i sees k} A_ik exceeds `threshold`
     (0.1), the first such key (normally BOS) excluded. Then A[:, S] *= β (0.4) and the removed mass
     (1 − β)·Σ_{s∈S} A_is goes to the other keys in proportion to their weights. Sinks are found on the prompt
-    (the first call of a layer with more than one query) and reused for later generation steps.
+    (the first call of a layer with more than one query) and reused for later generation steps. Padded queries
+    count in no column mean, so a prompt's sinks do not depend on the batch it is padded into.
     """
 
     beta: float = 0.4
@@ -131,9 +162,15 @@ class Calibrate(Intervention):
             raise SinkscopeError("ACT's beta must be in [0, 1]")
 
     def sinks(self, probs: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """Bool [b, h, k]: ACT's hidden sinks from the column means of probs [b, h, q, k]."""
-        seen = visible.expand(probs.shape[0], 1, *probs.shape[2:])[:, 0].float()  # [b, q, k]
-        alpha = probs.sum(-2) / seen.sum(-2)[:, None].clamp(min=1)
+        """Bool [b, h, k]: ACT's hidden sinks from the column means of probs [b, h, q, k] over the real queries.
+
+        A padded position is a key no query sees; query i sits at key i + (k − q) (the cache holds k − q keys).
+        """
+        nq, nk = probs.shape[-2], probs.shape[-1]
+        seen = visible.any(1).expand(probs.shape[0], nq, nk)  # [b, q, k]
+        real = seen.any(-2)[:, nk - nq :]  # [b, q]
+        seen = (seen & real[:, :, None]).to(probs.dtype)
+        alpha = (probs * real[:, None, :, None]).sum(-2) / seen.sum(-2)[:, None].clamp(min=1)
         return act_detector(alpha, threshold=self.threshold)
 
     def change(self, probs: torch.Tensor, layer: int | None, visible: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from sinkscope.capture import CaptureConfig, capture_session
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
 
-__all__ = ["PromptPass", "label_token_ids", "pad_batch", "prompt_pass", "score_labels"]
+__all__ = ["PromptPass", "label_token_ids", "next_token_logprobs", "pad_batch", "prompt_pass", "score_labels"]
 
 
 def label_token_ids(tokenizer: Any, labels: Sequence[str], prefix: str = " ") -> list[list[int]]:
@@ -103,7 +103,7 @@ def prompt_pass(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], paddin
     ids, mask, offsets = pad_batch(prompt_ids, _pad_id(loaded.tokenizer), padding_side)
     lengths = mask.sum(-1)
     last = offsets + lengths - 1  # [b] in padded coordinates
-    config = CaptureConfig(rows="last", entropy=False)
+    config = CaptureConfig(rows="last", entropy=False, fused=False)  # the model's own logits, bit for bit
     with torch.inference_mode(), capture_session(model, config, mask, last[:, None]) as session:
         logits = model(**forward_inputs(model, ids, mask, loaded.device)).logits  # [b, n, V]
     records = session.records
@@ -119,6 +119,27 @@ def prompt_pass(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], paddin
         rows=[rows[i, :, :, a:b].clone() for i, (a, b) in enumerate(cut)],
         key_mass=[mass[i, :, :, a:b].clone() for i, (a, b) in enumerate(cut)],
     )
+
+
+def next_token_logprobs(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], padding_side: str = "right"
+                        ) -> torch.Tensor:
+    """log p(next token | prompt) at each prompt's last token, from one padded forward pass without capture (the
+    model's own attention, or the active interventions'); logits only at the last tokens where the model allows.
+
+    Returns [P, V], equal to `prompt_pass(...).logprobs`.
+    """
+    model = loaded.model
+    ids, mask, offsets = pad_batch(prompt_ids, _pad_id(loaded.tokenizer), padding_side)
+    last = offsets + mask.sum(-1) - 1  # [P] in padded coordinates
+    inputs = forward_inputs(model, ids, mask, loaded.device)
+    keep, at = torch.unique(last, return_inverse=True)  # the distinct last positions, and each prompt's among them
+    if "logits_to_keep" in _forward_args(model):
+        inputs["logits_to_keep"] = keep.to(loaded.device)
+    else:
+        at = last
+    with torch.inference_mode():
+        logits = model(**inputs).logits  # [P, len(keep) or n, V]
+    return torch.log_softmax(logits[torch.arange(len(prompt_ids)), at.to(logits.device)].float(), -1).cpu()
 
 
 def continuation_logprobs(

@@ -35,7 +35,8 @@ from sinkscope.mitigate import aggregate_rows, detect_mask_renormalise
 from sinkscope.models import LoadedModel
 from sinkscope.store import Run, make_manifest
 
-__all__ = ["EvalConfig", "EvalResult", "evaluate", "evaluate_examples", "summarise", "table2"]
+__all__ = ["EvalConfig", "EvalResult", "causal_subset", "evaluate", "evaluate_examples", "summarise",
+           "summarise_records", "table2"]
 
 PARTS = "parts"
 Progress = Callable[[str, int, int], None]
@@ -136,6 +137,14 @@ def _causal_rank(examples: Sequence[Example], seed: int) -> dict[str, int]:
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     return {examples[i].id: rank for rank, i in enumerate(order)}
+
+
+def causal_subset(examples: Sequence[Example], limit: int | None, seed: int) -> set[str] | None:
+    """The ids of the examples that get causal effects under --causal-limit: the first `limit` of the seeded order
+    `sample` draws from (None: all). examples: every loaded example of the dataset, not only the sample."""
+    if limit is None:
+        return None
+    return {i for i, r in _causal_rank(examples, seed).items() if r < limit}
 
 
 def _clean(x: float) -> float | None:
@@ -321,6 +330,11 @@ def _tables(records: Sequence[dict[str, Any]], skipped: Sequence[dict[str, Any]]
             "skipped": skipped_df, "summary": summarise(examples, alignment, config)}
 
 
+def summarise_records(records: Sequence[dict[str, Any]], config: EvalConfig) -> pd.DataFrame:
+    """The summary (see `summarise`) of records from `evaluate_examples`."""
+    return _tables(records, [], config)["summary"]
+
+
 def summarise(examples: pd.DataFrame, alignment: pd.DataFrame, config: EvalConfig | None = None) -> pd.DataFrame:
     """One row per (dataset, variant): n, accuracy; keyword match on correct (Match) and wrong (Mismatch)
     predictions and precision@K likewise (seed 000 Table 2); mean Spearman ρ and top-K overlap between attention
@@ -422,8 +436,7 @@ def evaluate(
         sources[spec.name] = loaded_rows.source
         # the sample depends on the data and the seed only, not on the model
         chosen, lengths, too_long = _fits_context(loaded, spec, sample(loaded_rows.examples, limit, seed))
-        rank = _causal_rank(loaded_rows.examples, seed)
-        causal_ids = None if config.causal_limit is None else {i for i, r in rank.items() if r < config.causal_limit}
+        causal_ids = causal_subset(loaded_rows.examples, config.causal_limit, seed)
         skipped.extend({"dataset": spec.name, "row": s.row, "example_id": s.example_id, "reason": s.reason}
                        for s in (*loaded_rows.skipped, *too_long))
         part = parts / f"{spec.name}.jsonl" if parts is not None else None
