@@ -369,7 +369,8 @@ def _chunk_probs(
     sink_e = torch.exp(sink - m) if s_aux is not None else None
     if sink_e is not None:
         z = z + sink_e
-    rz = z.reciprocal() * visible.any(-1)[:, None, :, None]  # rows that see nothing get zeros
+    sees = visible.any(-1)[:, None, :, None].float()  # [b|1, 1, c, 1]
+    rz = z.reciprocal() * sees  # rows that see nothing get zeros
     entropy = share = None
     if want_entropy or sink_e is not None:
         row_sum = rz * (z - sink_e) if sink_e is not None else (rz > 0).float()
@@ -377,7 +378,7 @@ def _chunk_probs(
             et = torch.einsum("bhck,bhck->bhc", e, s)[..., None]
             entropy = (torch.log(z) * row_sum - rz * et).squeeze(-1)
         if sink_e is not None:
-            share = (1.0 - row_sum).squeeze(-1) * visible.any(-1)[:, None, :].float()
+            share = ((1.0 - row_sum) * sees).squeeze(-1)
     return e, rz, entropy, share
 
 
@@ -511,17 +512,24 @@ def check_supported(model: transformers.PreTrainedModel) -> None:
 
 
 @contextmanager
-def use_sinkscope_attention(model: transformers.PreTrainedModel) -> Iterator[None]:
-    """Switch a model to the sinkscope attention function for the duration of the block."""
-    check_supported(model)
+def attention_implementation(model: transformers.PreTrainedModel, name: str) -> Iterator[None]:
+    """Switch a model to the registered attention function `name` for the duration of the block."""
     previous = model.config._attn_implementation
-    if previous != ATTN_NAME:
-        model.set_attn_implementation(ATTN_NAME)
+    if previous != name:
+        model.set_attn_implementation(name)
     try:
         yield
     finally:
-        if previous != ATTN_NAME:
+        if previous != name:
             model.set_attn_implementation(previous)
+
+
+@contextmanager
+def use_sinkscope_attention(model: transformers.PreTrainedModel) -> Iterator[None]:
+    """Switch a model to the sinkscope attention function for the duration of the block."""
+    check_supported(model)
+    with attention_implementation(model, ATTN_NAME):
+        yield
 
 
 @contextmanager

@@ -176,7 +176,7 @@ def load_model(
       `max_memory` and `offload_folder`) spreads the layers over every GPU, then CPU, then disk, through accelerate.
       Capture works across devices: each layer's statistics are computed where that layer runs.
     """
-    torch_dtype = _parse_dtype(dtype)
+    torch_dtype = parse_dtype(dtype)
     if device is not None and str(device) == "auto":
         device, device_map = None, device_map or "auto"
     if device_map is not None:
@@ -241,7 +241,7 @@ def dispatch(
     return loaded
 
 
-def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
     table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,

@@ -31,11 +31,11 @@ class ProfileResult:
 
     def run(self, loaded: LoadedModel, command: str = "profile") -> Run:
         params = {"method": self.method, **self.params, "capture": self.trace.info.get("capture")}
-        manifest = make_manifest(command, _model_manifest(loaded), params)
+        manifest = make_manifest(command, model_manifest(loaded), params)
         return Run(tables=self.tables, manifest=manifest)
 
 
-def _model_manifest(loaded: LoadedModel) -> dict[str, Any]:
+def model_manifest(loaded: LoadedModel) -> dict[str, Any]:
     info = loaded.info
     return {"name": info.name, "model_type": info.model_type, "revision": info.revision, "dtype": info.dtype,
             "n_layers": info.n_layers, "n_heads": info.n_heads, "n_kv_heads": info.n_kv_heads,

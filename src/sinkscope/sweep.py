@@ -35,8 +35,8 @@ import torch.distributed as dist
 from sinkscope.capture import CaptureConfig
 from sinkscope.detect import get_detector
 from sinkscope.errors import SinkscopeError
-from sinkscope.models import LoadedModel, _parse_dtype
-from sinkscope.profile import _model_manifest, build_tables, layer_summary, sink_mask
+from sinkscope.models import LoadedModel, parse_dtype
+from sinkscope.profile import build_tables, layer_summary, model_manifest, sink_mask
 from sinkscope.store import Run, make_manifest, save_run
 from sinkscope.trace import run_capture, validate_prompts
 
@@ -172,7 +172,7 @@ def fingerprint(model: str, dtype: str | torch.dtype, prompts: Sequence[str], co
     """Everything that changes a unit's tables: a resume must match it exactly (device and batch size may change)."""
     return {
         "model": model,
-        "dtype": str(_parse_dtype(dtype)).removeprefix("torch."),
+        "dtype": str(parse_dtype(dtype)).removeprefix("torch."),
         "method": config.method,
         "params": dict(get_detector(config.method).params) | dict(config.params),  # defaults filled in
         "capture": capture_settings(CaptureConfig()),
@@ -379,7 +379,7 @@ def sweep_run(loaded: LoadedModel, plan: SweepPlan, ranks: Ranks | None = None,
     config = plan.config
     params = {"method": config.method, **config.params, "capture": plan.fingerprint["capture"],
               "batch_size": config.batch_size}
-    manifest = make_manifest("sweep", _model_manifest(loaded), params)
+    manifest = make_manifest("sweep", model_manifest(loaded), params)
     manifest["sweep"] = {"world_size": ranks.world, "world_sizes_of_units": worlds, "unit_size": config.unit_size,
                          "n_units": n_units, "n_prompts": len(plan.prompts),
                          "prompts_sha256": plan.fingerprint["prompts_sha256"], "source": source}

@@ -71,7 +71,7 @@ def _too_long(loaded: Any, texts: list[str]) -> list[str]:
     return [texts[i] for i in good]
 
 
-def _model_manifest(loaded: Any) -> dict[str, Any]:
+def model_manifest(loaded: Any) -> dict[str, Any]:
     info = loaded.info
     return {"name": info.name, "model_type": info.model_type, "revision": info.revision, "dtype": info.dtype,
             "n_layers": info.n_layers, "n_heads": info.n_heads, "n_kv_heads": info.n_kv_heads}
@@ -90,7 +90,7 @@ def _print_table(title: str, frame: pd.DataFrame, limit: int = 12) -> None:
 def _save(out: Path, tables: dict[str, pd.DataFrame], command: str, loaded: Any, params: dict[str, Any]) -> None:
     from sinkscope.store import Run, make_manifest, save_run
 
-    save_run(out, Run(tables=tables, manifest=make_manifest(command, _model_manifest(loaded), params)))
+    save_run(out, Run(tables=tables, manifest=make_manifest(command, model_manifest(loaded), params)))
     console.print(f"wrote {out}/ ({', '.join(tables)} + manifest.json)")
 
 

@@ -73,6 +73,7 @@ from transformers import AttentionInterface, LlamaConfig, LlamaForCausalLM, PreT
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from sinkscope.capture import attention_implementation
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel, model_info
 from sinkscope.store import Run, load_run, make_manifest, save_run
@@ -309,18 +310,6 @@ class AttentionStats:
         return torch.stack(ratios).mean(0)
 
 
-@contextmanager
-def _implementation(model: transformers.PreTrainedModel, name: str) -> Iterator[None]:
-    previous = model.config._attn_implementation
-    if previous != name:
-        model.set_attn_implementation(name)
-    try:
-        yield
-    finally:
-        if previous != name:
-            model.set_attn_implementation(previous)
-
-
 def _norm_hook(norms: list[torch.Tensor]) -> Callable[..., None]:
     def hook(_module: nn.Module, _args: tuple, out: Any) -> None:
         """Forward hook on a decoder layer: append ‖h_i‖₂ of its output [b, n]."""
@@ -353,7 +342,7 @@ def attention_stats(
     total_loss, total_tokens = 0.0, 0
     layers = model.model.layers
     try:
-        with _implementation(model, ATTN_NAMES[variant]):
+        with attention_implementation(model, ATTN_NAMES[variant]):
             for i in range(0, input_ids.shape[0], batch_size):
                 ids, mask = input_ids[i : i + batch_size].to(device), attention_mask[i : i + batch_size].to(device)
                 norms: list[torch.Tensor] = []
