@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from sinkscope.mitigate import aggregate_rows, detect_mask_renormalise
+from sinkscope.analyses.mitigate import aggregate_rows, detect_mask_renormalise
 from sinkscope.models import load_model
 
 METHODS = ("zscore", "entropy_delta", "mean_multiple")

@@ -20,7 +20,7 @@ CPU pilot (a few minutes; a smaller model and batch, one candidate):
     python scripts/train_tiny.py --preset cpu --threads 1
 
 The card's figures are measured after training on the shipped files themselves (float32, CPU), so
-`sinkscope.toy.tinylm.load_tiny()` reproduces them (tests/test_tinylm.py checks it).
+`sinkscope.toy.tinylm.load_tiny()` reproduces them (tests/toy/test_tinylm.py checks it).
 """
 
 from __future__ import annotations
@@ -180,7 +180,7 @@ def model_card(f: dict, sources: list[dict], cfg: TrainConfig) -> str:
 A {f['parameters'] / 1e6:.2f} M-parameter Llama-architecture decoder (RoPE, RMSNorm, SwiGLU, tied embeddings) trained
 from scratch by `sinkscope` to study attention sinks. Its tokenizer (byte-level BPE, {cfg.vocab_size} tokens) puts
 `<s>` (BOS) first in every sequence, as in training. Load it offline with
-`sinkscope.models.load_model("sinkscope-tiny")` or `sinkscope.toy.tinylm.load_tiny()`; it is a plain
+`sinkscope.models.loading.load_model("sinkscope-tiny")` or `sinkscope.toy.tinylm.load_tiny()`; it is a plain
 `transformers` `LlamaForCausalLM` folder, so `LlamaForCausalLM.from_pretrained(this_folder)` works too.
 
 It is a research artefact for measuring sinks, not a useful language model: held-out loss

@@ -19,7 +19,7 @@ WORDS = ["The", " quick", " brown", " fox", " jumps", " over", " the", " lazy", 
 def synthetic_run(n_layers: int = 32, n_heads: int = 32, n_tokens: int = 2000, n_prompts: int = 1, eps: float = 0.2,
                   norms: bool = True, seed: int = 0) -> Run:
     """A Run with keys (n_prompts × n_layers × n_heads × n_tokens rows), heads, layers, prompts, skipped, norms."""
-    from sinkscope.profile import layer_summary
+    from sinkscope.analyses.profile import layer_summary
 
     rng = np.random.default_rng(seed)
     key_frames, head_frames, prompt_rows = [], [], []

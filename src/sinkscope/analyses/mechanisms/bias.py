@@ -1,0 +1,118 @@
+"""The implicit attention bias view of a sink (seed 002's survey): the softmax's sum-to-one constraint makes a head
+park mass on a sink whose value contribution is (nearly) the same for every query and input — a learned bias.
+
+Per head, with the sink s = position 0, query i > s, attention A_{i,s}, value v_s and head output
+o_i = Σ_j A_{i,j} v_j (before the output projection):
+
+- sink contribution  t_i = A_{i,s} v_s;   its share  ‖t_i‖ / ‖o_i‖  (can exceed 1 when the other terms cancel it);
+- constancy  = mean over pairs of cos(t_a, t_b) across queries *and inputs*; within one input every t_i is a
+  multiple of the same v_s, so this measures how input-independent the sink's value direction is;
+- bias_r2 = 1 − Σ‖t − t̄‖² / Σ‖t‖² (t̄ the mean contribution): 1 when t is one constant vector (direction and
+  size), the bias reading of a sink;
+- magnitude_cv = std / mean of ‖t_i‖;  v_sink_ratio = ‖v_s‖ / median_{j ≠ s} ‖v_j‖ (sinks often carry small values).
+
+Query i = s is left out (A_{s,s} = 1 in a causal model: t_s = o_s trivially).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from sinkscope.analyses.mechanisms.norms import mean_pairwise_cosine
+from sinkscope.analyses.mechanisms.residual import MechTrace
+from sinkscope.errors import SinkscopeError
+
+
+def sink_contribution(mt: MechTrace, sink: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """t_i = A_{i,s} v_s per head. Returns (t [P, L, H, N, dv], o [P, L, H, N, dv], A_{·,s} [P, L, H, N],
+    v [P, L, H, N, dv] expanded from the KV heads). Needs head_outputs, values and the sink column (or maps)."""
+    tr = mt.trace
+    if tr.head_outputs is None or tr.values is None:
+        raise SinkscopeError("the bias decomposition needs CaptureConfig(head_outputs=True, values=True)")
+    if mt.sink_column is not None:
+        a = mt.sink_column  # [P, L, H, N]
+    elif tr.maps is not None:
+        a = tr.maps[..., sink]
+    else:
+        raise SinkscopeError("the bias decomposition needs the sink's attention column: capture with "
+                             "sink_position=0 (or maps=True)")
+    heads, kv = tr.head_outputs.shape[2], tr.values.shape[2]
+    v = tr.values.repeat_interleave(heads // kv, dim=2)  # [P, L, H, N, dv]
+    t = a[..., None] * v[:, :, :, sink, None, :]  # [P, L, H, N, dv]
+    return t, tr.head_outputs, a, v
+
+
+def implicit_bias(mt: MechTrace, prompt_ids: Sequence[int] | None = None, *, sink: int = 0, eps: float = 0.2
+                  ) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The decomposition per head and per query.
+
+    Returns (heads, queries). heads: layer, head, alpha0 (column mass of s), is_sink (alpha0 > ε), attn_to_sink
+    (mean A_{i,s}), share_mean, share_median, constancy, bias_r2, magnitude_cv, v_sink_ratio.
+    queries: prompt_id, layer, head, position, token, attn_to_sink, sink_norm ‖t_i‖, out_norm ‖o_i‖, share.
+    """
+    ids = list(prompt_ids) if prompt_ids is not None else list(range(mt.trace.n_prompts))
+    t, o, a, v = sink_contribution(mt, sink)
+    P, L, H, N, _ = t.shape
+    keep = mt.valid().clone()  # [P, N]
+    keep[:, : sink + 1] = False
+    t_norm = torch.linalg.vector_norm(t, dim=-1)  # [P, L, H, N]
+    o_norm = torch.linalg.vector_norm(o, dim=-1)
+    share = torch.where(o_norm > 0, t_norm / o_norm.clamp(min=1e-30), torch.full_like(o_norm, float("nan")))
+    k = keep[:, None, None, :].expand(P, L, H, N)  # [P, L, H, N]
+    count = k.sum(dim=(0, 3)).clamp(min=1)  # [L, H]
+
+    def masked_mean(x: torch.Tensor) -> torch.Tensor:
+        return torch.where(k, x, torch.zeros_like(x)).nansum(dim=(0, 3)) / count
+
+    flat_t = t.permute(0, 3, 1, 2, 4).reshape(P * N, L, H, -1).double()  # [P·N, L, H, dv]
+    flat_k = keep.reshape(P * N)[:, None, None]
+    constancy = mean_pairwise_cosine(flat_t, flat_k, dim=0)  # [L, H]
+    kd = flat_k[..., None].double()
+    mean_t = (flat_t * kd).sum(0) / kd.sum(0).clamp(min=1)  # [L, H, dv]
+    resid = (((flat_t - mean_t) ** 2).sum(-1) * flat_k).sum(0)
+    total = ((flat_t**2).sum(-1) * flat_k).sum(0)
+    bias_r2 = torch.where(total > 0, 1 - resid / total.clamp(min=1e-30), torch.full_like(total, float("nan")))
+    mag_mean = masked_mean(t_norm)
+    mag_sq = masked_mean(t_norm**2)
+    mag_cv = (mag_sq - mag_mean**2).clamp(min=0).sqrt() / mag_mean.clamp(min=1e-30)
+    shares_sorted = torch.where(k, share, torch.full_like(share, float("nan"))).permute(1, 2, 0, 3).reshape(L, H, -1)
+    share_median = torch.nanmedian(shares_sorted, dim=-1).values
+    v_norm = torch.linalg.vector_norm(v, dim=-1)  # [P, L, H, N]
+    v_other = torch.stack([v_norm[p, :, :, [j for j in range(n) if j != sink]].median(-1).values
+                           if n > 1 else torch.full((L, H), float("nan")) for p, n in enumerate(mt.lengths.tolist())])
+    v_ratio = torch.nanmean(v_norm[..., sink] / v_other, dim=0)
+    alpha0 = mt.trace.key_mass[..., sink].mean(0)  # [L, H]
+    l_idx, h_idx = np.meshgrid(np.arange(L), np.arange(H), indexing="ij")
+    heads = pd.DataFrame({
+        "layer": l_idx.ravel(), "head": h_idx.ravel(),
+        "alpha0": alpha0.numpy().ravel(),
+        "is_sink": (alpha0 > eps).numpy().ravel(),
+        "attn_to_sink": masked_mean(a).numpy().ravel(),
+        "share_mean": masked_mean(share).numpy().ravel(),
+        "share_median": share_median.numpy().ravel(),
+        "constancy": constancy.float().numpy().ravel(),
+        "bias_r2": bias_r2.float().numpy().ravel(),
+        "magnitude_cv": mag_cv.numpy().ravel(),
+        "v_sink_ratio": v_ratio.numpy().ravel(),
+    })
+    frames = []
+    for p, n in enumerate(mt.lengths.tolist()):
+        if n <= sink + 1:
+            continue
+        pos = np.arange(sink + 1, n)
+        ll, hh, jj = np.meshgrid(np.arange(L), np.arange(H), pos, indexing="ij")
+        frames.append(pd.DataFrame({
+            "prompt_id": ids[p], "layer": ll.ravel(), "head": hh.ravel(), "position": jj.ravel(),
+            "token": np.asarray(mt.trace.tokens[p], dtype=object)[jj.ravel()],
+            "attn_to_sink": a[p, :, :, sink + 1 : n].numpy().ravel(),
+            "sink_norm": t_norm[p, :, :, sink + 1 : n].numpy().ravel(),
+            "out_norm": o_norm[p, :, :, sink + 1 : n].numpy().ravel(),
+            "share": share[p, :, :, sink + 1 : n].numpy().ravel(),
+        }))
+    cols = ["prompt_id", "layer", "head", "position", "token", "attn_to_sink", "sink_norm", "out_norm", "share"]
+    queries = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
+    return heads, queries

@@ -1,0 +1,403 @@
+"""`sweep`: `profile` over a large prompt set, data-parallel over processes and resumable after any crash.
+
+The prompts are cut into units of `unit_size` consecutive prompts (unit u holds prompts u·size … (u+1)·size − 1);
+process `rank` of `world` does the units with u % world == rank. Each finished unit's tables (`profile`'s, with the
+global prompt ids) are written to a temporary folder inside `out/shards/` and renamed to `out/shards/unit-<u>/`: a
+unit folder that exists is complete, so a process killed at any moment loses at most the unit it was working on and
+a rerun never repeats a finished one. When every unit is done, rank 0 merges the shards into a run folder in `out/`.
+`out/sweep.json` fingerprints the run (model, dtype, method, parameters, prompt-set hash, unit size); resuming with
+different settings is refused. The number of processes and the batch size may change between resumes.
+
+Test hook (used by tests/test_sweep.py only): with SINKSCOPE_SWEEP_KILL_BEFORE_RENAME=<u> set, the process SIGKILLs
+itself after unit u's tables are in their temporary folder and before the rename, the worst moment for a crash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.distributed as dist
+
+from sinkscope.analyses.profile import build_tables, layer_summary, model_manifest, sink_mask
+from sinkscope.capture import CaptureConfig, run_capture, validate_prompts
+from sinkscope.detect import get_detector
+from sinkscope.errors import SinkscopeError
+from sinkscope.models import LoadedModel, parse_dtype
+from sinkscope.store import Run, make_manifest, save_run
+
+FINGERPRINT = "sweep.json"
+SHARDS = "shards"
+KILL_HOOK = "SINKSCOPE_SWEEP_KILL_BEFORE_RENAME"
+# Ranks that finish early wait for the slowest one at the final barrier; the default (30 min) is too short for that.
+BARRIER_TIMEOUT = timedelta(hours=24)
+# Merge order of each table: the order `profile` builds them in.
+SORT_KEYS: dict[str, list[str]] = {
+    "keys": ["prompt_id", "layer", "head", "position"],
+    "heads": ["prompt_id", "layer", "head"],
+    "prompts": ["prompt_id"],
+    "sink_rate": ["prompt_id", "position"],
+    "skipped": ["prompt_id"],
+}
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place in a data-parallel launch (torchrun, accelerate launch); one process: 0 of 1."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Ranks:
+        """RANK, WORLD_SIZE and LOCAL_RANK as torchrun and accelerate set them (absent: a single process)."""
+        env = os.environ if env is None else env
+        try:
+            world = int(env.get("WORLD_SIZE", "1"))
+            rank = int(env.get("RANK", "0"))
+            local = int(env.get("LOCAL_RANK", str(rank)))
+        except ValueError:
+            raise SinkscopeError("RANK, WORLD_SIZE and LOCAL_RANK must be integers (launch with torchrun)") from None
+        if world < 1 or not 0 <= rank < world or local < 0:
+            raise SinkscopeError(f"RANK={rank} is not in 0..WORLD_SIZE-1 (WORLD_SIZE={world}); launch with torchrun")
+        return cls(rank, world, local)
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """What each unit computes (method, params: a registered detector and its parameters) and how the work is cut."""
+
+    method: str = "column_mass"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    unit_size: int = 32
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        get_detector(self.method)
+        if self.unit_size < 1:
+            raise SinkscopeError("--unit-size must be at least 1")
+        if self.batch_size < 1:
+            raise SinkscopeError("--batch-size must be at least 1")
+
+
+@dataclass
+class SweepPlan:
+    """A checked output folder and the prompts it covers; `units` holds each unit's prompt range."""
+
+    out: Path
+    prompts: list[str]
+    config: SweepConfig
+    fingerprint: dict[str, Any]
+    units: list[range]
+
+
+@dataclass
+class SweepResult:
+    """One process's outcome: units done by this call, units found done, and (rank 0 only) the merged run."""
+
+    n_units: int
+    done_now: list[int]
+    done_before: int
+    run: Run | None = None
+
+
+def resolve_device(device: str | None, ranks: Ranks) -> str | None:
+    """The device of this process: with several processes on CUDA, `cuda:LOCAL_RANK`; otherwise `device` as given
+    (None: where the model loads)."""
+    cuda = device == "cuda" or (device is None and ranks.distributed and torch.cuda.is_available())
+    if cuda and ranks.distributed:
+        return f"cuda:{ranks.local_rank}"
+    return device
+
+
+@contextmanager
+def process_group(ranks: Ranks, device: str | None) -> Iterator[str | None]:
+    """Join the launch's process group when there are several processes (nccl on CUDA, gloo otherwise) and leave it
+    on exit. Yields this process's device (see `resolve_device`)."""
+    device = resolve_device(device, ranks)
+    if not ranks.distributed or dist.is_initialized():
+        yield device
+        return
+    backend = "nccl" if device is not None and device.startswith("cuda") else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(torch.device(device))
+    try:
+        dist.init_process_group(backend, timeout=BARRIER_TIMEOUT)
+    except ValueError as err:
+        raise SinkscopeError(f"WORLD_SIZE={ranks.world} but the process group cannot start ({err}); launch with "
+                             "torchrun or accelerate launch") from None
+    try:
+        yield device
+    finally:
+        dist.destroy_process_group()
+
+
+def prompt_hash(prompts: Iterable[str]) -> str:
+    """sha256 over the prompts in order (each JSON-encoded, one per line)."""
+    digest = hashlib.sha256()
+    for text in prompts:
+        digest.update(json.dumps(text, ensure_ascii=False).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def capture_settings(capture: CaptureConfig) -> dict[str, Any]:
+    """The capture configuration as JSON-ready values (as `Trace.info["capture"]` records it)."""
+    return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(capture).items()}
+
+
+def fingerprint(model: str, dtype: str | torch.dtype, prompts: Sequence[str], config: SweepConfig) -> dict[str, Any]:
+    """Everything that changes a unit's tables: a resume must match it exactly (device and batch size may change)."""
+    return {
+        "model": model,
+        "dtype": str(parse_dtype(dtype)).removeprefix("torch."),
+        "method": config.method,
+        "params": dict(get_detector(config.method).params) | dict(config.params),  # defaults filled in
+        "capture": capture_settings(CaptureConfig()),
+        "n_prompts": len(prompts),
+        "prompts_sha256": prompt_hash(prompts),
+        "unit_size": config.unit_size,
+    }
+
+
+def plan_units(n_prompts: int, unit_size: int) -> list[range]:
+    """Unit u covers prompts [u·size, min((u+1)·size, n))."""
+    return [range(start, min(start + unit_size, n_prompts)) for start in range(0, n_prompts, unit_size)]
+
+
+def unit_path(out: Path, unit: int) -> Path:
+    return out / SHARDS / f"unit-{unit:06d}"
+
+
+def units_done(out: Path, n_units: int) -> list[int]:
+    return [u for u in range(n_units) if unit_path(out, u).is_dir()]
+
+
+def _check_folder(out: Path, expected: dict[str, Any]) -> None:
+    """Create `out` with its fingerprint, or check that the one there matches (a resume)."""
+    path = out / FINGERPRINT
+    if out.exists() and not out.is_dir():
+        raise SinkscopeError(f"--out {out} is a file; pass a folder")
+    if path.exists():
+        found = json.loads(path.read_text())
+        if found != expected:
+            changed = [f"{k}: {found.get(k)!r} → {expected.get(k)!r}" for k in sorted(set(found) | set(expected))
+                       if found.get(k) != expected.get(k) and k != "prompts_sha256"]
+            if found.get("prompts_sha256") != expected.get("prompts_sha256"):
+                changed.append("the prompts differ")
+            raise SinkscopeError(f"{out} holds a sweep with other settings ({'; '.join(changed)}); rerun with the "
+                                 "same settings to resume it, or pass a new --out")
+        return
+    if out.is_dir() and any(out.iterdir()):
+        raise SinkscopeError(f"{out} is not empty and holds no {FINGERPRINT} (not a sweep folder); pass a new --out")
+    out.mkdir(parents=True, exist_ok=True)
+    _write_atomic(path, json.dumps(expected, indent=2) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _on_rank0(ranks: Ranks, fn: Callable[[], None]) -> None:
+    """Run `fn` on rank 0 and raise its SinkscopeError on every rank (so all processes stop with the same line)."""
+    message: str | None = None
+    if ranks.main:
+        try:
+            fn()
+        except SinkscopeError as err:
+            message = str(err)
+    if ranks.distributed:
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message is not None:
+        raise SinkscopeError(message)
+
+
+def plan_sweep(out: str | Path, prompts: Sequence[str], model: str, dtype: str | torch.dtype, config: SweepConfig,
+               ranks: Ranks | None = None) -> SweepPlan:
+    """Check (or start) the sweep folder `out` for these prompts and settings. Collective when distributed."""
+    ranks = ranks or Ranks()
+    prompts = list(prompts)
+    if not prompts:
+        raise SinkscopeError("no prompts given: pass --prompt TEXT, --prompts FILE or --dataset NAME")
+    expected = json.loads(json.dumps(fingerprint(model, dtype, prompts, config)))
+    folder = Path(out)
+    _on_rank0(ranks, lambda: _check_folder(folder, expected))
+    return SweepPlan(folder, prompts, config, expected, plan_units(len(prompts), config.unit_size))
+
+
+def profile_unit(loaded: LoadedModel, prompts: Sequence[str], ids: Sequence[int], config: SweepConfig
+                 ) -> dict[str, pd.DataFrame]:
+    """`profile`'s tables for one unit (prompt ids `ids`, global), without `layers` (recomputed at the merge).
+
+    A unit whose prompts are all unusable has only its `skipped` table.
+    """
+    good, bad = validate_prompts(loaded, prompts)
+    tables: dict[str, pd.DataFrame] = {}
+    if good:
+        trace = run_capture(loaded, [prompts[i] for i in good], CaptureConfig(), batch_size=config.batch_size)
+        sinks = sink_mask(trace, config.method, **config.params)  # [P, L, H, N] bool
+        tables = build_tables(trace, sinks, prompt_ids=[ids[i] for i in good], method=config.method,
+                              params=config.params)
+        del tables["layers"]
+    tables["skipped"] = pd.DataFrame(
+        {"prompt_id": [ids[i] for i, _ in bad], "reason": [why for _, why in bad]}
+    ).astype({"prompt_id": "int64", "reason": "object"})
+    return tables
+
+
+def write_unit(out: Path, unit: int, tables: Mapping[str, pd.DataFrame], info: Mapping[str, Any]) -> Path:
+    """Write one unit's tables to a temporary folder in `out/shards/`, then rename it to `unit-<u>/` (atomic)."""
+    shards = out / SHARDS
+    shards.mkdir(parents=True, exist_ok=True)
+    tmp = shards / f".tmp-unit-{unit:06d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    for name, table in tables.items():
+        table.to_parquet(tmp / f"{name}.parquet", index=False)
+    (tmp / "unit.json").write_text(json.dumps(dict(info), indent=2) + "\n")
+    for path in tmp.iterdir():
+        _fsync(path)
+    if os.environ.get(KILL_HOOK) == str(unit):
+        os.kill(os.getpid(), signal.SIGKILL)
+    final = unit_path(out, unit)
+    try:
+        os.rename(tmp, final)
+    except OSError:
+        if not final.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # another process finished this unit first; keep its copy
+    _fsync(shards)
+    return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _remove_temporaries(out: Path, unit: int | None = None) -> None:
+    """Delete temporary unit folders left by killed processes (of one unit, or all of them)."""
+    pattern = f".tmp-unit-{unit:06d}-*" if unit is not None else ".tmp-unit-*"
+    for tmp in (out / SHARDS).glob(pattern):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def run_units(loaded: LoadedModel, plan: SweepPlan, ranks: Ranks | None = None,
+              progress: Callable[[int, int], None] | None = None) -> list[int]:
+    """Do this process's unfinished units (u % world == rank); returns the units done. progress(done, total)."""
+    ranks = ranks or Ranks()
+    mine = [u for u in range(len(plan.units)) if u % ranks.world == ranks.rank]
+    todo = [u for u in mine if not unit_path(plan.out, u).is_dir()]
+    done: list[int] = []
+    for u in todo:
+        start = time.perf_counter()
+        ids = list(plan.units[u])
+        tables = profile_unit(loaded, [plan.prompts[i] for i in ids], ids, plan.config)
+        info = {"unit": u, "prompt_ids": [ids[0], ids[-1]], "rank": ranks.rank, "world_size": ranks.world,
+                "device": str(loaded.device), "seconds": round(time.perf_counter() - start, 3)}
+        _remove_temporaries(plan.out, u)
+        write_unit(plan.out, u, tables, info)
+        done.append(u)
+        if progress is not None:
+            progress(len(done), len(todo))
+    return done
+
+
+def merge_units(out: Path, n_units: int) -> tuple[dict[str, pd.DataFrame], list[int]]:
+    """Concatenate the units' tables in `profile`'s order and recompute `layers`. Returns the tables and the world
+    sizes the units were computed with."""
+    missing = [u for u in range(n_units) if not unit_path(out, u).is_dir()]
+    if missing:
+        raise SinkscopeError(f"{len(missing)} of {n_units} units are not done (first: {missing[0]}); rerun the same "
+                             "command to finish them")
+    parts: dict[str, list[pd.DataFrame]] = {}
+    worlds: set[int] = set()
+    for u in range(n_units):
+        folder = unit_path(out, u)
+        for path in sorted(folder.glob("*.parquet")):
+            parts.setdefault(path.stem, []).append(pd.read_parquet(path))
+        worlds.add(int(json.loads((folder / "unit.json").read_text())["world_size"]))
+    merged = {name: pd.concat(frames, ignore_index=True) for name, frames in parts.items()}
+    if "keys" not in merged:
+        skipped = merged["skipped"]
+        reasons = "; ".join(f"prompt {r.prompt_id + 1}: {r.reason}" for r in skipped.head(3).itertuples())
+        raise SinkscopeError(f"no usable prompt ({reasons})")
+    for name, table in merged.items():
+        merged[name] = table.sort_values(SORT_KEYS[name], kind="stable").reset_index(drop=True)
+    tables = {name: merged[name] for name in ("keys", "heads", "prompts")}
+    tables["layers"] = layer_summary(tables["heads"], tables["keys"])
+    if "sink_rate" in merged:
+        tables["sink_rate"] = merged["sink_rate"]
+    tables["skipped"] = merged["skipped"]
+    return tables, sorted(worlds)
+
+
+def sweep_run(loaded: LoadedModel, plan: SweepPlan, ranks: Ranks | None = None,
+              progress: Callable[[int, int], None] | None = None, source: Any = None) -> SweepResult:
+    """Do this process's units, wait for the others, and (rank 0) merge them into a run folder in `plan.out`.
+
+    Collective when distributed: every rank calls it. `source` (e.g. the dataset) goes into the manifest.
+    """
+    ranks = ranks or Ranks()
+    n_units = len(plan.units)
+    before = len(units_done(plan.out, n_units))
+    done = run_units(loaded, plan, ranks, progress)
+    if ranks.distributed:
+        dist.barrier()
+    if not ranks.main:
+        return SweepResult(n_units, done, before)
+    _remove_temporaries(plan.out)
+    tables, worlds = merge_units(plan.out, n_units)
+    config = plan.config
+    params = {"method": config.method, **config.params, "capture": plan.fingerprint["capture"],
+              "batch_size": config.batch_size}
+    manifest = make_manifest("sweep", model_manifest(loaded), params)
+    manifest["sweep"] = {"world_size": ranks.world, "world_sizes_of_units": worlds, "unit_size": config.unit_size,
+                         "n_units": n_units, "n_prompts": len(plan.prompts),
+                         "prompts_sha256": plan.fingerprint["prompts_sha256"], "source": source}
+    run = Run(tables=tables, manifest=manifest)
+    save_run(plan.out, run)
+    return SweepResult(n_units, done, before, run)
+
+
+def sweep(loaded: LoadedModel, prompts: Sequence[str], out: str | Path, method: str = "column_mass",
+          params: Mapping[str, Any] | None = None, *, unit_size: int = 32, batch_size: int = 8,
+          ranks: Ranks | None = None) -> SweepResult:
+    """`profile(loaded, prompts, method, params)` written unit by unit to `out` and merged there; resumable.
+
+    Rerunning on the same `out` finishes what is left (or only re-merges a finished sweep). Under torchrun, call it
+    on every rank inside `process_group(...)`; rank 0's result holds the run (the tables `profile` builds, plus
+    `skipped`).
+    """
+    ranks = ranks or Ranks()
+    config = SweepConfig(method, dict(params or {}), unit_size, batch_size)
+    plan = plan_sweep(out, prompts, loaded.info.name, loaded.info.dtype, config, ranks)
+    return sweep_run(loaded, plan, ranks)
+

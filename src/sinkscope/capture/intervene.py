@@ -1,0 +1,201 @@
+"""Interventions on attention inside the forward pass: sink masking, ACT calibration, temperature and reweighting
+(of fixed key positions, or of the sinks a row detector flags).
+
+Each intervention is a hook on the registered sinkscope attention function (the same code path as capture): it
+receives a layer's attention probabilities A [batch, head, query, key] and returns changed ones, and the layer's
+output becomes A·V. Interventions are scoped to layers and heads, compose (applied in order), and run around any
+forward or `generate` call:
+
+    with intervene(model, MaskKeys([0], layers=[3, 4]), Calibrate(beta=0.4)):
+        model(**inputs)
+
+Rows keep their total mass (1, or 1 − the learned sink share for gpt-oss style models) when mass is moved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import transformers
+
+from sinkscope.capture.attention import _HOOKS, use_sinkscope_attention
+from sinkscope.detect import act as act_detector
+from sinkscope.detect import detect, get_detector
+from sinkscope.errors import SinkscopeError
+
+
+@dataclass
+class Intervention:
+    """Base: scope (layers, heads; None = all) and the row-wise change in `change`."""
+
+    layers: Sequence[int] | None = None
+    heads: Sequence[int] | None = None
+
+    def applies(self, layer: int | None) -> bool:
+        return self.layers is None or (layer is not None and layer in self.layers)
+
+    def __call__(self, probs: torch.Tensor, layer: int | None, bias: torch.Tensor) -> torch.Tensor:
+        """probs [b, h, q, k], bias [b|1, 1|h, q, k] (−inf where a key is invisible) → probs [b, h, q, k]."""
+        changed = self.change(probs, layer, torch.isfinite(bias))
+        if self.heads is None:
+            return changed
+        picked = torch.zeros(probs.shape[1], dtype=torch.bool, device=probs.device)
+        picked[list(self.heads)] = True
+        return torch.where(picked[None, :, None, None], changed, probs)
+
+    def change(self, probs: torch.Tensor, layer: int | None, visible: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _rescale_rows(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """A'_ij = A_ij w_ij · (Σ_k A_ik) / (Σ_k A_ik w_ik): seed 000 eq. (1) with the row's total mass kept.
+    A row whose weighted mass is zero (every key removed) is left unchanged."""
+    weighted = probs * weights
+    total, new_total = probs.sum(-1, keepdim=True), weighted.sum(-1, keepdim=True)
+    return torch.where(new_total > 0, weighted * total / new_total.clamp(min=1e-30), probs)
+
+
+def _key_positions(positions: Sequence[int], nk: int, device: torch.device) -> torch.Tensor:
+    """Bool [k] at the given key positions (negative counts from the end); out-of-range positions are ignored."""
+    mask = torch.zeros(nk, dtype=torch.bool, device=device)
+    idx = [p % nk for p in positions if -nk <= p < nk]
+    mask[idx] = True
+    return mask
+
+
+@dataclass
+class MaskKeys(Intervention):
+    """Remove attention to the given key positions and renormalise the rows (seed 000's causal test).
+
+    positions: absolute key indices (with right padding, prompt positions; negative counts from the end).
+    """
+
+    positions: Sequence[int] = (0,)
+
+    def change(self, probs: torch.Tensor, layer: int | None, visible: torch.Tensor) -> torch.Tensor:
+        drop = _key_positions(self.positions, probs.shape[-1], probs.device)
+        return _rescale_rows(probs, (~drop).to(probs.dtype)[None, None, None, :])
+
+
+@dataclass
+class Reweight(Intervention):
+    """Multiply attention to key k by w_k and renormalise (seed 000 eq. 1 in the forward pass).
+
+    weights: [k] for the first k keys; keys beyond it keep weight 1.
+    """
+
+    weights: Sequence[float] | torch.Tensor = ()
+
+    def change(self, probs: torch.Tensor, layer: int | None, visible: torch.Tensor) -> torch.Tensor:
+        nk = probs.shape[-1]
+        w = torch.ones(nk, device=probs.device, dtype=probs.dtype)
+        given = torch.as_tensor(self.weights, dtype=probs.dtype, device=probs.device)[:nk]
+        if bool((given < 0).any()):
+            raise SinkscopeError("reweighting weights must be non-negative")
+        w[: given.numel()] = given
+        return _rescale_rows(probs, w[None, None, None, :])
+
+
+@dataclass
+class ReweightSinks(Intervention):
+    """Seed 000 eq. (1) in the forward pass: weight the keys a row detector flags in each attention row by γ and
+    renormalise, A'_ij = A_ij w_ij · (Σ_k A_ik) / (Σ_k A_ik w_ik) with w_ij = γ at sinks of row i, 1 elsewhere.
+
+    method: a registered row detector that returns a mask (default zscore: z_j > α = 2 over the keys row i sees,
+    seed 000 §4.4); params: its thresholds. γ = 0 is detect-mask-renormalise (Algorithm 1) on every row of every
+    scoped head inside the forward pass; γ = 1 is the identity.
+    """
+
+    gamma: float = 0.4
+    method: str = "zscore"
+    params: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.gamma >= 0:
+            raise SinkscopeError("the reweighting γ must be non-negative")
+        detector = get_detector(self.method)
+        if detector.statistic != "row" or detector.returns != "mask":
+            raise SinkscopeError(f"{self.method} is not a row detector that returns a sink mask")
+        detect(self.method, torch.tensor([0.6, 0.3, 0.1]), **self.params)  # checks the thresholds
+
+    def change(self, probs: torch.Tensor, layer: int | None, visible: torch.Tensor) -> torch.Tensor:
+        sinks = detect(self.method, probs, valid=visible, **self.params)  # [b, h, q, k]
+        return _rescale_rows(probs, torch.where(sinks, self.gamma, 1.0).to(probs.dtype))
+
+
+@dataclass
+class Temperature(Intervention):
+    """Sharpen (t < 1) or flatten (t > 1) each row: softmax(s/t) = A^{1/t} / Σ A^{1/t} over the visible keys."""
+
+    t: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.t > 0:
+            raise SinkscopeError("temperature must be positive")
+
+    def change(self, probs: torch.Tensor, layer: int | None, visible: torch.Tensor) -> torch.Tensor:
+        powered = torch.where(probs > 0, probs.clamp(min=1e-30) ** (1.0 / self.t), torch.zeros_like(probs))
+        return _rescale_rows(probs, torch.where(probs > 0, powered / probs.clamp(min=1e-30), 0.0))
+
+
+@dataclass
+class Calibrate(Intervention):
+    """ACT attention calibration (Yu et al. 2024, their released code).
+
+    Sinks S of a head are the keys whose causal column mean α_k = mean_{i ≥ k, i sees k} A_ik exceeds `threshold`
+    (0.1), the first such key (normally BOS) excluded. Then A[:, S] *= β (0.4) and the removed mass
+    (1 − β)·Σ_{s∈S} A_is goes to the other keys in proportion to their weights. Sinks are found on the prompt
+    (the first call of a layer with more than one query) and reused for later generation steps. Padded queries
+    count in no column mean, so a prompt's sinks do not depend on the batch it is padded into.
+    """
+
+    beta: float = 0.4
+    threshold: float = 0.1
+    _sinks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.beta <= 1:
+            raise SinkscopeError("ACT's beta must be in [0, 1]")
+
+    def sinks(self, probs: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Bool [b, h, k]: ACT's hidden sinks from the column means of probs [b, h, q, k] over the real queries.
+
+        A padded position is a key no query sees; query i sits at key i + (k − q) (the cache holds k − q keys).
+        """
+        nq, nk = probs.shape[-2], probs.shape[-1]
+        seen = visible.any(1).expand(probs.shape[0], nq, nk)  # [b, q, k]
+        real = seen.any(-2)[:, nk - nq :]  # [b, q]
+        seen = (seen & real[:, :, None]).to(probs.dtype)
+        alpha = (probs * real[:, None, :, None]).sum(-2) / seen.sum(-2)[:, None].clamp(min=1)
+        return act_detector(alpha, threshold=self.threshold)
+
+    def change(self, probs: torch.Tensor, layer: int | None, visible: torch.Tensor) -> torch.Tensor:
+        nq, nk = probs.shape[-2], probs.shape[-1]
+        if nq > 1 or layer not in self._sinks:
+            self._sinks[layer] = self.sinks(probs, visible)
+        sinks = self._sinks[layer]
+        if sinks.shape[-1] < nk:  # generation: keys added after the prompt are never sinks
+            sinks = torch.nn.functional.pad(sinks, (0, nk - sinks.shape[-1]), value=False)
+        sinks = sinks[..., :nk][:, :, None, :]  # [b, h, 1, k]
+        scaled = torch.where(sinks, probs * self.beta, probs)
+        removed = (probs - scaled).sum(-1, keepdim=True)
+        rest = torch.where(sinks, 0.0, probs)
+        rest_total = rest.sum(-1, keepdim=True)
+        return torch.where(rest_total > 0, scaled + rest * removed / rest_total.clamp(min=1e-30), probs)
+
+
+@contextmanager
+def intervene(model: transformers.PreTrainedModel, *interventions: Intervention) -> Iterator[None]:
+    """Apply interventions to every forward pass of `model` inside the block (nested blocks compose)."""
+    if not interventions:
+        raise SinkscopeError("no intervention given")
+    with use_sinkscope_attention(model):
+        token = _HOOKS.set((*_HOOKS.get(), *interventions))
+        try:
+            yield
+        finally:
+            _HOOKS.reset(token)

@@ -1,0 +1,168 @@
+"""`sinkscope calibrate` and `sinkscope bench-mitigation`: thin front ends over `sinkscope.analyses.calibrate`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Annotated
+
+import pandas as pd
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from sinkscope.analyses.calibrate import ALIGNMENT, Calibration, accuracy, mitigation_benchmark, search_heads
+from sinkscope.analyses.evaluate.datasets import get_spec, load_examples, sample
+from sinkscope.analyses.evaluate.run import causal_subset
+from sinkscope.errors import SinkscopeError
+from sinkscope.models import load_model
+from sinkscope.store import Run, make_manifest, save_run
+
+console = Console(emoji=False, highlight=False)
+
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hub id, local folder, or built-in name")]
+DatasetOpt = Annotated[str, typer.Option(help="Dataset name (sst2, sst5, mr, subj, dbpedia, agnews, trec, cb, boolq)")]
+DataOpt = Annotated[str | None, typer.Option(help="Data file/folder, or 'hub' (default: ../shared/data or the Hub)")]
+OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write a run folder (Parquet tables + manifest)")]
+
+
+def _examples(dataset: str, data: str | None, n: int, seed: int, causal_limit: int | None = None):
+    """The spec, the seeded sample of n examples, and the ids that get causal effects (as `sinkscope eval` picks)."""
+    spec = get_spec(dataset)
+    loaded_rows = load_examples(spec, data)
+    for skipped in loaded_rows.skipped[:5]:
+        console.print(f"[yellow]skipped[/] row {skipped.row}: {skipped.reason}")
+    return spec, sample(loaded_rows.examples, n, seed), causal_subset(loaded_rows.examples, causal_limit, seed)
+
+
+def calibrate_command(
+    model: ModelOpt,
+    dataset: DatasetOpt = "sst2",
+    data: DataOpt = None,
+    calib: Annotated[int, typer.Option(help="Calibration examples used for the head search")] = 50,
+    heldout: Annotated[int, typer.Option(help="Held-out examples for the reported accuracy change")] = 100,
+    beta: Annotated[float, typer.Option(help="ACT's scale for attention to sinks")] = 0.4,
+    threshold: Annotated[float, typer.Option(help="ACT's sink threshold on the causal column mean")] = 0.1,
+    layers: Annotated[str, typer.Option(help="Layers to search: 'all', '0-5', '3,7'")] = "all",
+    top_layers: Annotated[int, typer.Option(help="Layers kept after the layer stage")] = 3,
+    save: Annotated[Path, typer.Option(help="Where to write the calibration JSON")] = Path("calibration.json"),
+    seed: Annotated[int, typer.Option(help="Sampling seed")] = 0,
+    out: OutOpt = None,
+) -> None:
+    """ACT's head search: find the heads whose calibration raises accuracy, report the held-out change, save them."""
+    from sinkscope.cli.app import parse_selection
+
+    if calib < 1 or heldout < 1:
+        raise SinkscopeError("--calib and --heldout must be positive")
+    loaded = load_model(model)
+    spec, examples, _ = _examples(dataset, data, calib + heldout, seed)
+    if len(examples) < calib + 1:
+        raise SinkscopeError(f"{dataset} has only {len(examples)} usable examples for --calib {calib}")
+    calib_set, held = examples[:calib], examples[calib:]
+    console.print(f"ACT head search on {len(calib_set)} calibration examples, {len(held)} held out")
+
+    def show(row: dict) -> None:
+        where = f"L{row['layer']}" + ("" if row["head"] < 0 else f" h{row['head']}")
+        console.print(f"  {row['stage']:5} {where:8} {row['accuracy']:.1%} ({row['gain']:+.1%}) {row['seconds']:.0f}s")
+
+    result = search_heads(loaded, spec, calib_set, beta=beta, threshold=threshold, layers=parse_selection(layers),
+                          top_layers=top_layers, on_trial=show)
+    before = accuracy(loaded, spec, held)
+    after = accuracy(loaded, spec, held, result.interventions()) if result.heads else before
+    path = result.save(save)
+    heads = ", ".join(f"L{layer}: {hs}" for layer, hs in sorted(result.heads.items())) or "none helped"
+    console.print(f"{loaded.info.name} on {dataset}: calibrated heads {heads} (β = {beta})")
+    console.print(f"calibration set ({len(calib_set)}): {result.base_accuracy:.1%} → "
+                  f"{(result.calibrated_accuracy or result.base_accuracy):.1%}")
+    console.print(f"held-out ({len(held)}): {before:.1%} → {after:.1%} ({after - before:+.1%})")
+    console.print(f"wrote {path}")
+    if out is not None:
+        summary = pd.DataFrame([{"dataset": dataset, "split": "calibration", "n": len(calib_set),
+                                 "before": result.base_accuracy, "after": result.calibrated_accuracy},
+                                {"dataset": dataset, "split": "heldout", "n": len(held), "before": before,
+                                 "after": after}])
+        manifest = make_manifest("calibrate", {"name": loaded.info.name},
+                                 {"dataset": dataset, "beta": beta, "threshold": threshold, "heads": result.heads},
+                                 seed)
+        save_run(out, Run({"summary": summary, "search": pd.DataFrame(result.search)}, manifest))
+
+
+def _pct(x: float) -> str:
+    return "—" if math.isnan(x) else f"{x:.1%}"
+
+
+def _num(x: float) -> str:
+    return "—" if math.isnan(x) else f"{x:.2f}"
+
+
+def bench_mitigation_command(
+    model: ModelOpt,
+    dataset: Annotated[list[str], typer.Option(help="Dataset name (repeatable)")],
+    data: DataOpt = None,
+    limit: Annotated[int, typer.Option(help="Examples per dataset (fixed seed)")] = 100,
+    calibration: Annotated[Path | None, typer.Option(help="ACT calibration JSON from `sinkscope calibrate`")] = None,
+    beta: Annotated[float, typer.Option(help="ACT's β for the all-heads variant")] = 0.4,
+    gamma: Annotated[list[float] | None, typer.Option(
+        help="Weight on z-score sinks in the forward-pass reweighting (repeatable; 0 = DMR inside the model)")] = None,
+    method: Annotated[list[str] | None, typer.Option(
+        help="Detector for the interpretation-only DMR rows (repeatable; default zscore and entropy_delta)")] = None,
+    causal_limit: Annotated[int | None, typer.Option(
+        help="Causal ρ and top-K overlap on this many examples (the first of the seeded order, as in eval)")] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass")] = 8,
+    seed: Annotated[int, typer.Option(help="Sampling seed")] = 0,
+    out: OutOpt = None,
+) -> None:
+    """One table: accuracy, alignment and cost of no mitigation, position-0 masking, sink reweighting, ACT (all heads,
+    searched heads) and detect-mask-renormalise (interpretation only), on the same examples."""
+    gammas = gamma if gamma else [0.4]
+    alignment = dataclasses.replace(ALIGNMENT, methods=tuple(method) if method else ALIGNMENT.methods,
+                                    causal=bool(causal_limit), causal_limit=causal_limit)
+    alignment.check()
+    loaded = load_model(model)
+    calib = Calibration.load(calibration) if calibration is not None else None
+    frames = []
+    for name in dataset:
+        spec, examples, causal_ids = _examples(name, data, limit, seed, causal_limit)
+        frames.append(mitigation_benchmark(loaded, spec, examples, calib, beta, batch_size, gammas=gammas,
+                                           alignment=alignment, causal_ids=causal_ids))
+    table = pd.concat(frames, ignore_index=True)
+    console.print(render_mitigation_table(table, f"{loaded.info.name}: inference-time mitigations "
+                                                 f"(same prompts, seed {seed})", alignment.k))
+    if out is not None:
+        manifest = make_manifest("bench-mitigation", {"name": loaded.info.name},
+                                 {"datasets": dataset, "limit": limit, "beta": beta, "gammas": gammas,
+                                  "calibration": str(calibration) if calibration else None,
+                                  "alignment": alignment.fingerprint(), "batch_size": batch_size}, seed)
+        console.print(f"wrote {save_run(out, Run({'mitigation': table}, manifest))}/")
+
+
+def render_mitigation_table(table: pd.DataFrame, title: str, k: int = 10) -> Table:
+    """The benchmark table for the terminal, with notes on how to read the interpretation-only rows."""
+    view = Table(title=title, title_justify="left", caption_justify="left")
+    cols = ["dataset", "method", "n", "accuracy", "changed", "ms/example", "cost ×", "Mismatch", "Match", "ρ",
+            f"top-{k}", "n causal"]
+    for col in cols:
+        view.add_column(col, justify="left" if col in ("dataset", "method") else "right")
+    for row in table.itertuples():
+        interp = row.kind == "interpretation"
+        view.add_row(row.dataset, row.method, str(row.n), f"({row.accuracy:.1%})" if interp else _pct(row.accuracy),
+                     "—" if interp else _pct(row.changed_predictions), f"{row.ms_per_example:.0f}",
+                     f"{row.cost_vs_none:.2f}", _num(row.mismatch), _num(row.match), _num(row.spearman),
+                     _num(row.topk_overlap), str(row.n_causal) if row.n_causal else "—")
+    dmr = table[table["kind"] == "interpretation"]
+    notes = [
+        "(accuracy): interpretation-only rows (dmr_*) re-read the baseline's attention after the forward pass; they "
+        "change no prediction, so accuracy is the baseline's.",
+        f"Mismatch / Match: share of the prompt's task keywords among the last token's top-{k} attended tokens (last "
+        "layer, mean over heads), on wrong / right predictions; ρ and top-k: Spearman and top-k overlap of that "
+        "attention with each token's causal effect, over n causal examples (--causal-limit). The none row scores "
+        "the raw attention, dmr_* the attention after detect-mask-renormalise.",
+    ]
+    if not dmr.empty:
+        own = ", ".join(f"{m[4:]} {ms:.2f} ms" for m, ms in dmr.groupby("method", sort=False)["dmr_ms"].mean().items())
+        notes.append(f"ms/example of dmr_* rows: the prediction with the last token's attention captured, plus DMR "
+                     f"itself ({own} per example).")
+    notes.append("Times from one run on this machine; compare them within the table only.")
+    view.caption = "\n".join(notes)
+    return view

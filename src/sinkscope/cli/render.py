@@ -1,0 +1,65 @@
+"""Terminal rendering (rich): the per-layer sink table of `profile` and the token strips of `explain`."""
+
+from __future__ import annotations
+
+import pandas as pd
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from sinkscope.analyses.explain import Explanation
+
+
+def layer_table(layers: pd.DataFrame, title: str) -> Table:
+    """Per layer: share of heads with a sink, mean α at position 0, and the sink tokens with their mass."""
+    table = Table(title=title, title_justify="left")
+    table.add_column("layer", justify="right")
+    table.add_column("heads with sink", justify="right")
+    table.add_column("α at pos 0", justify="right")
+    table.add_column("sink tokens (mean α)")
+    for row in layers.itertuples():
+        table.add_row(str(row.layer), f"{row.head_share:.0%}", f"{row.pos0_alpha:.3f}", row.sink_tokens or "-")
+    return table
+
+
+def _shade(weight: float, peak: float) -> str:
+    """Background colour for a weight: white → dark blue (colour-blind safe, readable in greyscale)."""
+    level = 0.0 if peak <= 0 else min(1.0, weight / peak)
+    r = int(255 - 247 * level)
+    g = int(255 - 207 * level)
+    b = int(255 - 148 * level)
+    fg = "white" if level > 0.55 else "black"
+    return f"{fg} on rgb({r},{g},{b})"
+
+
+def token_strip(tokens: list[str], weights: list[float], sinks: list[bool] | None = None) -> Text:
+    """The tokens shaded by attention; sinks are underlined and marked with ▼."""
+    peak = max(weights) if weights else 0.0
+    text = Text()
+    for i, (tok, w) in enumerate(zip(tokens, weights, strict=True)):
+        shown = tok.replace("\n", "⏎") or "∅"
+        style = _shade(w, peak)
+        if sinks is not None and sinks[i]:
+            style += " underline"
+            shown = "▼" + shown
+        text.append(shown, style=style)
+        text.append(" ")
+    return text
+
+
+def print_explanation(console: Console, ex: Explanation, top_k: int = 10) -> None:
+    """Seed 000 Figures 1-2 in the terminal: tokens before and after detect-mask-renormalise, then the top-K."""
+    sinks = ex.sinks.tolist()
+    where = f"layers {ex.layers}, heads {'all' if len(ex.heads) == ex.trace.n_heads else ex.heads}"
+    console.print(f"[bold]last-token attention[/] ({where}); method {ex.method} {ex.params}")
+    console.print(Text("before: ", style="bold") + token_strip(ex.tokens, ex.before.tolist(), sinks))
+    console.print(Text("after:  ", style="bold") + token_strip(ex.tokens, ex.after.tolist()))
+    flagged = [f"{ex.tokens[i]!r}@{i} ({float(ex.before[i]):.3f})" for i, s in enumerate(sinks) if s]
+    console.print(f"sinks: {', '.join(flagged) if flagged else 'none'}")
+    table = Table(title=f"top-{top_k} tokens", title_justify="left")
+    for col in ("rank", "before", "a", "after (sink-free)", "b"):
+        table.add_column(col, justify="right" if col in ("rank", "a", "b") else "left")
+    before, after = ex.top_k(top_k), ex.top_k(top_k, after=True)
+    for rank, (x, y) in enumerate(zip(before, after, strict=True), start=1):
+        table.add_row(str(rank), f"{x[1]!r}@{x[0]}", f"{x[2]:.3f}", f"{y[1]!r}@{y[0]}", f"{y[2]:.3f}")
+    console.print(table)

@@ -1,0 +1,37 @@
+"""The `sinkscope report RUN_DIR` command, ready to mount: `app.command("report")(user_errors(report_command))`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from sinkscope.errors import SinkscopeError
+
+console = Console(emoji=False, highlight=False)
+
+
+def report_command(
+    run_dir: Annotated[Path, typer.Argument(help="A run folder (Parquet tables + manifest.json)")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="HTML file (default: RUN_DIR/report.html)")] = None,
+    figures: Annotated[bool, typer.Option("--figures", help="Also draw figures into RUN_DIR/figures")] = False,
+    formats: Annotated[str, typer.Option("--format", help="Figure formats, comma-separated: png, svg, pdf")] = "png",
+) -> None:
+    """A self-contained HTML report of a run folder (works offline), and with --figures its PNG/SVG/PDF figures."""
+    from sinkscope.report import write_report
+
+    if not run_dir.is_dir():
+        raise SinkscopeError(f"{run_dir} is not a folder: pass a run folder written with --out")
+    chosen = [f.strip().lower() for f in formats.split(",") if f.strip()]
+    bad = [f for f in chosen if f not in ("png", "svg", "pdf")]
+    if bad or not chosen:
+        raise SinkscopeError(f"--format {formats!r}: use png, svg and/or pdf, comma-separated")
+    path = write_report(run_dir, out)
+    console.print(f"wrote {path}")
+    if figures:
+        from sinkscope.report.figures.profile import write_figures
+
+        written = write_figures(run_dir, run_dir / "figures", formats=chosen)
+        console.print(f"wrote {len(written)} figure file(s) to {run_dir / 'figures'}/")

@@ -1,0 +1,123 @@
+"""`sinkscope sweep`: a thin front end over `sinkscope.analyses.sweep` (prompt sources, process group, summary)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from sinkscope.analyses.evaluate.datasets import get_spec, list_datasets, load_examples, sample
+from sinkscope.detect import list_detectors
+from sinkscope.errors import SinkscopeError
+
+MAX_SKIP_LINES = 10
+
+
+def sweep_prompts(prompt: list[str] | None, prompts: Path | None, dataset: str | None, data: str | None,
+                  limit: int | None) -> tuple[list[str], list[tuple[int, str]], dict[str, Any]]:
+    """The prompt texts, (index, reason) for unreadable file lines, and a description of the source.
+
+    With a dataset: each example's prompt as `sinkscope eval` renders it (instruction + template, ending just before
+    the label), for `limit` examples drawn as `eval --limit` draws them (seed 0, source order).
+    """
+    from sinkscope.cli.app import gather_prompts
+
+    if dataset is None:
+        if data is not None or limit is not None:
+            raise SinkscopeError("--data and --limit go with --dataset NAME")
+        texts, file_bad = gather_prompts(prompt, prompts)
+        return texts, file_bad, {"prompt_options": len(prompt or []), "prompts_file": str(prompts or "") or None}
+    if prompt or prompts is not None:
+        raise SinkscopeError("pass either --dataset or --prompt/--prompts, not both")
+    spec = get_spec(dataset)
+    rows = load_examples(spec, data)
+    examples = sample(rows.examples, limit, seed=0)
+    if not examples:
+        raise SinkscopeError(f"{spec.name} has no usable rows in {rows.source}")
+    source = {"dataset": spec.name, "data": rows.source, "limit": limit, "seed": 0, "rows_skipped": len(rows.skipped)}
+    return [spec.prompt(ex.fields) for ex in examples], [], source
+
+
+@contextmanager
+def _progress(show: bool) -> Iterator[Callable[[int, int], None] | None]:
+    if not show:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from sinkscope.cli.app import err_console
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task("units (this process)", total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
+
+
+def sweep_command(
+    model: Annotated[str, typer.Option("--model", "-m", help="Hub id, local folder, or built-in name")],
+    prompt: Annotated[list[str] | None, typer.Option(help="A prompt (repeat for several)")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="File with one prompt per line (.txt) or JSONL")] = None,
+    dataset: Annotated[str | None, typer.Option(
+        "--dataset", "-d", help=f"Profile a dataset's rendered prompts: {', '.join(list_datasets())}")] = None,
+    data: Annotated[str | None, typer.Option(
+        help="With --dataset: a JSONL/CSV file, a folder of <name>/test.jsonl, or 'hub' (default: ../shared/data)")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(help="With --dataset: this many examples (seed 0, as eval)")] = None,
+    method: Annotated[str, typer.Option(help=f"Detector: {', '.join(list_detectors())}")] = "column_mass",
+    threshold: Annotated[float | None, typer.Option(
+        help="The method's threshold (θ, α, τ or ε; see sinkscope detectors)")] = None,
+    out: Annotated[Path | None, typer.Option(
+        "--out", "-o", help="Sweep folder (required): units in shards/, then the merged tables; a rerun resumes it")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass")] = 8,
+    unit_size: Annotated[int, typer.Option(help="Consecutive prompts per unit (what is written, resumed, shared)")
+                         ] = 32,
+    device: Annotated[str | None, typer.Option(
+        help="Device, e.g. cpu or cuda (default: where the model loads; cuda:LOCAL_RANK under torchrun)")] = None,
+    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
+    trust_remote_code: Annotated[bool, typer.Option(
+        "--trust-remote-code", help="Allow code from the model repository to run")] = False,
+    allow_pickle: Annotated[bool, typer.Option(
+        "--allow-pickle", help="Allow pickle (.bin) checkpoints; they can run code")] = False,
+) -> None:
+    """`profile` over many prompts, resumable and data-parallel: run it again to resume, or under
+    `torchrun --nproc_per_node N -m sinkscope sweep ...` to split the units across processes (one GPU each).
+    --dataset profiles each example's prompt as `sinkscope eval` renders it (instruction + template, no label)."""
+    from sinkscope.analyses.sweep import Ranks, SweepConfig, plan_sweep, process_group, sweep_run
+    from sinkscope.cli.app import _load, _method_params, console, err_console
+    from sinkscope.cli.render import layer_table
+    from sinkscope.detect import get_detector
+
+    if out is None:
+        raise SinkscopeError("sweep needs --out DIR: the folder its units are written to and resumed from")
+    texts, file_bad, source = sweep_prompts(prompt, prompts, dataset, data, limit)
+    params = _method_params(method, threshold)
+    config = SweepConfig(method, params, unit_size, batch_size)
+    ranks = Ranks.from_env()
+    with process_group(ranks, device) as where:
+        plan = plan_sweep(out, texts, model, dtype, config, ranks)
+        loaded = _load(model, where, dtype, trust_remote_code, allow_pickle)
+        with _progress(ranks.main) as progress:
+            result = sweep_run(loaded, plan, ranks, progress, source)
+    if result.run is None:
+        return
+    tables, info = result.run.tables, loaded.info
+    title = (f"{info.name}: {info.n_layers} layers × {info.n_heads} heads, {len(tables['prompts'])} prompt(s) in "
+             f"{result.n_units} unit(s), method {method} {get_detector(method).params | params}")
+    console.print(layer_table(tables["layers"], title))
+    skipped = dict(zip(tables["skipped"]["prompt_id"], tables["skipped"]["reason"], strict=True))
+    skipped.update(dict(file_bad))
+    for i, why in sorted(skipped.items())[:MAX_SKIP_LINES]:
+        err_console.print(f"[yellow]skipped[/] prompt {i + 1}: {why}", highlight=False)
+    if len(skipped) > MAX_SKIP_LINES:
+        err_console.print(f"[yellow]… and {len(skipped) - MAX_SKIP_LINES} more skipped prompts[/] (see "
+                          f"{out}/skipped.parquet)", highlight=False)
+    if result.done_before == result.n_units:
+        console.print(f"all {result.n_units} units were already done; merged them again")
+    else:
+        console.print(f"{result.n_units - result.done_before} unit(s) computed now by {ranks.world} process(es), "
+                      f"{result.done_before} found done")
+    console.print(f"wrote {out}/ ({', '.join(tables)} + manifest.json)")

@@ -1,0 +1,35 @@
+"""Models: loading (Hub id, folder, built-in name; safety checks), the built-in offline models, tiny test models.
+
+`from sinkscope.models import load_model` is the usual entry; `tiny_model` builds random-config test models.
+"""
+
+from sinkscope.models.loading import (
+    BUILTINS,
+    ENCODER_TYPES,
+    LoadedModel,
+    ModelInfo,
+    dispatch,
+    list_builtins,
+    load_model,
+    model_info,
+    parse_dtype,
+    register_builtin,
+)
+from sinkscope.models.tiny import TINY_FAMILIES, byte_tokenizer, tiny_config, tiny_model
+
+__all__ = [
+    "BUILTINS",
+    "ENCODER_TYPES",
+    "TINY_FAMILIES",
+    "LoadedModel",
+    "ModelInfo",
+    "byte_tokenizer",
+    "dispatch",
+    "list_builtins",
+    "load_model",
+    "model_info",
+    "parse_dtype",
+    "register_builtin",
+    "tiny_config",
+    "tiny_model",
+]

@@ -1,0 +1,109 @@
+"""profile/explain tables against independent computations from eager output_attentions; run folders."""
+
+from __future__ import annotations
+
+import copy
+
+import pandas as pd
+import pytest
+import torch
+
+from sinkscope.analyses.explain import explain
+from sinkscope.analyses.mitigate import detect_mask_renormalise
+from sinkscope.analyses.profile import profile
+from sinkscope.errors import SinkscopeError
+from sinkscope.store import load_run, save_run
+
+PROMPTS = ["The cat sat on the mat.", "Sinks, sinks everywhere!"]
+
+
+def _eager_attentions(lm, text):
+    model = copy.deepcopy(lm.model)
+    model.set_attn_implementation("eager")
+    enc = lm.tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        return [a[0].float() for a in model(**enc, output_attentions=True).attentions]  # each [H, n, n]
+
+
+def test_key_table_matches_eager(tiny_llama):
+    result = profile(tiny_llama, PROMPTS, "column_mass", {"eps": 0.2})
+    keys = result.tables["keys"]
+    lengths = [len(tiny_llama.tokenizer(p)["input_ids"]) for p in PROMPTS]
+    assert len(keys) == sum(n * 2 * 4 for n in lengths)  # prompt × layer × head × key
+    for pid, text in enumerate(PROMPTS):
+        for layer, att in enumerate(_eager_attentions(tiny_llama, text)):
+            n = att.shape[-1]
+            alpha = att.sum(-2) / torch.arange(n, 0, -1)  # causal: key k is seen by n − k queries
+            got = keys[(keys.prompt_id == pid) & (keys.layer == layer)].sort_values(["head", "position"])
+            torch.testing.assert_close(torch.tensor(got["alpha"].to_numpy()).view(4, n), alpha, atol=1e-5, rtol=0)
+            assert (got["sink"].to_numpy() == (alpha > 0.2).flatten().numpy()).all()
+            torch.testing.assert_close(torch.tensor(got["last_row"].to_numpy()).view(4, n), att[:, -1], atol=1e-5,
+                                       rtol=0)
+    assert list(keys.columns[:5]) == ["prompt_id", "layer", "head", "position", "token"]
+
+
+def test_layer_summary_by_hand(tiny_llama):
+    result = profile(tiny_llama, PROMPTS, "column_mass")
+    heads, layers = result.tables["heads"], result.tables["layers"]
+    for layer in range(2):
+        per = heads[heads.layer == layer]
+        assert layers.loc[layers.layer == layer, "head_share"].item() == pytest.approx((per.n_sinks > 0).mean())
+    keys = result.tables["keys"]
+    pos0 = keys[(keys.position == 0) & (keys.layer == 1)]["alpha"].mean()
+    assert layers.loc[layers.layer == 1, "pos0_alpha"].item() == pytest.approx(pos0)
+
+
+@pytest.mark.parametrize("method", ["mean_multiple", "zscore", "entropy_delta", "act", "sink_rate"])
+def test_every_method_runs(tiny_llama, method):
+    result = profile(tiny_llama, PROMPTS, method)
+    assert result.sinks.dtype == torch.bool
+    assert int(result.tables["heads"]["n_sinks"].sum()) == int(result.sinks.sum())
+    if method == "sink_rate":
+        rate = result.tables["sink_rate"]
+        assert rate["sink_rate"].between(0, 1).all()
+        assert len(rate) == result.tables["prompts"]["n_tokens"].sum()
+
+
+def test_bad_prompts_are_skipped_and_reported(tiny_llama):
+    result = profile(tiny_llama, ["fine", "", "x" * 900, "also fine"])
+    assert result.tables["prompts"]["prompt_id"].tolist() == [0, 3]
+    assert result.tables["skipped"]["prompt_id"].tolist() == [1, 2]
+    assert "context" in result.tables["skipped"]["reason"][1]
+    with pytest.raises(SinkscopeError, match="no usable prompt"):
+        profile(tiny_llama, ["", "   "])
+
+
+def test_run_folder_roundtrip(tmp_path, tiny_llama):
+    result = profile(tiny_llama, PROMPTS)
+    folder = save_run(tmp_path / "run", result.run(tiny_llama))
+    run = load_run(folder)
+    assert set(run.tables) == set(result.tables)
+    for name, table in result.tables.items():
+        pd.testing.assert_frame_equal(run[name], table.reset_index(drop=True), check_dtype=False)
+    manifest = run.manifest
+    assert manifest["model"]["name"] == "tiny:llama" and manifest["parameters"]["method"] == "column_mass"
+    assert {"torch", "transformers", "python", "sinkscope"} <= set(manifest["versions"])
+    assert manifest["tables"]["keys"] == len(result.tables["keys"])
+    with pytest.raises(SinkscopeError, match="not a sinkscope run"):
+        load_run(tmp_path)
+
+
+def test_explain_matches_eager(tiny_llama):
+    text = "The movie was great."
+    ex = explain(tiny_llama, text, "zscore", {"alpha": 1.5})
+    att = _eager_attentions(tiny_llama, text)
+    a = att[-1][:, -1].mean(0)  # last layer, last token, mean over heads (seed 000 §4.1)
+    torch.testing.assert_close(ex.before, a, atol=1e-5, rtol=0)
+    expected = detect_mask_renormalise(a, "zscore", alpha=1.5)
+    torch.testing.assert_close(ex.after, expected.b, atol=1e-5, rtol=0)
+    assert torch.equal(ex.sinks, expected.sinks)
+    assert float(ex.after.sum()) == pytest.approx(1.0, abs=1e-5)
+    assert float(ex.after[ex.sinks].sum()) == 0.0
+    table = ex.table()
+    assert len(table) == len(ex.tokens) and table["rank_before"].min() == 1
+    # layer range and head subset
+    ex2 = explain(tiny_llama, text, "entropy_delta", layers=[0, 1], heads=[1, 3])
+    a2 = torch.stack([att[layer][[1, 3], -1] for layer in (0, 1)]).mean((0, 1))
+    torch.testing.assert_close(ex2.before, a2, atol=1e-5, rtol=0)
+    with pytest.raises(SinkscopeError, match="empty"):
+        explain(tiny_llama, "  ")

@@ -1,0 +1,308 @@
+"""Captured statistics equal the ones computed from eager `output_attentions`, for every architecture family."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from sinkscope.capture import CaptureConfig, capture_session, run_capture
+from sinkscope.errors import SinkscopeError
+from sinkscope.models import TINY_FAMILIES, tiny_model
+
+FAMILIES = sorted(TINY_FAMILIES)
+PROMPTS = ["The cat sat on the mat.", "Hi!", "Attention sinks draw mass, a lot of it, often at BOS."]
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def loaded(request):
+    return tiny_model(request.param)
+
+
+def _window(config, layer: int) -> int | None:
+    """Sliding window of a layer, read from the config (independent of sinkscope's capture code)."""
+    window = getattr(config, "sliding_window", None)
+    if window is None:
+        return None
+    types = getattr(config, "layer_types", None)
+    if types is None:
+        return window if getattr(config, "use_sliding_window", True) else None
+    return window if types[layer] == "sliding_attention" else None
+
+
+def _eager_reference(lm, prompts, padding_side):
+    """Run an eager copy with output_attentions=True and compute every statistic from the full maps."""
+    tok = lm.tokenizer
+    tok.padding_side = padding_side
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    mask = enc["attention_mask"]
+    model = copy.deepcopy(lm.model)
+    model.set_attn_implementation("eager")
+    kwargs = {k: v for k, v in enc.items()}
+    kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        out = model(**kwargs, output_attentions=True)
+    n = mask.shape[1]
+    i = torch.arange(n)[:, None]
+    k = torch.arange(n)[None, :]
+    ref = []
+    for layer, att in enumerate(out.attentions):  # att: [b, h, n, n]
+        att = att.float()
+        visible = mask.bool()[:, None, :] & mask.bool()[:, :, None]  # [b, q, k]
+        if lm.info.is_causal:
+            visible = visible & (k <= i)
+            window = _window(lm.model.config, layer)
+            if window is not None:
+                visible = visible & (k > i - window)
+        qv = mask.float()[:, None, :, None]
+        key_sum = (att * qv).sum(-2)  # [b, h, k]
+        count = visible.float().sum(-2)  # [b, k]
+        last = mask.shape[1] - 1 - mask.flip(-1).argmax(-1)  # last real token  [b]
+        ref.append({
+            "key_mass": key_sum / count[:, None].clamp(min=1),
+            "key_sum": key_sum,
+            "count": count,
+            "row": att[torch.arange(att.shape[0]), :, last],  # [b, h, k]
+            "entropy": -torch.special.xlogy(att, att).sum(-1),
+            "sink_share": 1 - att.sum(-1),
+            "maps": att,
+        })
+    offsets = (mask.cumsum(-1) == 0).sum(-1)
+    return ref, offsets, mask.sum(-1)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_capture_equals_eager(loaded, padding_side):
+    ref, offsets, lengths = _eager_reference(loaded, PROMPTS, padding_side)
+    trace = run_capture(loaded, PROMPTS, CaptureConfig(maps=True, chunk_size=5), padding_side=padding_side)
+    assert trace.key_mass.shape[:3] == (len(PROMPTS), loaded.info.n_layers, loaded.info.n_heads)
+    for p in range(len(PROMPTS)):
+        o, n = int(offsets[p]), int(lengths[p])
+        sl = slice(o, o + n)
+        assert trace.lengths[p] == n
+        for layer, r in enumerate(ref):
+            torch.testing.assert_close(trace.key_mass[p, layer, :, :n], r["key_mass"][p, :, sl], atol=TOL, rtol=0)
+            torch.testing.assert_close(trace.key_mass_sum[p, layer, :, :n], r["key_sum"][p, :, sl], atol=TOL, rtol=0)
+            torch.testing.assert_close(trace.key_count[p, layer, :n], r["count"][p, sl])
+            torch.testing.assert_close(trace.last_rows()[p, layer, :, :n], r["row"][p, :, sl], atol=TOL, rtol=0)
+            torch.testing.assert_close(trace.entropy[p, layer, :, :n], r["entropy"][p, :, sl], atol=TOL, rtol=0)
+            torch.testing.assert_close(trace.maps[p, layer, :, :n, :n], r["maps"][p, :, sl, sl], atol=TOL, rtol=0)
+            if trace.sink_share is not None:
+                torch.testing.assert_close(
+                    trace.sink_share[p, layer, :, :n], r["sink_share"][p, :, sl], atol=TOL, rtol=0
+                )
+        # beyond the prompt's length everything is zero
+        assert float(trace.key_mass[p, :, :, n:].abs().sum()) == 0.0
+
+
+def test_learned_sink_share_reported(loaded):
+    trace = run_capture(loaded, PROMPTS[:1])
+    if loaded.info.model_type == "gpt_oss":
+        assert trace.sink_share is not None
+        share = trace.sink_share[0, :, :, : int(trace.lengths[0])]
+        assert bool((share >= 0).all()) and bool((share < 1).all()) and float(share.mean()) > 0.05
+        rows = trace.last_rows()[0].sum(-1)  # rows sum to 1 − learned sink share
+        torch.testing.assert_close(rows, 1 - trace.sink_share[0, :, :, int(trace.lengths[0]) - 1], atol=TOL, rtol=0)
+    else:
+        assert trace.sink_share is None
+        torch.testing.assert_close(trace.last_rows()[0].sum(-1), torch.ones(trace.n_layers, trace.n_heads))
+
+
+def test_logits_unchanged_by_capture(loaded):
+    tok = loaded.tokenizer
+    tok.padding_side = "right"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        plain = loaded.model(**enc)
+        with capture_session(loaded.model, CaptureConfig(), enc["attention_mask"]) as session:
+            captured = loaded.model(**enc)
+        with capture_session(loaded.model, CaptureConfig(fused=False), enc["attention_mask"]):
+            native = loaded.model(**enc)
+    assert len(session.records) == loaded.info.n_layers
+    field = "logits" if hasattr(plain, "logits") else "last_hidden_state"
+    real = enc["attention_mask"].bool()  # fused: ≈1e-6 at real tokens (a padding query that sees no key gets zeros)
+    torch.testing.assert_close(getattr(captured, field)[real], getattr(plain, field)[real], atol=1e-5, rtol=0)
+    torch.testing.assert_close(getattr(native, field), getattr(plain, field), atol=0, rtol=0)  # native: bit for bit
+    # the model's own attention implementation is restored afterwards
+    assert loaded.model.config._attn_implementation != "sinkscope"
+
+
+def test_batched_equals_single(loaded):
+    both = run_capture(loaded, PROMPTS, batch_size=3, padding_side="left")
+    for p, prompt in enumerate(PROMPTS):
+        one = run_capture(loaded, [prompt])
+        n = int(one.lengths[0])
+        torch.testing.assert_close(both.key_mass[p, ..., :n], one.key_mass[0, ..., :n], atol=TOL, rtol=0)
+        torch.testing.assert_close(both.last_rows()[p, ..., :n], one.last_rows()[0, ..., :n], atol=TOL, rtol=0)
+        assert both.tokens[p] == one.tokens[0]
+
+
+def test_head_outputs_and_values():
+    lm = tiny_model("llama")
+    trace = run_capture(lm, PROMPTS[:1], CaptureConfig(head_outputs=True, values=True, maps=True))
+    n = int(trace.lengths[0])
+    g = lm.info.n_heads // lm.info.n_kv_heads
+    v = trace.values[0].repeat_interleave(g, dim=1)  # [L, H, N, d]
+    expected = trace.maps[0] @ v
+    torch.testing.assert_close(trace.head_outputs[0, :, :, :n], expected[:, :, :n], atol=TOL, rtol=0)
+
+
+def test_selected_rows_and_errors():
+    lm = tiny_model("llama")
+    trace = run_capture(lm, PROMPTS[:2], CaptureConfig(rows=[0, -1], maps=True))
+    assert trace.rows.shape[3] == 2
+    for p in range(2):
+        n = int(trace.lengths[p])
+        torch.testing.assert_close(trace.rows[p, :, :, 1], trace.maps[p, :, :, n - 1])
+        torch.testing.assert_close(trace.rows[p, :, :, 0], trace.maps[p, :, :, 0])
+    with pytest.raises(SinkscopeError, match="empty"):
+        run_capture(lm, ["ok", "  "])
+    with pytest.raises(SinkscopeError, match="no prompts"):
+        run_capture(lm, [])
+    with pytest.raises(SinkscopeError, match="context"):
+        run_capture(lm, ["x" * 600])
+    with pytest.raises(SinkscopeError, match="outside"):
+        run_capture(lm, ["ab"], CaptureConfig(rows=[50]))
+
+
+def test_maps_skipped_for_long_prompts():
+    lm = tiny_model("gpt2")
+    trace = run_capture(lm, ["a" * 40], CaptureConfig(maps=True, max_map_tokens=16))
+    assert trace.maps is None
+
+
+def test_fused_capture_matches_native(loaded):
+    """fused=True computes the output from the statistics' own chunks: same logits and statistics."""
+    tok = loaded.tokenizer
+    tok.padding_side = "right"
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        plain = loaded.model(**enc)
+        with capture_session(loaded.model, CaptureConfig(chunk_size=4), enc["attention_mask"]) as fused:
+            out = loaded.model(**enc)
+        with capture_session(loaded.model, CaptureConfig(fused=False), enc["attention_mask"]) as native:
+            loaded.model(**enc)
+    field = "logits" if hasattr(plain, "logits") else "last_hidden_state"
+    mask = enc["attention_mask"].bool()
+    torch.testing.assert_close(getattr(out, field)[mask], getattr(plain, field)[mask], atol=1e-5, rtol=0)
+    for a, b in zip(fused.records, native.records, strict=True):
+        torch.testing.assert_close(a.key_mass_sum, b.key_mass_sum, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, None])
+def test_unpadded_prompt_skips_the_mask_and_matches_eager(loaded, chunk_size):
+    """Without padding the model passes no n×n mask (mask=None): each chunk builds its own causal or full visibility.
+    Every statistic still equals eager's, for chunk sizes that split the causal triangle differently, fused or not."""
+    prompt = PROMPTS[2]
+    ref, _, lengths = _eager_reference(loaded, [prompt], "right")
+    n = int(lengths[0])
+    for fused in (False, True):
+        trace = run_capture(loaded, [prompt], CaptureConfig(maps=True, chunk_size=chunk_size, fused=fused))
+        for layer, r in enumerate(ref):
+            torch.testing.assert_close(trace.key_mass[0, layer], r["key_mass"][0], atol=TOL, rtol=0)
+            torch.testing.assert_close(trace.key_count[0, layer], r["count"][0])
+            torch.testing.assert_close(trace.entropy[0, layer], r["entropy"][0], atol=TOL, rtol=0)
+            torch.testing.assert_close(trace.last_rows()[0, layer], r["row"][0], atol=TOL, rtol=0)
+            torch.testing.assert_close(trace.maps[0, layer, :, :n, :n], r["maps"][0], atol=TOL, rtol=0)
+
+
+def test_no_square_mask_for_unpadded_causal_input():
+    """The registered mask function returns None (no n×n tensor) where SDPA itself would skip the mask."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+
+    from sinkscope.capture import ATTN_NAME
+
+    fn = ALL_MASK_ATTENTION_FUNCTIONS[ATTN_NAME]
+    assert fn(batch_size=1, q_length=64, kv_length=64, attention_mask=torch.ones(1, 64, dtype=torch.bool)) is None
+    padded = torch.ones(2, 64, dtype=torch.bool)
+    padded[1, :5] = False
+    mask = fn(batch_size=2, q_length=64, kv_length=64, attention_mask=padded)
+    assert mask is not None and mask.shape == (2, 1, 64, 64) and not bool(mask[1, 0, :, :5].any())
+
+
+def test_chunk_size_adapts_to_free_memory(monkeypatch):
+    import sinkscope.capture.attention as capture
+
+    cpu = torch.device("cpu")
+    real = capture.free_memory(cpu)
+    assert real is None or real > 0
+    assert capture.chunk_size_for(1, 12, 2048, cpu, requested=7) == 7
+    monkeypatch.setattr(capture, "free_memory", lambda device: 2**40)
+    short = capture.chunk_size_for(1, 12, 128, cpu)
+    assert short * 12 * 128 * 4 <= capture._CPU_CHUNK_BYTES < (short + 1) * 12 * 128 * 4  # cache-sized
+    assert capture.chunk_size_for(1, 12, 16384, cpu) == capture._MIN_CHUNK  # never skinnier than a head dimension
+    monkeypatch.setattr(capture, "free_memory", lambda device: 16 * 12 * 2048 * 4 * 10)  # room for 10 query rows
+    assert capture.chunk_size_for(1, 12, 2048, cpu) == 10
+    monkeypatch.setattr(capture, "free_memory", lambda device: 0)
+    assert capture.chunk_size_for(8, 32, 2**17, cpu) == 1  # never zero
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_half_precision_statistics_accumulate_in_float32(family):
+    """A bfloat16 model is captured with float32 statistics: key mass and entropy agree with a float32 capture of the
+    same (bf16-rounded) weights to bf16 activation precision, rows still sum to 1, and the fused output keeps bf16."""
+    lm16 = tiny_model(family)
+    lm16.model.to(torch.bfloat16)
+    lm32 = tiny_model(family)
+    lm32.model.load_state_dict({k: v.float() for k, v in lm16.model.state_dict().items()})
+    for fused in (False, True):
+        t16 = run_capture(lm16, PROMPTS, CaptureConfig(fused=fused), padding_side="left")
+        t32 = run_capture(lm32, PROMPTS, CaptureConfig(fused=fused), padding_side="left")
+        assert t16.key_mass.dtype == torch.float32 and t16.entropy.dtype == torch.float32
+        # bf16 activations drift from fp32 ones layer by layer; the statistics follow them, no more
+        assert float((t16.key_mass - t32.key_mass).abs().mean()) < 2e-3
+        assert float((t16.entropy - t32.entropy).abs().mean()) < 5e-3
+        torch.testing.assert_close(t16.last_rows().sum(-1), torch.ones(3, t16.n_layers, t16.n_heads), atol=1e-5,
+                                   rtol=0)
+    enc = lm16.tokenizer(PROMPTS[:1], return_tensors="pt")
+    with torch.no_grad(), capture_session(lm16.model, CaptureConfig(fused=True), enc["attention_mask"]):
+        out = lm16.model(**enc)
+    assert out.logits.dtype == torch.bfloat16 and bool(torch.isfinite(out.logits).all())
+
+
+def test_half_precision_inputs_are_reduced_in_float32():
+    """Given bf16 queries, keys and values, the statistics equal a float32 softmax of the same (upcast) tensors to
+    1e-5 — far below bf16's resolution (≈4e-3), so nothing is accumulated in bf16."""
+    from sinkscope.capture.attention import _Session, _statistics
+
+    torch.manual_seed(0)
+    b, h, kvh, n, d = 2, 4, 2, 37, 16
+    q, k, v = (torch.randn(b, x, n, d).to(torch.bfloat16) for x in (h, kvh, kvh))
+    session = _Session(config=CaptureConfig(chunk_size=5), query_valid=torch.ones(b, n, dtype=torch.bool),
+                       row_positions=torch.full((b, 1), n - 1))
+    record, out = _statistics(session, q, k, v, None, True, d**-0.5, None, None, want_output=True)
+    kf, vf = k.float().repeat_interleave(h // kvh, 1), v.float().repeat_interleave(h // kvh, 1)
+    scores = (q.float() @ kf.transpose(-1, -2)) * d**-0.5
+    scores = scores.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+    probs = torch.softmax(scores, -1)  # [b, h, n, n] float32
+    torch.testing.assert_close(record.key_mass_sum, probs.sum(-2), atol=1e-5, rtol=0)
+    torch.testing.assert_close(record.entropy, -torch.special.xlogy(probs, probs).sum(-1), atol=1e-5, rtol=0)
+    torch.testing.assert_close(record.rows[:, :, 0], probs[:, :, -1], atol=1e-6, rtol=0)
+    torch.testing.assert_close(out, (probs @ vf).transpose(1, 2), atol=1e-5, rtol=0)
+    assert record.key_mass_sum.dtype == torch.float32 and out.dtype == torch.float32
+
+
+def test_continuation_with_a_cache_prefix_matches_eager():
+    """Queries that continue a cached prefix (q < k: the mask is materialised, bottom-right aligned) and a single query
+    (no mask: it sees every key) give eager's statistics and logits."""
+    from transformers import DynamicCache
+
+    lm = tiny_model("llama")
+    ids = torch.tensor([list(b"Attention sinks draw mass.")])
+    n, s = ids.shape[1], 10
+    eager = copy.deepcopy(lm.model)
+    eager.set_attn_implementation("eager")
+    with torch.no_grad():
+        full = eager(ids, output_attentions=True)
+        for split in (s, n - 1):  # 16 queries after 10 cached keys; one query after n − 1
+            cache = DynamicCache(config=lm.model.config)
+            lm.model(ids[:, :split], past_key_values=cache, use_cache=True)
+            with capture_session(lm.model, CaptureConfig(rows=None, maps=True, chunk_size=3),
+                                 torch.ones(1, n, dtype=torch.long)) as session:
+                out = lm.model(ids[:, split:], past_key_values=cache, use_cache=True)
+            torch.testing.assert_close(out.logits, full.logits[:, split:], atol=1e-5, rtol=0)
+            for record, att in zip(session.records, full.attentions, strict=True):
+                torch.testing.assert_close(record.maps, att[:, :, split:], atol=TOL, rtol=0)
+                torch.testing.assert_close(record.key_mass_sum, att[:, :, split:].sum(-2), atol=1e-5, rtol=0)

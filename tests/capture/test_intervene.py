@@ -1,0 +1,128 @@
+"""Interventions in the forward pass against hand-made forward passes and hand computations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+from sinkscope.capture import Calibrate, CaptureConfig, MaskKeys, Reweight, Temperature, capture_session, intervene
+from sinkscope.errors import SinkscopeError
+from sinkscope.models import tiny_model
+
+TEXT = ["The cat sat on the mat, twice."]
+MASKED = {"layers": {1}, "positions": [0, 3]}
+
+
+def _manual_masked_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """Independent eager attention: −inf logits at the masked keys of the masked layers, then softmax."""
+    g = query.shape[1] // key.shape[1]
+    k = key.repeat_interleave(g, dim=1)
+    v = value.repeat_interleave(g, dim=1)
+    scores = query @ k.transpose(-1, -2) * scaling + attention_mask
+    if module.layer_idx in MASKED["layers"]:
+        scores[..., MASKED["positions"]] = -math.inf
+    probs = torch.softmax(scores.float(), dim=-1).to(query.dtype)
+    return (probs @ v).transpose(1, 2).contiguous(), probs
+
+
+AttentionInterface.register("manual_masked", _manual_masked_attention)
+ALL_MASK_ATTENTION_FUNCTIONS.register("manual_masked", eager_mask)
+
+
+@pytest.fixture(scope="module")
+def lm():
+    return tiny_model("llama")
+
+
+def _logits(lm):
+    enc = lm.tokenizer(TEXT, return_tensors="pt")
+    with torch.no_grad():
+        return lm.model(**enc).logits
+
+
+def test_masking_equals_manual_masked_softmax(lm):
+    with intervene(lm.model, MaskKeys(positions=MASKED["positions"], layers=[1])):
+        got = _logits(lm)
+    previous = lm.model.config._attn_implementation
+    lm.model.set_attn_implementation("manual_masked")
+    try:
+        expected = _logits(lm)
+    finally:
+        lm.model.set_attn_implementation(previous)
+    # query 0 sees only key 0: with it masked the manual row is undefined, the intervention leaves such rows as they are
+    torch.testing.assert_close(got[:, 1:], expected[:, 1:], atol=1e-5, rtol=0)
+    assert not torch.allclose(got, _logits(lm), atol=1e-3)  # the intervention changed the output
+
+
+@pytest.mark.parametrize("identity", [Calibrate(beta=1.0), Temperature(t=1.0), Reweight(weights=[1.0] * 4),
+                                      MaskKeys(positions=[999])])
+def test_identity_interventions(lm, identity):
+    plain = _logits(lm)
+    with intervene(lm.model, identity):
+        torch.testing.assert_close(_logits(lm), plain, atol=1e-5, rtol=0)
+
+
+def test_calibration_by_hand():
+    # one head, 3 queries × 3 keys (causal). Column means: α_0 = (1 + .7 + .6)/3 = .767, α_1 = (.3 + .2)/2 = .25,
+    # α_2 = .2 → hits 0, 1, 2; the first hit (0) is excluded, so S = {1, 2}.
+    probs = torch.tensor([[[[1.0, 0.0, 0.0], [0.7, 0.3, 0.0], [0.6, 0.2, 0.2]]]])
+    bias = torch.tensor([[[[0.0, -math.inf, -math.inf], [0.0, 0.0, -math.inf], [0.0, 0.0, 0.0]]]])
+    out = Calibrate(beta=0.5)(probs, 0, bias)
+    # row 1: .3 → .15, removed .15 goes to key 0 (the only non-sink): .7 + .15 = .85
+    # row 2: .2, .2 → .1, .1; removed .2 goes to key 0: .6 + .2 = .8
+    expected = torch.tensor([[[[1.0, 0.0, 0.0], [0.85, 0.15, 0.0], [0.8, 0.1, 0.1]]]])
+    torch.testing.assert_close(out, expected)
+
+
+def test_temperature_and_reweight_by_hand():
+    probs = torch.tensor([[[[0.5, 0.3, 0.2]]]])
+    bias = torch.zeros(1, 1, 1, 3)
+    sharp = Temperature(t=0.5)(probs, 0, bias)
+    torch.testing.assert_close(sharp, torch.tensor([[[[0.25, 0.09, 0.04]]]]) / 0.38)
+    rew = Reweight(weights=[0.0, 1.0, 2.0])(probs, 0, bias)  # [0, .3, .4] / .7
+    torch.testing.assert_close(rew, torch.tensor([[[[0.0, 0.3, 0.4]]]]) / 0.7)
+
+
+def test_head_scope_and_capture_sees_the_change(lm):
+    enc = lm.tokenizer(TEXT, return_tensors="pt")
+    with torch.no_grad(), intervene(lm.model, MaskKeys(positions=[0], layers=[1], heads=[2])), \
+            capture_session(lm.model, CaptureConfig(), enc["attention_mask"]) as session:
+        lm.model(**enc)
+    mass = torch.stack([r.key_mass_sum[0] for r in session.records])  # [L, H, k]
+    # only query 0 (which sees nothing else) still attends to key 0 in the masked head
+    assert float(mass[1, 2, 0]) == pytest.approx(1.0, abs=1e-6)
+    assert float(mass[1, [0, 1, 3], 0].min()) > 1.05 and float(mass[0, :, 0].min()) > 1.05
+
+
+def test_learned_sink_share_is_kept():
+    lm = tiny_model("gpt_oss")
+    enc = lm.tokenizer(TEXT, return_tensors="pt")
+    with torch.no_grad(), capture_session(lm.model, CaptureConfig(), enc["attention_mask"]) as plain:
+        lm.model(**enc)
+    with torch.no_grad(), intervene(lm.model, MaskKeys(positions=[0])), \
+            capture_session(lm.model, CaptureConfig(), enc["attention_mask"]) as masked:
+        lm.model(**enc)
+    first, changed = plain.records[0], masked.records[0]  # layer 0 sees the same input in both runs
+    torch.testing.assert_close(changed.sink_share[..., 1:], first.sink_share[..., 1:], atol=1e-5, rtol=0)
+    # only query 0 still attends to key 0
+    torch.testing.assert_close(changed.key_mass_sum[..., 0], 1 - changed.sink_share[..., 0], atol=1e-5, rtol=0)
+
+
+def test_generation_under_calibration(lm):
+    enc = lm.tokenizer(TEXT, return_tensors="pt")
+    calib = Calibrate(beta=0.4)
+    with torch.no_grad(), intervene(lm.model, calib):
+        out = lm.model.generate(**enc, max_new_tokens=4, do_sample=False, pad_token_id=lm.tokenizer.pad_token_id)
+    assert out.shape[1] == enc["input_ids"].shape[1] + 4
+    assert set(calib._sinks) == {0, 1}
+
+
+def test_bad_parameters():
+    with pytest.raises(SinkscopeError):
+        Calibrate(beta=2.0)
+    with pytest.raises(SinkscopeError):
+        Temperature(t=0.0)

@@ -1,0 +1,251 @@
+"""The HTML report: data built from run-folder tables, self-containment, the section API, size limits."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sinkscope.analyses.maps import add_maps, capture_maps, maps_table
+from sinkscope.errors import SinkscopeError
+from sinkscope.report import (
+    ReportLimits,
+    SectionContent,
+    build_html,
+    register_section,
+    registered_sections,
+    table_html,
+    unregister_section,
+    write_report,
+)
+from sinkscope.report.encode import pack, script_json, unpack
+from sinkscope.store import Run, load_run, save_run
+
+PROMPTS = ["The cat sat on the mat.", "Hi </script> there!",
+           "A longer prompt, well past the sixty-four token limit for maps: one two three four five six seven."]
+
+
+def page_data(page: str) -> dict:
+    """The JSON the page embeds in <script id="ss-data">."""
+    match = re.search(r'<script type="application/json" id="ss-data">(.*?)</script>', page, re.S)
+    assert match is not None
+    return json.loads(match.group(1))
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_llama, tmp_path_factory) -> Path:
+    """A profile run folder of the tiny Llama (2 layers × 4 heads) with maps for its two short prompts."""
+    from sinkscope.analyses.profile import profile
+
+    result = profile(tiny_llama, PROMPTS)
+    run = add_maps(result.run(tiny_llama), capture_maps(tiny_llama, PROMPTS))
+    return save_run(tmp_path_factory.mktemp("report") / "tiny", run)
+
+
+def test_pack_round_trip():
+    x = np.random.default_rng(0).dirichlet(np.ones(50), size=(3, 4)).astype(np.float32)
+    exact = pack(x)
+    assert exact["enc"] == "f32" and exact["shape"] == [3, 4, 50]
+    np.testing.assert_array_equal(unpack(exact), x.astype(np.float64))
+    half = pack(x, exact=False)
+    assert half["enc"] == "f16"
+    np.testing.assert_allclose(unpack(half), x, rtol=1e-3, atol=1e-7)
+
+
+def test_script_json_cannot_close_the_script():
+    text = script_json({"token": "</script><b>&", "nan": float("nan"), "arr": np.arange(3)})
+    assert "</" not in text and "<b>" not in text
+    assert json.loads(text) == {"token": "</script><b>&", "nan": None, "arr": [0, 1, 2]}
+
+
+def test_report_of_a_run_folder(tiny_run):
+    path = write_report(tiny_run)
+    assert path == tiny_run / "report.html"
+    page = path.read_text()
+    # self-contained: nothing loaded from elsewhere, and the page forbids it
+    assert "Content-Security-Policy" in page and "default-src 'none'" in page
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    assert "@import" not in page and "url(" not in page
+    assert "</script> there" not in page  # the token text is escaped inside the JSON
+    data = page_data(page)
+    grid = data["grid"]
+    assert (grid["L"], grid["H"]) == (2, 4)
+    assert [v["label"] for v in grid["views"]] == ["mean over prompts", "prompt 0", "prompt 1", "prompt 2"]
+    for view in grid["views"]:
+        assert all(len(values) == 8 for values in view["values"].values())
+        assert len(view["sinks"]) == 8
+    tokens = data["tokens"]
+    assert tokens["mode"] == "interactive" and tokens["stat"] == "last_row"
+    assert [p["layout"] for p in tokens["prompts"]] == ["head"] * 3
+    # the embedded per-head rows are the keys table's last_row values, exactly
+    keys = load_run(tiny_run)["keys"]
+    first = tokens["prompts"][0]
+    rows = unpack(first["rows"])
+    sub = keys[keys["prompt_id"] == 0]
+    np.testing.assert_array_equal(rows[sub["layer"], sub["head"], sub["position"]], sub["last_row"].to_numpy())
+    assert len(first["tokens"]) == rows.shape[2] == int(sub["position"].max()) + 1
+    # maps for the two short prompts only, every head
+    maps = data["maps"]["prompts"]
+    assert set(maps) == {"0", "1"} and len(maps["0"]["heads"]) == 8
+    m = unpack(maps["0"]["heads"]["1,2"])
+    np.testing.assert_allclose(m.sum(-1), 1.0, atol=1e-5)
+    assert [c["id"] for c in data["curves"]["charts"]] == ["sinks"]
+    assert {t["name"] for t in data["tables"]} == {"keys", "heads", "layers", "prompts", "skipped"}
+
+
+def test_maps_table_matches_the_trace(tiny_llama):
+    from sinkscope.capture import CaptureConfig, run_capture
+
+    trace = run_capture(tiny_llama, PROMPTS[:2], CaptureConfig(rows=None, entropy=False, maps=True))
+    table = maps_table(trace, prompt_ids=[5, 7])
+    n0, n1 = (int(n) for n in trace.lengths)
+    assert len(table) == 2 * 4 * (n0 * n0 + n1 * n1)
+    sub = table[(table["prompt_id"] == 7) & (table["layer"] == 1) & (table["head"] == 3)]
+    dense = np.zeros((n1, n1))
+    dense[sub["query"], sub["key"]] = sub["weight"]
+    np.testing.assert_allclose(dense, trace.maps[1, 1, 3, :n1, :n1].numpy(), atol=1e-7)
+    assert maps_table(trace, max_tokens=n1).prompt_id.unique().tolist() == [1]
+    with pytest.raises(SinkscopeError, match="maps=True"):
+        maps_table(run_capture(tiny_llama, PROMPTS[:1]))
+
+
+def test_write_report_paths(tiny_run, tmp_path):
+    run = load_run(tiny_run)
+    with pytest.raises(SinkscopeError, match="out="):
+        write_report(run)
+    assert write_report(run, tmp_path / "x") == tmp_path / "x" / "report.html"
+    assert write_report(run, tmp_path / "named.html").exists()
+
+
+def test_registered_and_extra_sections(tiny_run):
+    seen = []
+
+    def eval_section(run: Run) -> SectionContent:
+        seen.append(run)
+        frame = pd.DataFrame({"task": ["a", "b"], "accuracy": [0.5, 0.75]})
+        return SectionContent(html="<p>accuracy</p>" + table_html(frame, "acc", caption="accuracy"),
+                              data={"n": 2}, script="el.dataset.ran = data.n;")
+
+    register_section("evaltest", eval_section, title="Evaluation", order=5)
+    register_section("skipme", lambda run: None)
+    try:
+        with pytest.raises(SinkscopeError, match="already registered"):
+            register_section("evaltest", lambda run: "<p>other</p>")
+        with pytest.raises(SinkscopeError, match="section name"):
+            register_section("bad name", lambda run: "")
+        with pytest.raises(SinkscopeError, match="taken by the report"):
+            register_section("grid", lambda run: "")
+        assert [s.name for s in registered_sections()][:1] == ["evaltest"]
+        page = build_html(load_run(tiny_run), extra={"Notes": "<p>hand-written</p>", "Later": lambda run: None})
+    finally:
+        unregister_section("evaltest")
+        unregister_section("skipme")
+    assert len(seen) == 1
+    assert '<section id="sec-evaltest" data-section="evaltest"><h2>Evaluation</h2><p>accuracy</p>' in page
+    assert 'id="sec-skipme"' not in page and "Later" not in page
+    assert "<h2>Notes</h2><p>hand-written</p>" in page
+    assert page_data(page)["sections"] == {"evaltest": {"n": 2}}
+    assert '.push(["evaltest", function (el, data, ss)' in page
+    assert page.index("sec-evaltest") < page.index("sec-tables")
+
+    @register_section("badtype")
+    def bad(run):
+        return 42
+
+    try:
+        with pytest.raises(SinkscopeError, match="must return"):
+            build_html(load_run(tiny_run))
+    finally:
+        unregister_section("badtype")
+
+
+def test_static_token_view_and_norms():
+    tokens = pd.DataFrame({"prompt_id": 0, "position": range(4), "token": ["<s>", "a", "b", "c"],
+                           "before": [0.7, 0.1, 0.1, 0.1], "after": [0.0, 1 / 3, 1 / 3, 1 / 3],
+                           "sink": [True, False, False, False]})
+    norms = pd.DataFrame({"layer": [0, 0, 1, 1], "position": [0, 1, 0, 1], "norm": [1.0, 1.0, 9.0, 1.2]})
+    data = page_data(build_html(Run(tables={"tokens": tokens, "norms": norms},
+                                    manifest={"command": "explain", "parameters": {"method": "zscore"}})))
+    assert data["grid"] is None
+    assert data["tokens"]["mode"] == "static" and data["tokens"]["prompts"][0]["sinks"] == [True, False, False, False]
+    chart = data["curves"]["charts"][0]
+    assert chart["id"] == "norms" and chart["series"][0]["y"] == [1.0, 9.0]
+
+
+@pytest.mark.slow
+def test_large_model_stays_small_and_fast():
+    """32 layers × 32 heads, a 2,000-token prompt: per-head rows in float16, a page of a few MB, built quickly."""
+    from sinkscope.report.synthetic import synthetic_run
+
+    run = synthetic_run(32, 32, 2000)
+    start = time.perf_counter()
+    page = build_html(run)
+    elapsed = time.perf_counter() - start
+    assert len(page.encode()) < 8_000_000
+    assert elapsed < 15
+    data = page_data(page)
+    view = data["tokens"]["prompts"][0]
+    assert view["layout"] == "head" and view["rows"]["enc"] == "f16" and view["rows"]["shape"] == [32, 32, 2000]
+    assert len(data["grid"]["views"][0]["values"]["sink_mass"]) == 1024
+    assert next(t for t in data["tables"] if t["name"] == "keys")["note"].startswith("top 500 of 2,048,000")
+    # a tighter budget falls back to per-layer means, then leaves the prompt out
+    small = page_data(build_html(run, limits=ReportLimits(max_token_values=100_000)))
+    assert small["tokens"]["prompts"][0]["layout"] == "layer"
+    none = page_data(build_html(run, limits=ReportLimits(max_token_values=10)))
+    assert none["tokens"]["mode"] == "none" and none["tokens"]["notes"]
+
+
+def test_section_modules_missing_ones_are_skipped(monkeypatch, tiny_run):
+    from sinkscope.report import sections
+
+    monkeypatch.setattr(sections, "SECTION_MODULES", ["sinkscope.no_such_analysis"])
+    assert "Layer × head grid" in build_html(load_run(tiny_run))
+    monkeypatch.setattr(sections, "SECTION_MODULES", ["sinkscope.report.no_such_module.inner"])
+    build_html(load_run(tiny_run))
+
+
+def test_many_prompts_cap_the_embedded_views():
+    from sinkscope.report.synthetic import synthetic_run
+
+    run = synthetic_run(2, 3, 40, n_prompts=20, norms=False)
+    data = page_data(build_html(run, limits=ReportLimits(max_grid_prompts=4, max_view_prompts=3)))
+    assert [v["label"] for v in data["grid"]["views"]] == ["mean over prompts"] + [f"prompt {i}" for i in range(4)]
+    assert [p["prompt_id"] for p in data["tokens"]["prompts"]] == [0, 1, 2]
+    assert data["grid"]["views"][0]["sinks"][0].startswith("'The'@0 in 20/20")  # layer 0, head 0, over all prompts
+
+
+def test_report_command(tiny_run, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from sinkscope.cli.report import report_command
+
+    app = typer.Typer()
+    app.command("report")(report_command)
+    app.command("other")(lambda: None)
+    result = CliRunner().invoke(app, ["report", str(tiny_run), "--out", str(tmp_path / "r.html")])
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.output and (tmp_path / "r.html").exists()
+    bad = CliRunner().invoke(app, ["report", str(tmp_path / "missing")])
+    assert isinstance(bad.exception, SinkscopeError)
+    bad = CliRunner().invoke(app, ["report", str(tiny_run), "--figures", "--format", "jpg"])
+    assert isinstance(bad.exception, SinkscopeError) and "png" in str(bad.exception)
+
+
+def test_curves_of_a_mechanisms_run():
+    """The mechanisms analysis' shapes: layers (layer, alpha0, sink_share, …), norms by site depth."""
+    layers = pd.DataFrame({"layer": [0, 1], "alpha0": [0.1, 0.8], "sink_share": [0.0, 1.0], "top_other_alpha": 0.05})
+    sites = [(-1, "embed", 0.0), (0, "attn", 0.5), (0, "block", 1.0), (1, "attn", 1.5), (1, "block", 2.0)]
+    rows = [{"prompt_id": 0, "layer": layer, "sublayer": sub, "depth": depth, "position": pos,
+             "norm": (10.0 * depth if pos == 0 else 1.0 + pos)} for layer, sub, depth in sites for pos in range(4)]
+    data = page_data(build_html(Run(tables={"layers": layers, "norms": pd.DataFrame(rows)}, manifest={})))
+    sinks, norms = data["curves"]["charts"]
+    assert [s["name"] for s in sinks["series"]] == ["share of heads with α₀ > ε", "α at position 0",
+                                                     "largest α at another position"]
+    assert norms["xlabel"] == "depth" and norms["series"][0]["x"] == [0.0, 0.5, 1.0, 1.5, 2.0]
+    assert norms["series"][1]["y"] == [3.0] * 5  # the median of 2, 3, 4

@@ -1,0 +1,254 @@
+"""sinkscope.toy.tinylm: tokenizer, attention variants, training runs, the emergence trace and the shipped model."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from sinkscope.errors import SinkscopeError
+from sinkscope.toy import tinylm
+from sinkscope.toy.tinylm import (
+    TRACE_COLUMNS,
+    VARIANTS,
+    BigramBackcopy,
+    TrainConfig,
+    attention_stats,
+    load_checkpoint,
+    softmax_off_by_one,
+    softmax_with_sink,
+    train,
+    train_tokenizer,
+)
+
+WORDS = [
+    "the", "cat", "dog", "sat", "on", "a", "mat", "and", "ran", "to", "see", "big", "red", "small", "house", "tree",
+    "river", "king", "queen", "said", "why", "how", "when", "what", "is", "was", "will", "be", "not", "very", "good",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One torch thread: the CI machines are small and shared, and more threads only contend."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A small jsonl corpus of random sentences (40 documents)."""
+    rng = random.Random(0)
+    path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
+    lines = []
+    for i in range(40):
+        sentences = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(4, 10))).capitalize() + "."
+                     for _ in range(8)]
+        lines.append(json.dumps({"id": i, "text": " ".join(sentences)}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def small_config(corpus: Path, out: Path, **kw) -> TrainConfig:
+    base = dict(data=str(corpus), out=str(out), steps=4, batch_size=4, seq_len=24, d_model=32, layers=2, heads=4,
+                vocab_size=300, eval_every=2, eval_batch=4, lr=1e-2, device="cpu")
+    return TrainConfig(**{**base, **kw})
+
+
+def test_tokenizer_adds_bos(corpus):
+    docs = tinylm.read_documents(corpus)
+    tok = train_tokenizer(docs, 300)
+    ids = tok("The cat sat.")["input_ids"]
+    assert ids[0] == tok.bos_token_id == tok.convert_tokens_to_ids("<s>")
+    assert tok.convert_ids_to_tokens(ids[1]) != "<s>"
+    assert tok.decode(ids[1:]) == "The cat sat."
+    words = tinylm.word_tokenizer(8)
+    assert words("t1 t2")["input_ids"] == [words.bos_token_id, 5, 6]
+
+
+def test_off_by_one_matches_hand_computation():
+    x = torch.tensor([[1.0, 2.0, -math.inf], [0.5, -1.0, 3.0]])
+    got = softmax_off_by_one(x)
+    e = x.exp()
+    want = e / (1 + e.sum(-1, keepdim=True))
+    torch.testing.assert_close(got, want)
+    assert bool((got.sum(-1) < 1).all())
+    assert float(got[0, 2]) == 0.0
+
+
+def test_sink_logit_matches_hand_computation():
+    scores = torch.tensor([[[[1.0, 0.0], [2.0, -1.0]], [[0.0, 0.0], [1.0, 1.0]]]])  # [1, 2 heads, 2, 2]
+    sink = torch.tensor([0.5, -2.0])
+    got = softmax_with_sink(scores, sink)
+    e = scores.exp()
+    want = e / (sink.exp().view(1, 2, 1, 1) + e.sum(-1, keepdim=True))
+    torch.testing.assert_close(got, want)
+    assert bool((got.sum(-1) < 1).all())
+
+
+def test_bigram_backcopy_copies_after_triggers():
+    task = BigramBackcopy.make(list(range(10, 30)), n_triggers=3, seed=1)
+    x = task.sample(16, 40, torch.Generator().manual_seed(0))
+    assert x.shape == (16, 40) and int(x.min()) >= 10 and int(x.max()) < 30
+    trig_ids = set(task.ids[task.trigger].tolist())
+    hits = 0
+    for row in x.tolist():
+        for t in range(2, 40):
+            if row[t - 1] in trig_ids:
+                assert row[t] == row[t - 2]
+                hits += 1
+    assert hits > 0
+
+
+@pytest.fixture(scope="module")
+def variant_runs(corpus, tmp_path_factory) -> dict[str, tinylm.TrainResult]:
+    root = tmp_path_factory.mktemp("runs")
+    return {v: train(small_config(corpus, root / v, variant=v)) for v in VARIANTS}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_training_trace_is_well_formed(variant_runs, variant):
+    result = variant_runs[variant]
+    assert result.completed and result.steps_done == 4
+    trace = tinylm.read_trace(result.out)
+    assert tuple(trace.columns) == TRACE_COLUMNS
+    assert sorted(trace["step"].unique()) == [0, 2, 4]
+    assert len(trace) == 3 * 2 * 4  # evaluations × layers × heads
+    numeric = trace.select_dtypes("number")
+    assert not numeric.isna().any().any()
+    assert bool(torch.isfinite(torch.tensor(numeric.to_numpy(dtype="float64"))).all())
+    assert trace["alpha0"].between(0, 1).all() and trace["share_03"].between(0, 1).all()
+    null = trace["null_mass"]
+    if variant in ("off_by_one", "sink_logit"):
+        assert (null > 0).all()  # rows sum to < 1
+    else:
+        assert null.abs().max() < 1e-5
+    run = tinylm.load_run(result.out)
+    assert run.manifest["command"] == "train-lm" and run.manifest["seed"] == 0
+    model, _ = load_checkpoint(result.out / "model")
+    assert tinylm.variant_of(model) == variant
+    if variant == "sink_logit":
+        assert all(hasattr(layer.self_attn, "sinks") for layer in model.model.layers)
+        assert any(float(layer.self_attn.sinks.detach().abs().sum()) > 0 for layer in model.model.layers)  # trained
+
+
+def test_reloaded_variant_gives_the_same_statistics(variant_runs):
+    result = variant_runs["sink_logit"]
+    model, tok = load_checkpoint(result.out / "model")
+    ids = tok(["the cat sat on a mat", "a dog ran"], padding=True, return_tensors="pt")
+    a = attention_stats(model, ids["input_ids"], ids["attention_mask"])
+    b = attention_stats(model, ids["input_ids"], ids["attention_mask"], batch_size=1)
+    torch.testing.assert_close(a.key_mass, b.key_mass, atol=1e-5, rtol=0)
+    rows = a.key_mass  # α of the last query of a row is one value; check α sums via null mass
+    assert bool((a.null_mass > 0).all()) and rows.shape[:3] == (2, 2, 4)
+
+
+def test_gate_stays_on_under_sinkscope_capture(variant_runs):
+    from sinkscope.capture import CaptureConfig, run_capture
+    from sinkscope.models import load_model
+
+    model, tok = load_checkpoint(variant_runs["gated"].out / "model")
+    ids = tok("the king said why", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        plain = model(input_ids=ids).logits
+    lm = load_model(model, tokenizer=tok)
+    trace = run_capture(lm, ["the king said why"], CaptureConfig(rows=None, entropy=False))
+    ours = attention_stats(model, ids)
+    torch.testing.assert_close(trace.key_mass, ours.key_mass, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, plain)
+
+
+def test_resume_after_interruption_is_deterministic(corpus, tmp_path):
+    cfg = small_config(corpus, tmp_path / "full", steps=6, eval_every=2)
+    full = train(cfg)
+    part_cfg = replace(cfg, out=str(tmp_path / "part"))
+    first = train(part_cfg, stop_after=3)  # "killed" after the step-4 checkpoint
+    assert not first.completed and first.steps_done == 4
+    with pytest.raises(SinkscopeError, match="--resume"):
+        train(part_cfg)
+    second = train(part_cfg, resume=True)
+    assert second.completed
+    a, _ = load_checkpoint(full.out / "model")
+    b, _ = load_checkpoint(second.out / "model")
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
+    ta = tinylm.read_trace(full.out).drop(columns="time_s")
+    tb = tinylm.read_trace(second.out).drop(columns="time_s")
+    pd.testing.assert_frame_equal(ta, tb, atol=1e-6, rtol=0)
+
+
+def test_alpha0_equals_sinkscope_capture(variant_runs):
+    from sinkscope.capture import CaptureConfig, run_capture
+    from sinkscope.models import load_model
+
+    lm = load_model(str(variant_runs["softmax"].out / "model"))
+    with torch.no_grad():  # sharpen attention so the comparison is not between near-uniform maps
+        for layer in lm.model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(8.0)
+    prompts = ["The king said why the river ran.", "A small dog.", "How old is the red house by the tree?"]
+    trace = run_capture(lm, prompts, CaptureConfig(rows=None, entropy=False), batch_size=2)
+    enc = lm.tokenizer(prompts, padding=True, return_tensors="pt")
+    ours = attention_stats(lm.model, enc["input_ids"], enc["attention_mask"])
+    assert trace.key_mass.shape == ours.key_mass.shape
+    torch.testing.assert_close(ours.key_mass, trace.key_mass, atol=1e-5, rtol=0)
+    assert float(trace.key_mass[..., 0].std()) > 0.01
+
+
+def test_bad_input_is_a_one_line_error(tmp_path, corpus):
+    from sinkscope.cli.train import plot_trace, train_lm
+
+    with pytest.raises(SinkscopeError, match="does not exist"):
+        train_lm(data=tmp_path / "missing.txt", out=tmp_path / "r")
+    with pytest.raises(SinkscopeError, match="unknown attention variant 'sofmax'"):
+        train_lm(data=corpus, variant="sofmax", out=tmp_path / "r")
+    with pytest.raises(SinkscopeError, match="unknown synthetic task"):
+        train_lm(synthetic="nope", out=tmp_path / "r")
+    with pytest.raises(SinkscopeError, match="nothing to train on"):
+        train_lm(out=tmp_path / "r")
+    with pytest.raises(SinkscopeError, match="train-lm"):
+        plot_trace(run=tmp_path)
+    (tmp_path / "empty.jsonl").write_text('{"label": 1}\n')
+    with pytest.raises(SinkscopeError, match="no usable text"):
+        train(TrainConfig(data=str(tmp_path / "empty.jsonl"), out=str(tmp_path / "r2"), steps=1))
+
+
+def test_synthetic_only_run_and_plot(tmp_path):
+    pytest.importorskip("matplotlib")
+    from sinkscope.cli.train import plot_trace
+
+    result = train(TrainConfig(synthetic="bigram_backcopy", out=str(tmp_path / "bb"), steps=2, batch_size=4,
+                               seq_len=16, d_model=32, layers=2, heads=2, eval_every=1, eval_batch=2, device="cpu"))
+    assert result.completed
+    plot_trace(run=result.out)
+    png = result.out / "trace.png"
+    assert png.exists() and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_shipped_tiny_model_matches_its_card():
+    folder = tinylm.tiny_dir()
+    size = sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+    assert size <= 15 * 2**20
+    lm = tinylm.load_tiny()
+    assert lm.info.adds_bos and lm.info.bos_token == "<s>" and lm.info.model_type == "llama"
+    card = tinylm.tiny_sinks()
+    ids = torch.tensor(card["eval_input_ids"])
+    assert bool((ids[:, 0] == lm.tokenizer.bos_token_id).all())
+    stats = attention_stats(lm.model, ids)
+    torch.testing.assert_close(stats.alpha0(), torch.tensor(card["alpha0"]), atol=2e-3, rtol=0)
+    assert abs(stats.loss - card["eval_loss"]) < 2e-3
+    for row, share in zip(card["layers"], stats.sink_share(0.3).tolist(), strict=True):
+        assert abs(row["share_03"] - share) < 1e-6 or _near_threshold(stats, row["layer"])
+    readme = (folder / "README.md").read_text()
+    assert f"{card['eval_loss']:.3f}" in readme
+
+
+def _near_threshold(stats, layer: int) -> bool:
+    return bool(((stats.alpha0()[layer] - 0.3).abs() < 2e-3).any())
