@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from sinkscope.errors import SinkscopeError
+from sinkscope.store import load_run
 from sinkscope.toy import tinylm
 from sinkscope.toy.tinylm import (
     TRACE_COLUMNS,
@@ -130,7 +131,7 @@ def test_training_trace_is_well_formed(variant_runs, variant):
         assert (null > 0).all()  # rows sum to < 1
     else:
         assert null.abs().max() < 1e-5
-    run = tinylm.load_run(result.out)
+    run = load_run(result.out)
     assert run.manifest["command"] == "train-lm" and run.manifest["seed"] == 0
     model, _ = load_checkpoint(result.out / "model")
     assert tinylm.variant_of(model) == variant

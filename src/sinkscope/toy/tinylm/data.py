@@ -1,0 +1,286 @@
+"""Training data of a tiny LM: corpus files, the tokenizer, token streams, the synthetic Bigram-Backcopy task, and
+the batches of each step (a pure function of (seed, step), so a resumed run sees the same batches)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers import PreTrainedTokenizerFast
+
+from sinkscope.errors import SinkscopeError
+
+if TYPE_CHECKING:
+    from sinkscope.toy.tinylm.model import TrainConfig
+
+BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
+TEXT_SUFFIXES = (".txt", ".jsonl")
+
+
+def corpus_files(path: str | Path) -> list[Path]:
+    """The text files of `--data`: a .txt/.jsonl file, or a folder: its own .txt/.jsonl files plus, from each
+    subfolder, `test.jsonl` if present, else its .txt files (so `/work/shared/data` gives every `*/test.jsonl`,
+    tiny_shakespeare included, and never the `orig/` copies)."""
+    p = Path(path)
+    if not p.exists():
+        raise SinkscopeError(f"--data {p} does not exist: pass a .txt or .jsonl file or a folder of them")
+    if p.is_file():
+        if p.suffix not in TEXT_SUFFIXES:
+            raise SinkscopeError(f"--data {p} is not a .txt or .jsonl file")
+        return [p]
+    files = sorted(f for f in p.iterdir() if f.is_file() and f.suffix in TEXT_SUFFIXES)
+    for sub in sorted(d for d in p.iterdir() if d.is_dir()):
+        files += [sub / "test.jsonl"] if (sub / "test.jsonl").is_file() else sorted(sub.glob("*.txt"))
+    if not files:
+        raise SinkscopeError(f"--data {p} holds no .txt or .jsonl files (nor */test.jsonl)")
+    return files
+
+
+def read_documents(path: Path) -> list[str]:
+    """A .txt file is one document; a .jsonl file gives the string `text` field of each row (others skipped)."""
+    if path.suffix == ".txt":
+        text = path.read_text(encoding="utf-8", errors="replace")
+        return [text] if text.strip() else []
+    docs = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("text"), str) and row["text"].strip():
+            docs.append(row["text"])
+    return docs
+
+
+def split_documents(docs: list[str], every: int = 20) -> tuple[list[str], list[str]]:
+    """(train, held-out): every `every`-th document (index ≡ every/2) is held out; with fewer documents, the last
+    1/every of each document's characters is."""
+    if len(docs) >= every:
+        return ([d for i, d in enumerate(docs) if i % every != every // 2],
+                [d for i, d in enumerate(docs) if i % every == every // 2])
+    cut = [len(d) - len(d) // every for d in docs]
+    return [d[:c] for d, c in zip(docs, cut, strict=True)], [d[c:] for d, c in zip(docs, cut, strict=True) if d[c:]]
+
+
+def load_corpus(path: str | Path) -> tuple[list[str], list[str], list[dict[str, Any]]]:
+    """Read every corpus file and split it. Returns (train docs, held-out docs, per-file source records)."""
+    train_docs: list[str] = []
+    held: list[str] = []
+    sources = []
+    for f in corpus_files(path):
+        docs = read_documents(f)
+        if not docs:
+            continue
+        tr, he = split_documents(docs)
+        train_docs += tr
+        held += he
+        sources.append({"file": str(f), "documents": len(docs), "chars": sum(map(len, docs))})
+    if not train_docs or not held:
+        raise SinkscopeError(f"--data {path} has no usable text (jsonl rows need a non-empty 'text' field)")
+    return train_docs, held, sources
+
+
+def _wrap_tokenizer(core: Any) -> PreTrainedTokenizerFast:
+    from tokenizers import processors
+
+    bos = core.token_to_id(BOS)
+    core.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A $B:1",
+                                                        special_tokens=[(BOS, bos)])
+    unk = UNK if core.token_to_id(UNK) is not None else None
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   unk_token=unk, padding_side="right")
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (GPT-2 style, `tokenizers` BpeTrainer) whose encodings start with `<s>`.
+
+    Specials: `<s>` (BOS, id 0), `</s>` (EOS, 1), `<pad>` (2); then the 256 byte symbols, then merges.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    if vocab_size < 300:
+        raise SinkscopeError(f"vocab size {vocab_size} is too small for byte-level BPE: use at least 300")
+    core = Tokenizer(models.BPE())
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    core.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BOS, EOS, PAD], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), min_frequency=2)
+    core.train_from_iterator(texts, trainer=trainer)
+    return _wrap_tokenizer(core)
+
+
+def word_tokenizer(n_symbols: int) -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer for synthetic data: `<s> </s> <pad> <unk>` then symbols t0 … t{n−1}."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {tok: i for i, tok in enumerate((BOS, EOS, PAD, UNK))}
+    vocab.update({f"t{i}": 4 + i for i in range(n_symbols)})
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return _wrap_tokenizer(core)
+
+
+def encode_stream(tokenizer: PreTrainedTokenizerFast, docs: Sequence[str]) -> torch.Tensor:
+    """All documents as one token stream, each followed by `</s>`, no BOS. Returns [T] int64."""
+    eos = tokenizer.eos_token_id
+    out: list[int] = []
+    for enc in tokenizer.backend_tokenizer.encode_batch(list(docs), add_special_tokens=False):
+        out.extend(enc.ids)
+        out.append(eos)
+    return torch.tensor(out, dtype=torch.long)
+
+
+@dataclass
+class BigramBackcopy:
+    """The Bigram-Backcopy task (Guo et al. 2024, "Active-Dormant Attention Heads", §2): tokens follow a sparse
+    random bigram chain, except that after a trigger token the next token copies the token before the trigger.
+    Heads that implement the copy are only needed after triggers and learn to park their attention on BOS
+    (a dormant head = an attention sink) everywhere else.
+
+    ids: [V] token ids of the alphabet; succ: [V, k] successor indices; cdf: [V, k]; trigger: [V] bool.
+    """
+
+    ids: torch.Tensor
+    succ: torch.Tensor
+    cdf: torch.Tensor
+    trigger: torch.Tensor
+
+    @classmethod
+    def make(cls, ids: Sequence[int], n_triggers: int = 3, branching: int = 8, seed: int = 0,
+             trigger_ids: Sequence[int] = ()) -> BigramBackcopy:
+        """A fixed random instance over the token ids `ids` (the same `seed` gives the same chain).
+
+        Triggers: `trigger_ids` if given (added to the alphabet), else `n_triggers` random members of `ids`.
+        """
+        gen = torch.Generator().manual_seed(seed)
+        alphabet = list(ids) + list(trigger_ids)
+        v = len(alphabet)
+        succ = torch.stack([torch.randperm(v, generator=gen)[:branching] for _ in range(v)])
+        w = -torch.log(torch.rand(v, branching, generator=gen).clamp(min=1e-9))  # Dirichlet(1) rows
+        cdf = (w / w.sum(-1, keepdim=True)).cumsum(-1)
+        trigger = torch.zeros(v, dtype=torch.bool)
+        if trigger_ids:
+            trigger[len(ids):] = True
+        else:
+            trigger[torch.randperm(v, generator=gen)[:n_triggers]] = True
+        return cls(torch.tensor(alphabet, dtype=torch.long), succ, cdf, trigger)
+
+    def sample(self, n: int, length: int, gen: torch.Generator) -> torch.Tensor:
+        """n sequences of `length` tokens (no BOS). Returns [n, length] token ids."""
+        x = torch.empty(n, length, dtype=torch.long)
+        starts = (~self.trigger).nonzero().squeeze(1)
+        x[:, 0] = starts[torch.randint(len(starts), (n,), generator=gen)]
+        for t in range(1, length):
+            prev = x[:, t - 1]
+            u = torch.rand(n, generator=gen)
+            j = (self.cdf[prev] < u[:, None]).sum(-1).clamp(max=self.succ.shape[1] - 1)
+            nxt = self.succ[prev, j]
+            if t >= 2:
+                nxt = torch.where(self.trigger[prev], x[:, t - 2], nxt)
+            x[:, t] = nxt
+        return self.ids[x]
+
+
+SYNTHETIC: dict[str, str] = {
+    "bigram_backcopy": "Bigram-Backcopy (Guo et al. 2024): sparse bigram chain; after a trigger, copy the token "
+                       "before it. Alone: 64 symbols t0..t63, `synthetic_triggers` of them triggers. Mixed with "
+                       "--data: the 64 most frequent text tokens plus `synthetic_triggers` dedicated trigger "
+                       "tokens <bb0>, <bb1>, … added to the tokenizer (they never occur in text, so on text the "
+                       "copying heads stay dormant).",
+}
+
+
+def check_synthetic(name: str | None) -> str | None:
+    if name is not None and name not in SYNTHETIC:
+        raise SinkscopeError(f"unknown synthetic task '{name}': use one of {', '.join(SYNTHETIC)}")
+    return name
+
+
+
+@dataclass
+class Data:
+    """Token sources of a run: train/held-out streams and/or the synthetic task."""
+
+    tokenizer: PreTrainedTokenizerFast
+    train: torch.Tensor | None  # [T] int64
+    heldout: torch.Tensor | None  # [T'] int64
+    synthetic: BigramBackcopy | None
+    sources: list[dict[str, Any]]
+    pool: torch.Tensor | None = None  # [S, seq_len − 1] pre-sampled synthetic sequences (int32)
+
+
+def prepare_data(cfg: TrainConfig, tokenizer_dir: Path, with_pool: bool = True) -> Data:
+    """Read/split the corpus, train (or reload) the tokenizer, encode the streams, build the synthetic task (and,
+    with_pool, draw its pool of training sequences)."""
+    train_docs = held = None
+    sources: list[dict[str, Any]] = []
+    if cfg.data is not None:
+        train_docs, held, sources = load_corpus(cfg.data)
+    triggers = [f"<bb{i}>" for i in range(cfg.synthetic_triggers)] if cfg.synthetic and train_docs else []
+    if (tokenizer_dir / "tokenizer.json").exists():
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(tokenizer_dir)
+    else:
+        tokenizer = train_tokenizer(train_docs, cfg.vocab_size) if train_docs else word_tokenizer(64)
+        if triggers:
+            tokenizer.add_special_tokens({"additional_special_tokens": triggers})
+        tokenizer.save_pretrained(tokenizer_dir)
+    train_ids = encode_stream(tokenizer, train_docs) if train_docs else None
+    held_ids = encode_stream(tokenizer, held) if held else None
+    for stream, name in ((train_ids, "training"), (held_ids, "held-out")):
+        if stream is not None and len(stream) < cfg.seq_len:
+            raise SinkscopeError(f"the {name} text has {len(stream)} tokens, fewer than --seq-len {cfg.seq_len}; "
+                                 "give more text or a shorter --seq-len")
+    task = None
+    if cfg.synthetic is not None:
+        if train_ids is None:
+            alphabet = [tokenizer.convert_tokens_to_ids(f"t{i}") for i in range(64)]
+            task = BigramBackcopy.make(alphabet, n_triggers=cfg.synthetic_triggers, seed=0)
+        else:
+            specials = set(tokenizer.all_special_ids)
+            counts = torch.bincount(train_ids, minlength=len(tokenizer))
+            alphabet = [int(i) for i in counts.argsort(descending=True, stable=True) if int(i) not in specials][:64]
+            task = BigramBackcopy.make(alphabet, seed=0, trigger_ids=tokenizer.convert_tokens_to_ids(triggers))
+    pool = None
+    if task is not None and with_pool:  # sampling is sequential in the position: draw many sequences up front
+        pool = task.sample(cfg.synthetic_pool, cfg.seq_len - 1, torch.Generator().manual_seed(cfg.seed + 1))
+        pool = pool.to(torch.int32)
+    return Data(tokenizer=tokenizer, train=train_ids, heldout=held_ids, synthetic=task, sources=sources, pool=pool)
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def make_batch(cfg: TrainConfig, data: Data, step: int) -> torch.Tensor:
+    """The training batch of `step`, a pure function of (seed, step): [B, seq_len], column 0 = BOS."""
+    gen = _step_generator(cfg.seed, step)
+    bos = data.tokenizer.bos_token_id
+    n = cfg.seq_len - 1
+    n_syn = 0 if data.synthetic is None else (
+        cfg.batch_size if data.train is None else round(cfg.synthetic_frac * cfg.batch_size))
+    rows = []
+    if cfg.batch_size - n_syn > 0:
+        starts = torch.randint(0, len(data.train) - n + 1, (cfg.batch_size - n_syn,), generator=gen)
+        rows.append(data.train[starts[:, None] + torch.arange(n)])
+    if n_syn:
+        rows.append(data.pool[torch.randint(0, len(data.pool), (n_syn,), generator=gen)].long())
+    body = torch.cat(rows)
+    return torch.cat([torch.full((cfg.batch_size, 1), bos, dtype=torch.long), body], dim=1)
+
+
+def eval_batch(cfg: TrainConfig, data: Data) -> torch.Tensor:
+    """The fixed held-out batch (same for every seed): evenly spaced windows of the held-out text, or synthetic
+    sequences from a fixed generator when there is no text. Returns [eval_batch, seq_len], column 0 = BOS."""
+    n = cfg.seq_len - 1
+    bos = data.tokenizer.bos_token_id
+    if data.heldout is not None:
+        starts = torch.linspace(0, len(data.heldout) - n, cfg.eval_batch).long().tolist()
+        body = torch.stack([data.heldout[s : s + n] for s in starts])
+    else:
+        body = data.synthetic.sample(cfg.eval_batch, n, torch.Generator().manual_seed(12345))
+    return torch.cat([torch.full((body.shape[0], 1), bos, dtype=torch.long), body], dim=1)
+
