@@ -306,3 +306,70 @@ def test_continuation_with_a_cache_prefix_matches_eager():
             for record, att in zip(session.records, full.attentions, strict=True):
                 torch.testing.assert_close(record.maps, att[:, :, split:], atol=TOL, rtol=0)
                 torch.testing.assert_close(record.key_mass_sum, att[:, :, split:].sum(-2), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_read_columns_equal_eager(loaded, padding_side):
+    """Attention columns — fixed positions and each head's candidate sinks (α > floor) — equal the eager maps'
+    columns, computed without a [query, key] matrix."""
+    ref, offsets, lengths = _eager_reference(loaded, PROMPTS, padding_side)
+    fixed = run_capture(loaded, PROMPTS, CaptureConfig(columns=[0, -1], chunk_size=4), padding_side=padding_side)
+    sinks = run_capture(loaded, PROMPTS, CaptureConfig(sink_columns=0.15, chunk_size=4), padding_side=padding_side)
+    for p in range(len(PROMPTS)):
+        o, n = int(offsets[p]), int(lengths[p])
+        sl = slice(o, o + n)
+        for layer, r in enumerate(ref):
+            maps = r["maps"][p, :, sl, sl]  # [h, n, n]
+            torch.testing.assert_close(fixed.columns[p, layer, :, :n, 0], maps[..., 0], atol=TOL, rtol=0)
+            torch.testing.assert_close(fixed.columns[p, layer, :, :n, 1], maps[..., n - 1], atol=TOL, rtol=0)
+            assert fixed.column_index[p, layer, :, 1].tolist() == [n - 1] * loaded.info.n_heads
+            alpha = r["key_mass"][p, :, sl]  # [h, n]
+            index = sinks.column_index[p, layer]  # [h, K]
+            for head in range(loaded.info.n_heads):
+                expected = sorted(torch.nonzero(alpha[head] > 0.15).flatten().tolist())
+                got = index[head][index[head] >= 0]
+                assert sorted(got.tolist()) == expected
+                for slot, key in enumerate(got.tolist()):
+                    torch.testing.assert_close(sinks.columns[p, layer, head, :n, slot], maps[head, :, key],
+                                               atol=TOL, rtol=0)
+            assert float(sinks.columns[p, layer, :, n:].abs().sum()) == 0.0
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_hidden_sites_and_logprobs_equal_the_model(loaded, padding_side):
+    """Residual-stream sites (embeddings and block outputs) equal output_hidden_states, and the last-token
+    log-probabilities equal the model's own, in prompt coordinates."""
+    tok = loaded.tokenizer
+    tok.padding_side = padding_side
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    mask = enc["attention_mask"]
+    with torch.no_grad():
+        out = loaded.model(**enc, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), output_hidden_states=True)
+    causal = hasattr(out, "logits")
+    config = CaptureConfig(hidden=("embed", "block"), logprobs=causal, fused=False)
+    trace = run_capture(loaded, PROMPTS, config, padding_side=padding_side)
+    assert [s.sublayer for s in trace.sites] == ["embed"] + ["block"] * loaded.info.n_layers
+    offsets = (mask.cumsum(-1) == 0).sum(-1)
+    for p in range(len(PROMPTS)):
+        o, n = int(offsets[p]), int(mask[p].sum())
+        for s in range(loaded.info.n_layers):  # hidden_states[l] enters block l; the last one is after the final norm
+            torch.testing.assert_close(trace.hidden[p, s, :n], out.hidden_states[s][p, o:o + n].float(),
+                                       atol=1e-5, rtol=0)
+        assert float(trace.hidden[p, :, n:].abs().sum()) == 0.0
+        if causal:
+            expected = torch.log_softmax(out.logits[p, o + n - 1].float(), -1)
+            torch.testing.assert_close(trace.logprobs[p], expected, atol=1e-5, rtol=0)
+    if not causal:
+        with pytest.raises(SinkscopeError, match="no language-model head"):
+            run_capture(loaded, PROMPTS[:1], CaptureConfig(logprobs=True))
+
+
+def test_token_ids_and_a_single_string(loaded):
+    """run_capture takes one text (one prompt), texts, or token-id sequences; ids give the same trace as text."""
+    one = run_capture(loaded, PROMPTS[1])
+    assert one.n_prompts == 1 and one.prompts == [PROMPTS[1]]
+    ids = [loaded.tokenizer(p)["input_ids"] for p in PROMPTS]
+    by_ids = run_capture(loaded, ids, texts=PROMPTS)
+    by_text = run_capture(loaded, PROMPTS)
+    assert by_ids.input_ids == by_text.input_ids and by_ids.prompts == PROMPTS
+    torch.testing.assert_close(by_ids.key_mass, by_text.key_mass, atol=TOL, rtol=0)

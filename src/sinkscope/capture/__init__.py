@@ -20,6 +20,7 @@ from sinkscope.capture.attention import (
     use_sinkscope_attention,
 )
 from sinkscope.capture.intervene import (
+    AblateHeads,
     Calibrate,
     Intervention,
     MaskKeys,
@@ -32,6 +33,7 @@ from sinkscope.capture.trace import Trace, run_capture, validate_prompts
 
 __all__ = [
     "ATTN_NAME",
+    "AblateHeads",
     "Calibrate",
     "CaptureConfig",
     "Intervention",

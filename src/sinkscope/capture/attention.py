@@ -51,6 +51,13 @@ class CaptureConfig:
     maps: full [query, key] maps — only for prompts up to `max_map_tokens` tokens.
     head_outputs: per-head outputs o_i = Σ_j A_ij v_j (before the output projection).
     values: per-KV-head value vectors v_j.
+    columns: key positions (prompt coordinates; negative counts from the end of each prompt) whose attention columns
+        A[:, k] are kept for every query — e.g. [0] for the attention each query pays to the first token.
+    sink_columns: a floor ε: per head, keep the columns of the keys whose column mass α_k exceeds ε (the candidate
+        sinks, for the tag decomposition). `columns` and `sink_columns` are computed from the chunks' row maxima and
+        normalisers after the key mass is known — never as a [query, key] matrix — and exclude each other.
+    hidden: residual-stream sites to record ("embed", "attn", "block"; see `sinkscope.capture.hidden`), or None.
+    logprobs: keep log p(next token) at each prompt's last real token (a causal LM head is needed).
     chunk_size: queries per chunk in the recomputation (None: adaptive, see `chunk_size_for`).
     fused: compute the layer output A·V from the same float32 chunks as the statistics (the default: one attention
         computation per layer); outputs then equal SDPA's up to float32 rounding (≈1e-6), not bit for bit. False:
@@ -64,6 +71,10 @@ class CaptureConfig:
     max_map_tokens: int = 512
     head_outputs: bool = False
     values: bool = False
+    columns: Sequence[int] | None = None
+    sink_columns: float | None = None
+    hidden: Sequence[str] | None = None
+    logprobs: bool = False
     chunk_size: int | None = None
     fused: bool = True
 
@@ -72,6 +83,14 @@ class CaptureConfig:
             raise SinkscopeError(f"rows must be 'last', a list of positions or None, not '{self.rows}'")
         if self.chunk_size is not None and self.chunk_size < 1:
             raise SinkscopeError("chunk_size must be a positive number of queries")
+        if self.columns is not None and self.sink_columns is not None:
+            raise SinkscopeError("ask for fixed `columns` or for `sink_columns`, not both")
+        if self.sink_columns is not None and not 0 < self.sink_columns < 1:
+            raise SinkscopeError(f"the sink-column floor must be in (0, 1), got {self.sink_columns}")
+        if self.hidden is not None:
+            unknown = set(self.hidden) - {"embed", "attn", "block"}
+            if unknown:
+                raise SinkscopeError(f"unknown hidden-state sites {sorted(unknown)}: use embed, attn, block")
 
 
 @dataclass
@@ -86,6 +105,8 @@ class LayerRecord:
     maps: torch.Tensor | None  # [batch, head, query, key]
     head_outputs: torch.Tensor | None  # [batch, head, query, d_v]
     values: torch.Tensor | None  # [batch, kv_head, key, d_v]
+    column_index: torch.Tensor | None = None  # [batch, head, K] key of each kept column (padded coordinates, −1: none)
+    columns: torch.Tensor | None = None  # [batch, head, query, K]  A_ik for the kept keys k
 
 
 @dataclass
@@ -93,6 +114,7 @@ class _Session:
     config: CaptureConfig
     query_valid: torch.Tensor  # [batch, n] bool, padded positions False
     row_positions: torch.Tensor | None  # [batch, sel] long, in padded coordinates
+    column_positions: torch.Tensor | None = None  # [batch, C] long, in padded coordinates
     records: list[LayerRecord] = field(default_factory=list)
     workspace: _Workspace = field(default_factory=lambda: _Workspace())
 
@@ -145,6 +167,9 @@ def sinkscope_attention(
     softcap, s_aux = kwargs.get("softcap"), kwargs.get("s_aux")
     layer = getattr(module, "layer_idx", None)
     hooks = [hook for hook in _HOOKS.get() if hook.applies(layer)]
+    head_scale = _head_scale(hooks, layer, query.shape[1], query.device)
+    if head_scale is not None:  # per-head scaling (ablation) rides the chunked path: no [q, k] matrix
+        hooks = []
     session = _ACTIVE.get()
     probs = None
     if hooks:
@@ -155,16 +180,34 @@ def sinkscope_attention(
         output = _weighted_values(probs, value).to(query.dtype)
     elif session is not None and session.config.fused:
         record, fused = _statistics(session, query, key, value, attention_mask, is_causal, scaling, softcap, s_aux,
-                                    position_bias, want_output=True)
+                                    position_bias, want_output=True, head_scale=head_scale)
         session.records.append(record)
         return fused.to(query.dtype), None
     else:
         output = _native_output(module, query, key, value, attention_mask, is_causal, scaling, dropout, kwargs)
+        if head_scale is not None:
+            output = output * head_scale.to(output.dtype)[None, None, :, None]
     if session is not None:
         record, _ = _statistics(session, query, key, value, attention_mask, is_causal, scaling, softcap, s_aux,
-                                position_bias, probs)
+                                position_bias, probs, head_scale=head_scale)
         session.records.append(record)
     return output, None
+
+
+def _head_scale(hooks: Sequence[ProbsHook], layer: int | None, n_heads: int, device: torch.device
+                ) -> torch.Tensor | None:
+    """[h] product of the hooks' per-head factors when every active hook only scales whole heads (A_h ← c_h·A_h,
+    e.g. head ablation), else None (the hooks need the probabilities)."""
+    if not hooks:
+        return None
+    scale = torch.ones(n_heads, device=device)
+    for hook in hooks:
+        factor = getattr(hook, "head_scale", None)
+        got = factor(layer, n_heads) if callable(factor) else None
+        if got is None:
+            return None
+        scale = scale * got.to(device)
+    return scale
 
 
 def attention_probs(
@@ -339,12 +382,13 @@ def _chunk_probs(
     s_aux: torch.Tensor | None,  # [h]
     want_entropy: bool,
     workspace: _Workspace,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Unnormalised attention e = exp(s − max) of a chunk and its row normaliser, in float32.
 
-    Returns (e [b, h, c, kend], rz [b, h, c, 1] = 1/Z (0 for rows that see no key), entropy [b, h, c] or None,
-    sink share [b, h, c] or None). A = e · rz; with learned sink logits Z includes the sink's exp, so rows sum to
-    1 − sink share. The entropy uses H = log Z · Σ_j A_j − rz · Σ_j e_j (s_j − max) — no log of the n×c matrix."""
+    Returns (e [b, h, c, kend], rz [b, h, c, 1] = 1/Z (0 for rows that see no key), max [b, h, c, 1], entropy
+    [b, h, c] or None, sink share [b, h, c] or None). A = e · rz; with learned sink logits Z includes the sink's exp,
+    so rows sum to 1 − sink share. The entropy uses H = log Z · Σ_j A_j − rz · Σ_j e_j (s_j − max) — no log of the
+    n×c matrix."""
     b, h, c, d = query.shape
     kvh, kend = key.shape[1], key.shape[2]
     g = h // kvh
@@ -379,7 +423,7 @@ def _chunk_probs(
             entropy = (torch.log(z) * row_sum - rz * et).squeeze(-1)
         if sink_e is not None:
             share = ((1.0 - row_sum) * sees).squeeze(-1)
-    return e, rz, entropy, share
+    return e, rz, m, entropy, share
 
 
 def _statistics(
@@ -395,6 +439,7 @@ def _statistics(
     position_bias: torch.Tensor | None = None,  # [b|1, h, q, k]
     probs_full: torch.Tensor | None = None,  # [b, h, q, k] when an intervention already computed (and changed) them
     want_output: bool = False,
+    head_scale: torch.Tensor | None = None,  # [h] per-head factor on the probabilities (head ablation)
 ) -> tuple[LayerRecord, torch.Tensor | None]:
     """Recompute the attention chunk by chunk in float32 and reduce it to the requested statistics; with
     `want_output`, also the layer's attention output A·V [b, q, h, dv] (float32) from the same chunks.
@@ -422,6 +467,10 @@ def _statistics(
     outs = torch.zeros(b, h, nq, value.shape[-1], device=dev) if cfg.head_outputs else None
     layer_out = torch.zeros(b, nq, h, value.shape[-1], device=dev) if want_output else None
     need_av = outs is not None or layer_out is not None
+    want_columns = cfg.columns is not None or cfg.sink_columns is not None
+    row_max = torch.zeros(b, h, nq, device=dev) if want_columns else None  # per query: max score and 1/Z, so any
+    row_rz = torch.zeros(b, h, nq, device=dev) if want_columns else None  # A_ik is exp(s_ik − max)/Z afterwards
+    scale = head_scale.view(1, h, 1, 1).to(dev) if head_scale is not None else None
 
     step = chunk_size_for(b, h, nk, dev, cfg.chunk_size)
     for c0 in range(0, nq, step):
@@ -431,6 +480,7 @@ def _statistics(
         if probs_full is not None:
             e = probs_full[:, :, c0:c1, :kend].contiguous()
             rz = torch.ones(b, h, c, 1, device=dev)
+            m = None
             if entropy is not None:
                 entropy[:, :, c0:c1] = -torch.special.xlogy(e, e).sum(-1)
             if sink_share is not None:
@@ -441,13 +491,18 @@ def _statistics(
                 bias = pb if bias is None else bias + pb
                 if mask is None and is_causal and nq > 1:
                     bias = bias.masked_fill(~visible[:, None], _NEG)
-            e, rz, ent, share = _chunk_probs(query[:, :, c0:c1], key[:, :, :kend], bias, visible,
-                                             mask is None and is_causal, scaling, softcap, s_aux, entropy is not None,
-                                             session.workspace)
+            e, rz, m, ent, share = _chunk_probs(query[:, :, c0:c1], key[:, :, :kend], bias, visible,
+                                                mask is None and is_causal, scaling, softcap, s_aux,
+                                                entropy is not None, session.workspace)
             if entropy is not None:
                 entropy[:, :, c0:c1] = ent
             if sink_share is not None:
                 sink_share[:, :, c0:c1] = share
+        if scale is not None:
+            rz = rz * scale
+        if row_max is not None and row_rz is not None:
+            row_rz[:, :, c0:c1] = rz[..., 0]
+            row_max[:, :, c0:c1] = m[..., 0] if m is not None else 0.0
         weight = rz if all_valid else rz * qvalid[:, None, c0:c1, None]  # [b, h, c, 1]
         key_mass_sum[..., :kend] += weight.transpose(-1, -2) @ e
         key_count[..., :kend] += qvalid[:, None, c0:c1].float() @ visible.float()
@@ -462,6 +517,17 @@ def _statistics(
             maps[:, :, c0:c1, :kend] = e * rz
         if rows is not None:
             _gather_rows(rows, e, rz, sel, c0, c1, kend)
+    column_index = columns = None
+    if want_columns:
+        if cfg.sink_columns is not None:
+            alpha = key_mass_sum[:, :, 0] / key_count.clamp(min=1)  # [b, h, k]
+            column_index = _sink_candidates(alpha, key_count[:, 0] > 0, cfg.sink_columns)
+        else:
+            at = session.column_positions.to(dev) - (session.query_valid.shape[1] - nk)  # [b, C]
+            column_index = at[:, None, :].expand(b, h, at.shape[1]).clone()
+        source = probs_full if probs_full is not None else None
+        columns = _columns_at(query, key, column_index, row_max, row_rz, mask, is_causal, scaling, softcap,
+                              position_bias, source) * qvalid[:, None, :, None]
     record = LayerRecord(
         key_mass_sum=key_mass_sum[:, :, 0],
         key_count=key_count[:, 0],
@@ -471,8 +537,68 @@ def _statistics(
         maps=maps,
         head_outputs=outs,
         values=value.float().clone() if cfg.values else None,
+        column_index=column_index,
+        columns=columns,
     )
     return record, layer_out
+
+
+def _sink_candidates(alpha: torch.Tensor, real: torch.Tensor, floor: float) -> torch.Tensor:
+    """Per head, the keys whose column mass exceeds `floor`, largest first. alpha [b, h, k], real [b, k] (keys some
+    query sees) → index [b, h, K] with −1 where a head has fewer than K candidates (K ≥ 1: the largest count)."""
+    cand = (alpha > floor) & real[:, None]
+    k_max = max(1, int(cand.sum(-1).max()))
+    top = torch.where(cand, alpha, -1.0).topk(min(k_max, alpha.shape[-1]), dim=-1)
+    return torch.where(top.values > floor, top.indices, -1)
+
+
+def _columns_at(
+    query: torch.Tensor,  # [b, h, q, d]
+    key: torch.Tensor,  # [b, kvh, k, d]
+    index: torch.Tensor,  # [b, h, K] key positions, −1 = none
+    row_max: torch.Tensor | None,  # [b, h, q] the score maximum each row was exponentiated against
+    row_rz: torch.Tensor | None,  # [b, h, q] 1/Z of each row (0 for rows that see nothing; head scaling included)
+    mask: torch.Tensor | None,  # [b, 1, q, k] bool or additive float, or None
+    is_causal: bool,
+    scaling: float,
+    softcap: float | None,
+    position_bias: torch.Tensor | None,  # [b|1, h, q, k]
+    probs_full: torch.Tensor | None,  # [b, h, q, k] when an intervention computed the probabilities
+) -> torch.Tensor:
+    """A_ik for the K keys of `index`, for every query: exp(s_ik − max_i)·(1/Z_i), recomputed from K score columns —
+    [b, h, q, K] float32, zero where a key is invisible or the index is −1."""
+    b, h, nq, d = query.shape
+    kvh, nk = key.shape[1], key.shape[2]
+    idx = index.clamp(min=0)  # [b, h, K]
+    n_cols = idx.shape[-1]
+    if probs_full is not None:
+        out = probs_full.float().gather(-1, idx[:, :, None, :].expand(b, h, nq, n_cols))
+        return out * (index >= 0)[:, :, None, :]
+    assert row_max is not None and row_rz is not None
+    kv_of_head = torch.arange(h, device=query.device) // (h // kvh)  # [h]
+    keys = key.float()[:, kv_of_head]  # [b, h, k, d]
+    picked = keys.gather(2, idx[..., None].expand(b, h, n_cols, d))  # [b, h, K, d]
+    s = (query.float() * scaling) @ picked.transpose(-1, -2)  # [b, h, q, K]
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
+    if position_bias is not None:
+        pb = position_bias[..., -nk:].float().expand(b, h, nq, nk)
+        s = s + pb.gather(-1, idx[:, :, None, :].expand(b, h, nq, n_cols))
+    if mask is None:
+        if is_causal and nq > 1:
+            visible = torch.arange(nq, device=query.device)[None, None, :, None] >= idx[:, :, None, :]
+        else:
+            visible = torch.ones(1, 1, 1, 1, dtype=torch.bool, device=query.device)
+    else:
+        m = mask[:, :1, :, -nk:].expand(b, 1, nq, nk)
+        m = m if m.dtype == torch.bool else m > torch.finfo(m.dtype).min / 2
+        gathered = m.expand(b, h, nq, nk).gather(-1, idx[:, :, None, :].expand(b, h, nq, n_cols))
+        visible = gathered
+        if mask.dtype != torch.bool:
+            s = s + mask[:, :1, :, -nk:].float().expand(b, h, nq, nk).gather(
+                -1, idx[:, :, None, :].expand(b, h, nq, n_cols)).masked_fill(~gathered, 0.0)
+    a = torch.exp(s - row_max[..., None]) * row_rz[..., None]
+    return torch.where(visible & (index >= 0)[:, :, None, :], a, 0.0)
 
 
 def _gather_rows(rows: torch.Tensor, e: torch.Tensor, rz: torch.Tensor, sel: torch.Tensor, c0: int, c1: int,
@@ -538,9 +664,11 @@ def capture_session(
     config: CaptureConfig,
     attention_mask: torch.Tensor,  # [batch, n] 1 for real tokens
     row_positions: torch.Tensor | None = None,  # [batch, sel] positions in padded coordinates
+    column_positions: torch.Tensor | None = None,  # [batch, C] positions in padded coordinates
 ) -> Iterator[_Session]:
     """Collect one `LayerRecord` per attention call of every forward run inside the block."""
-    session = _Session(config=config, query_valid=attention_mask.bool(), row_positions=row_positions)
+    session = _Session(config=config, query_valid=attention_mask.bool(), row_positions=row_positions,
+                       column_positions=column_positions)
     with use_sinkscope_attention(model):
         token = _ACTIVE.set(session)
         try:

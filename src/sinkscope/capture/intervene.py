@@ -50,6 +50,11 @@ class Intervention:
     def change(self, probs: torch.Tensor, layer: int | None, visible: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def head_scale(self, layer: int | None, n_heads: int) -> torch.Tensor | None:
+        """[h] factors c_h when this intervention only scales whole heads (A_h ← c_h·A_h): then it runs inside the
+        chunked statistics without a [query, key] matrix. None (the default): it needs the probabilities."""
+        return None
+
 
 def _rescale_rows(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """A'_ij = A_ij w_ij · (Σ_k A_ik) / (Σ_k A_ik w_ik): seed 000 eq. (1) with the row's total mass kept.
@@ -125,6 +130,23 @@ class ReweightSinks(Intervention):
     def change(self, probs: torch.Tensor, layer: int | None, visible: torch.Tensor) -> torch.Tensor:
         sinks = detect(self.method, probs, valid=visible, **self.params)  # [b, h, q, k]
         return _rescale_rows(probs, torch.where(sinks, self.gamma, 1.0).to(probs.dtype))
+
+
+@dataclass
+class AblateHeads(Intervention):
+    """Zero the output of the selected heads in the selected layers (seed 001 Fig. 5): A_h ← 0, so o_h = A_h V_h = 0
+    before the output projection — exactly what zeroing that head's slice of the projection's input does.
+
+    layers/heads: the scope (None = all). Example: ``AblateHeads(layers=[0], heads=[3])``.
+    """
+
+    def change(self, probs: torch.Tensor, layer: int | None, visible: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(probs)
+
+    def head_scale(self, layer: int | None, n_heads: int) -> torch.Tensor | None:
+        scale = torch.ones(n_heads)
+        scale[list(range(n_heads)) if self.heads is None else list(self.heads)] = 0.0
+        return scale
 
 
 @dataclass

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from sinkscope.capture.attention import CaptureConfig, LayerRecord, capture_session, pad_to
+from sinkscope.capture.hidden import HiddenRecorder, Site
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
 
@@ -36,6 +38,11 @@ class Trace:
     maps: torch.Tensor | None = None  # [P, L, H, N, N]
     head_outputs: torch.Tensor | None = None  # [P, L, H, N, d_v]
     values: torch.Tensor | None = None  # [P, L, KVH, N, d_v]
+    column_index: torch.Tensor | None = None  # [P, L, H, K]  key of each kept column, −1 = none
+    columns: torch.Tensor | None = None  # [P, L, H, N, K]  A_ik: attention of query i to the kept key k
+    hidden: torch.Tensor | None = None  # [P, S, N, d]  residual stream at the sites `sites`
+    sites: list[Site] | None = None
+    logprobs: torch.Tensor | None = None  # [P, V]  log p(next token) at each prompt's last token
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -67,53 +74,95 @@ class Trace:
         return self.rows[torch.arange(self.n_prompts), :, :, idx]
 
 
-def validate_prompts(loaded: LoadedModel, prompts: Sequence[str]) -> tuple[list[int], list[tuple[int, str]]]:
-    """Split prompts into usable indices and (index, reason) for the unusable ones."""
-    good: list[int] = []
+PromptsLike = str | Sequence[str] | Sequence[Sequence[int]]
+
+
+def _is_ids(prompts: Sequence[Any]) -> bool:
+    """True when `prompts` holds token-id sequences rather than texts."""
+    first = prompts[0]
+    if isinstance(first, torch.Tensor):
+        return True
+    return isinstance(first, Sequence) and not isinstance(first, str) and all(
+        isinstance(i, int) for i in list(first)[:8])
+
+
+def tokenize(loaded: LoadedModel, prompts: Sequence[str]) -> tuple[list[list[int] | None], list[tuple[int, str]]]:
+    """Each prompt's token ids (special tokens as the tokenizer adds them), tokenised once; None for an unusable
+    prompt, with (index, reason) for it: empty, or longer than the model's context."""
+    ids: list[list[int] | None] = []
     bad: list[tuple[int, str]] = []
     limit = loaded.info.max_positions
     for i, text in enumerate(prompts):
         if not isinstance(text, str) or not text.strip():
+            ids.append(None)
             bad.append((i, "empty prompt"))
             continue
-        n = len(loaded.tokenizer(text)["input_ids"])
-        if limit is not None and n > limit:
-            bad.append((i, f"{n} tokens, more than the model's context of {limit}; shorten it"))
+        seq = list(loaded.tokenizer(text)["input_ids"])
+        if limit is not None and len(seq) > limit:
+            ids.append(None)
+            bad.append((i, f"{len(seq)} tokens, more than the model's context of {limit}; shorten it"))
             continue
-        good.append(i)
-    return good, bad
+        ids.append(seq)
+    return ids, bad
+
+
+def validate_prompts(loaded: LoadedModel, prompts: Sequence[str]) -> tuple[list[int], list[tuple[int, str]]]:
+    """Split prompts into usable indices and (index, reason) for the unusable ones."""
+    ids, bad = tokenize(loaded, prompts)
+    return [i for i, seq in enumerate(ids) if seq is not None], bad
 
 
 def run_capture(
     loaded: LoadedModel,
-    prompts: Sequence[str],
+    prompts: PromptsLike,
     config: CaptureConfig | None = None,
     *,
     batch_size: int = 8,
     padding_side: str | None = None,
     progress: bool = False,
+    texts: Sequence[str] | None = None,
 ) -> Trace:
-    """Tokenise `prompts`, run the model in batches under a capture session, and return the Trace.
+    """Run the model on prompts in batches under a capture session and return the Trace. The one code path that runs
+    a model under capture: every analysis calls it (or takes its Trace).
 
+    prompts: one text, a list of texts (tokenised once, special tokens added as the tokenizer does), or a list of
+        token-id sequences used as they are (e.g. a prompt with its BOS removed). `texts` names id prompts (default:
+        their decoding). Batches are padded on `padding_side` (default: the tokenizer's); positions count real
+        tokens only, so the padding side changes nothing but rounding.
     Raises SinkscopeError for an empty prompt list, an empty prompt or a prompt longer than the context
     (use `validate_prompts` first to skip bad prompts instead).
     """
     config = config or CaptureConfig()
+    if isinstance(prompts, str):
+        prompts = [prompts]
     prompts = list(prompts)
     if not prompts:
         raise SinkscopeError("no prompts given: pass --prompt TEXT or --prompts FILE with one prompt per line")
-    _, bad = validate_prompts(loaded, prompts)
-    if bad:
-        i, reason = bad[0]
-        raise SinkscopeError(f"prompt {i + 1}: {reason}")
     if batch_size < 1:
         raise SinkscopeError("batch size must be at least 1")
     tok = loaded.tokenizer
-    if padding_side is not None:
-        if padding_side not in ("left", "right"):
-            raise SinkscopeError("padding side must be 'left' or 'right'")
-        tok.padding_side = padding_side
-    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
+    if tok is None:
+        raise SinkscopeError(f"{loaded.info.name} has no tokenizer: save one beside the model, or pass token ids")
+    if _is_ids(prompts):
+        seqs = [[int(i) for i in (s.tolist() if isinstance(s, torch.Tensor) else s)] for s in prompts]
+        limit = loaded.info.max_positions
+        for i, seq in enumerate(seqs):
+            if not seq:
+                raise SinkscopeError(f"prompt {i + 1}: an empty token sequence")
+            if limit is not None and len(seq) > limit:
+                raise SinkscopeError(f"prompt {i + 1}: {len(seq)} tokens, more than the model's context of {limit}")
+        names = list(texts) if texts is not None else [tok.decode(s) for s in seqs]
+    else:
+        ids, bad = tokenize(loaded, prompts)
+        if bad:
+            i, reason = bad[0]
+            raise SinkscopeError(f"prompt {i + 1}: {reason}")
+        seqs = [s for s in ids if s is not None]
+        names = list(prompts)
+    side = padding_side or getattr(tok, "padding_side", None) or "right"
+    if side not in ("left", "right"):
+        raise SinkscopeError("padding side must be 'left' or 'right'")
+    batches = [seqs[i : i + batch_size] for i in range(0, len(seqs), batch_size)]
     parts: list[dict[str, Any]] = []
     iterator: Any = batches
     if progress and len(batches) > 1:
@@ -121,42 +170,86 @@ def run_capture(
 
         iterator = track(batches, description="capturing", transient=True)
     for batch in iterator:
-        parts.append(_capture_batch(loaded, batch, config))
-    return _assemble(loaded, prompts, parts, config)
+        parts.append(_capture_batch(loaded, batch, config, side))
+    return _assemble(loaded, names, parts, config)
 
 
-def _capture_batch(loaded: LoadedModel, batch: list[str], config: CaptureConfig) -> dict[str, Any]:
-    model, tok = loaded.model, loaded.tokenizer
-    enc = tok(batch, return_tensors="pt", padding=True)
-    mask = enc["attention_mask"]  # [b, n]
-    lengths = mask.sum(-1)
-    offsets = (mask.cumsum(-1) == 0).sum(-1)  # left-padding offset of each prompt  [b]
-    rows = _row_positions(config.rows, offsets, lengths)
-    inputs = {k: v.to(loaded.device) for k, v in enc.items() if k in _forward_args(model)}
-    if "position_ids" in _forward_args(model):
-        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(loaded.device)
-    if "use_cache" in _forward_args(model):
+def pad_id(tokenizer: Any) -> int:
+    """The id that fills padded positions: the tokenizer's pad, else EOS, else UNK, else 0 (never attended to)."""
+    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    return 0
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad: int, side: str = "right"
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pad token id lists into a batch. Returns ids [b, n], attention mask [b, n] (1 at real tokens) and offsets [b]
+    (where each sequence starts: 0 with right padding, n − len with left padding)."""
+    if side not in ("left", "right"):
+        raise SinkscopeError("padding side must be 'left' or 'right'")
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    offsets = torch.zeros(len(seqs), dtype=torch.long)
+    for i, seq in enumerate(seqs):
+        start = 0 if side == "right" else n - len(seq)
+        ids[i, start : start + len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        mask[i, start : start + len(seq)] = 1
+        offsets[i] = start
+    return ids, mask, offsets
+
+
+def forward_inputs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, device: torch.device | str
+                   ) -> dict[str, Any]:
+    """Keyword arguments for a padded forward pass: positions count real tokens only (left padding shifts nothing),
+    no cache."""
+    args = _forward_args(model)
+    inputs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
+    if "position_ids" in args:
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
+    if "use_cache" in args:
         inputs["use_cache"] = False
-    with torch.inference_mode(), capture_session(model, config, mask, rows) as session:
-        model(**inputs)
+    return inputs
+
+
+def _forward_args(model: torch.nn.Module) -> set[str]:
+    return set(inspect.signature(model.forward).parameters)
+
+
+def _capture_batch(loaded: LoadedModel, batch: list[list[int]], config: CaptureConfig, side: str) -> dict[str, Any]:
+    model = loaded.model
+    ids, mask, offsets = pad_batch(batch, pad_id(loaded.tokenizer), side)  # [b, n], [b, n], [b]
+    lengths = mask.sum(-1)
+    rows = _row_positions(config.rows, offsets, lengths)
+    columns = _row_positions(list(config.columns), offsets, lengths) if config.columns is not None else None
+    inputs = forward_inputs(model, ids, mask, loaded.device)
+    recorder = HiddenRecorder(model, config.hidden) if config.hidden else None
+    with ExitStack() as stack:
+        stack.enter_context(torch.inference_mode())
+        if recorder is not None:
+            stack.enter_context(recorder)
+        session = stack.enter_context(capture_session(model, config, mask, rows, columns))
+        output = model(**inputs)
     records = session.records
     if len(records) != loaded.info.n_layers:
         raise SinkscopeError(
             f"captured {len(records)} attention calls for a model with {loaded.info.n_layers} layers: "
             f"{type(model).__name__} does not route all its attention through transformers' AttentionInterface"
         )
-    return {
-        "ids": enc["input_ids"],
-        "mask": mask,
-        "offsets": offsets,
-        "lengths": lengths,
-        "rows_at": rows,
-        "records": records,
-    }
-
-
-def _forward_args(model: torch.nn.Module) -> set[str]:
-    return set(inspect.signature(model.forward).parameters)
+    part: dict[str, Any] = {"ids": ids, "offsets": offsets, "lengths": lengths, "rows_at": rows, "records": records}
+    if recorder is not None:
+        part["hidden"] = recorder.stacked()  # [b, S, n, d]
+        part["sites"] = recorder.sites
+    if config.logprobs:
+        logits = getattr(output, "logits", None)
+        if logits is None:
+            raise SinkscopeError(f"{type(model).__name__} has no language-model head: it gives no next-token "
+                                 "log-probabilities")
+        last = (offsets + lengths - 1).to(logits.device)
+        part["logprobs"] = torch.log_softmax(logits[torch.arange(len(batch)), last].float(), -1).cpu()  # [b, V]
+    return part
 
 
 def _row_positions(
@@ -193,7 +286,7 @@ def _left_align(x: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor, d
 # Trace field → the dims (after stacking layers as dim 1) that index token positions.
 _TOKEN_DIMS: dict[str, list[int]] = {
     "key_mass_sum": [3], "key_count": [2], "rows": [4], "entropy": [3], "sink_share": [3], "maps": [3, 4],
-    "head_outputs": [3], "values": [3],
+    "head_outputs": [3], "values": [3], "columns": [3],
 }
 
 
@@ -201,6 +294,10 @@ def _stack(records: list[LayerRecord], name: str) -> torch.Tensor | None:
     values = [getattr(r, name) for r in records]
     if values[0] is None:
         return None
+    if name in ("columns", "column_index"):  # the number of kept columns differs between layers
+        k = max(v.shape[-1] for v in values)
+        fill = -1 if name == "column_index" else 0.0
+        values = [pad_to(v, k, [v.dim() - 1], value=fill) for v in values]
     return torch.stack([v.cpu() for v in values], dim=1)  # layer becomes dim 1
 
 
@@ -217,10 +314,23 @@ def _assemble(loaded: LoadedModel, prompts: list[str], parts: list[dict[str, Any
                 aligned[name] = pad_to(_left_align(stacked[name], off, lens, dims), n_max, dims)
         if part["rows_at"] is not None:
             aligned["row_positions"] = part["rows_at"] - off[:, None]
+        index = _stack(part["records"], "column_index")  # [b, L, H, K] padded coordinates
+        if index is not None:
+            shift = off.view(-1, 1, 1, 1)
+            aligned["column_index"] = torch.where(index >= 0, index - shift, -1)
+        if "hidden" in part:
+            aligned["hidden"] = pad_to(_left_align(part["hidden"], off, lens, [2]), n_max, [2])
+        if "logprobs" in part:
+            aligned["logprobs"] = part["logprobs"]
         for name, tensor in aligned.items():
             fields.setdefault(name, []).append(tensor)
         for row, o, n in zip(part["ids"].tolist(), off.tolist(), lens.tolist(), strict=True):
             ids.append(row[o : o + n])
+    for name in ("columns", "column_index"):  # batches may keep different numbers of columns
+        if name in fields:
+            k = max(x.shape[-1] for x in fields[name])
+            fields[name] = [pad_to(x, k, [x.dim() - 1], value=-1 if name == "column_index" else 0.0)
+                            for x in fields[name]]
     merged = {name: torch.cat(parts_, dim=0) for name, parts_ in fields.items()}
     key_mass = merged["key_mass_sum"] / merged["key_count"][:, :, None].clamp(min=1)
     tokens = [_token_strings(loaded.tokenizer, row) for row in ids]
@@ -248,6 +358,11 @@ def _assemble(loaded: LoadedModel, prompts: list[str], parts: list[dict[str, Any
         maps=merged.get("maps"),
         head_outputs=merged.get("head_outputs"),
         values=merged.get("values"),
+        column_index=merged.get("column_index"),
+        columns=merged.get("columns"),
+        hidden=merged.get("hidden"),
+        sites=parts[0].get("sites"),
+        logprobs=merged.get("logprobs"),
         info=info,
     )
 

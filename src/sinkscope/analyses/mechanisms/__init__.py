@@ -32,7 +32,6 @@ from sinkscope.analyses.mechanisms.norms import (
 from sinkscope.analyses.mechanisms.residual import (
     HiddenRecorder,
     MechTrace,
-    SinkColumnProbe,
     Site,
     capture_ids,
     decoder_layers,
@@ -45,7 +44,6 @@ __all__ = [
     "HiddenRecorder",
     "MechTrace",
     "MechanismsResult",
-    "SinkColumnProbe",
     "Site",
     "ablation_sweep",
     "ablation_table",

@@ -1,37 +1,25 @@
 """Head ablation (seed 001 Fig. 5): zero one head's output (or a set) in an early layer and measure what happens
 to the position-0 norm and to later layers' sinks.
 
-Ablation is an attention intervention: `AblateHeads` sets the selected heads' attention probabilities to 0, so
-their output o_h = A·V is 0 before the output projection (exactly what zeroing that head's slice of o_proj's
-input does). Seed 001 found that single-head ablations in LLaMA-3.1-8B layer 0 do not weaken the position-0
+Ablation is an attention intervention: `sinkscope.capture.AblateHeads` sets the selected heads' attention
+probabilities to 0, so their output o_h = A·V is 0 before the output projection (exactly what zeroing that head's
+slice of o_proj's input does); it scales whole heads, so it runs inside the chunked capture without a [q, k] matrix.
+Seed 001 found that single-head ablations in LLaMA-3.1-8B layer 0 do not weaken the position-0
 clustering (some even strengthen it): the mechanism is collective. The table per head answers the same question.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-import torch
 
 from sinkscope.analyses.mechanisms.norms import norm_profile, sink_share_table
 from sinkscope.analyses.mechanisms.residual import MechTrace, capture_ids
-from sinkscope.capture import CaptureConfig, Intervention
+from sinkscope.capture import AblateHeads, CaptureConfig
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
-
-
-@dataclass
-class AblateHeads(Intervention):
-    """Zero the output of the selected heads in the selected layers: A_h ← 0, so o_h = A_h V_h = 0.
-
-    layers/heads: the scope (None = all). Example: ``AblateHeads(layers=[0], heads=[3])``.
-    """
-
-    def change(self, probs: torch.Tensor, layer: int | None, visible: torch.Tensor) -> torch.Tensor:
-        return torch.zeros_like(probs)
 
 
 def label(layer: int | None, head: int | None) -> str:

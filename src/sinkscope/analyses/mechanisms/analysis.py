@@ -1,8 +1,9 @@
 """`analyze`: every mechanism measurement on one model and one set of prompts, as tidy tables and a summary.
 
-One call runs (forward passes in brackets): the native encoding with attention capture and residual hooks (1),
-the two other BOS variants (2), the bias decomposition (1), and one run per ablated head and per ablated layer
-(heads + 1 per layer). Tables share the key columns prompt_id, layer, sublayer, position, token (where they apply):
+One call runs (forward passes in brackets): the native encoding with attention capture, the residual sites and the
+bias decomposition's head outputs and position-0 column (1), the two other BOS variants (2), and one run per ablated
+head and per ablated layer (heads + 1 per layer).
+Tables share the key columns prompt_id, layer, sublayer, position, token (where they apply):
 
 - prompts, skipped; norms (prompt × site × position: norm, ratio to the median position); norm_profile (per site:
   pos0_norm, median_norm, pos0_ratio, max_other_ratio); layers (per layer: alpha0, sink_share, top_other_alpha);
@@ -17,7 +18,7 @@ the two other BOS variants (2), the bias decomposition (1), and one run per abla
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -124,7 +125,11 @@ def analyze(
                               "massive_ratio": massive_ratio, "massive_min_value": massive_min_value, "top_k": top_k,
                               "bos": bos, "replace_with": replace_with, "bias": bias, "n_prompts": len(texts)}
     config = CaptureConfig(rows=None, entropy=False, fused=False)
-    main = capture_ids(loaded, native, config, batch_size=batch_size, prompts=texts)
+    # one pass over the native prompts gives the residual stream and, for the bias decomposition, each head's
+    # output, the values and the attention column of position 0
+    main_cfg = replace(config, head_outputs=bias, values=bias)
+    main = capture_ids(loaded, native, main_cfg, sink_position=0 if bias else None, batch_size=batch_size,
+                       prompts=texts)
     traces: dict[str, MechTrace] = {"native": main}
     tables: dict[str, pd.DataFrame] = {
         "prompts": pd.DataFrame({"prompt_id": kept, "text": texts, "n_tokens": main.lengths.tolist()}),
@@ -192,10 +197,7 @@ def analyze(
     summary["massive"] = _massive_digest(entries, tables["massive_dims"], spikes)
     # 7. implicit attention bias
     if bias:
-        bias_cfg = CaptureConfig(rows=None, entropy=False, head_outputs=True, values=True, fused=False)
-        bias_trace = capture_ids(loaded, native, bias_cfg, sink_position=0, hidden=False, batch_size=batch_size,
-                                 prompts=texts)
-        heads, queries = implicit_bias(bias_trace, kept, eps=eps)
+        heads, queries = implicit_bias(main, kept, eps=eps)
         tables["bias_heads"] = heads
         tables["bias_queries"] = queries
         summary["bias"] = _bias_digest(heads)

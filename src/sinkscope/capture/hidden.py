@@ -1,0 +1,192 @@
+"""Residual-stream sites: the hidden state at every "half layer" and full block, read in the capture pass.
+
+Sites. For a decoder of L blocks the residual stream is read at 2L + 1 sites (seed 001, Figs. 2-3):
+
+- ``embed``  (layer −1, depth 0): the input of block 0 (token + position embeddings, as the first block sees it);
+- ``attn``   (layer l, depth l + ½): h + Attn_l(…) — after block l's attention and its residual add, before the MLP;
+- ``block``  (layer l, depth l + 1): the output of block l (after the MLP's residual add).
+
+How the ``attn`` site is read, per family (forward hooks on the decoder layer's submodules, nothing is patched):
+
+- Llama-like pre-norm blocks (llama incl. SmolLM2, mistral, mixtral, qwen2, qwen2_moe, qwen3, qwen3_moe, phi3,
+  gpt_oss, granite, smollm3, olmo, starcoder2): the input of ``post_attention_layernorm`` (= residual + attention
+  output), via a forward pre-hook;
+- Gemma 2/3 (gemma2, gemma3, gemma3_text; sandwich norms): the input of ``pre_feedforward_layernorm`` — their
+  ``post_attention_layernorm`` normalises the attention output *before* the residual add;
+- GPT-2 (gpt2): the input of ``ln_2``;
+- GPT-NeoX (gpt_neox): block input + the output of ``attention`` (with the parallel residual the MLP reads the
+  block input, so the half layer is defined as x + Attn(LN(x))).
+
+Other families (encoders, OPT, …) are refused with a `SinkscopeError`; their half layer is not in a known place.
+The block sites are the decoder layers' outputs; the ``embed`` site is block 0's input. They equal
+``output_hidden_states`` except for the last block, which transformers reports after the final norm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from sinkscope.errors import SinkscopeError
+
+# model_type → how to read the residual stream after attention ("norm:<child>" = that child's input; "attn+resid")
+_HALF_SITE: dict[str, str] = {
+    **{t: "norm:post_attention_layernorm" for t in (
+        "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "phi3", "gpt_oss", "granite",
+        "smollm3", "olmo", "starcoder2")},
+    **{t: "norm:pre_feedforward_layernorm" for t in ("gemma2", "gemma3", "gemma3_text")},
+    "gpt2": "norm:ln_2",
+    "gpt_neox": "attn+resid:attention",
+}
+_LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "layers", "h", "model.decoder.layers",
+                "encoder.layer")
+
+SUBLAYERS = ("embed", "attn", "block")
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where the residual stream is read: layer (−1 for the embeddings), sublayer, depth (0, l + ½, l + 1)."""
+
+    layer: int
+    sublayer: str
+    depth: float
+
+
+def sites_for(n_layers: int) -> list[Site]:
+    """The 2L + 1 sites in forward order: embed, attn 0, block 0, attn 1, block 1, …"""
+    out = [Site(-1, "embed", 0.0)]
+    for layer in range(n_layers):
+        out += [Site(layer, "attn", layer + 0.5), Site(layer, "block", layer + 1.0)]
+    return out
+
+
+def _model_type(model: torch.nn.Module) -> str:
+    config = getattr(model, "config", None)
+    get = getattr(config, "get_text_config", None)
+    config = get() if callable(get) else config
+    return str(getattr(config, "model_type", type(model).__name__))
+
+
+def _get_path(root: Any, path: str) -> Any:
+    for part in path.split("."):
+        root = getattr(root, part, None)
+        if root is None:
+            return None
+    return root
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The list of transformer blocks (model.model.layers, transformer.h, gpt_neox.layers, encoder.layer, …)."""
+    for root in (model, getattr(model, "base_model", None)):
+        if root is None:
+            continue
+        for path in _LAYER_PATHS:
+            found = _get_path(root, path)
+            if isinstance(found, torch.nn.ModuleList) and len(found) > 0:
+                return found
+    raise SinkscopeError(f"cannot find the transformer blocks of {type(model).__name__} "
+                         f"(looked for {', '.join(_LAYER_PATHS)})")
+
+
+def half_site_rule(model: torch.nn.Module) -> str:
+    """How this model's residual stream after attention is read; SinkscopeError for unsupported families."""
+    model_type = _model_type(model)
+    rule = _HALF_SITE.get(model_type)
+    if rule is None:
+        supported = ", ".join(sorted(_HALF_SITE))
+        raise SinkscopeError(
+            f"sinkscope mechanisms does not know where the residual stream after attention is in '{model_type}' "
+            f"models; supported model types: {supported}"
+        )
+    layer = decoder_layers(model)[0]
+    child = rule.split(":", 1)[1]
+    if not isinstance(getattr(layer, child, None), torch.nn.Module):
+        raise SinkscopeError(f"{type(layer).__name__} has no submodule '{child}' where sinkscope expects the "
+                             f"residual stream after attention ({model_type}); this model version is unsupported")
+    return rule
+
+
+def _first_tensor(value: Any) -> torch.Tensor:
+    return value[0] if isinstance(value, tuple | list) else value
+
+
+class HiddenRecorder:
+    """Forward hooks that record the residual stream at the requested `Site`s, for every forward pass inside the
+    block. Used by `run_capture` (CaptureConfig.hidden); nothing else installs hooks on a model.
+
+    sublayers: which of "embed", "attn", "block" to read ("attn" needs a family whose half-layer site is known).
+    `forwards[f]` is a list of tensors [batch, n, d] (float32, on the CPU) in `sites` order.
+    """
+
+    def __init__(self, model: torch.nn.Module, sublayers: Sequence[str] = SUBLAYERS) -> None:
+        self.model = model
+        self.layers = decoder_layers(model)
+        self.rule = half_site_rule(model) if "attn" in sublayers else None
+        self.sites = [s for s in sites_for(len(self.layers)) if s.sublayer in sublayers]
+        self._slot_of = {(s.layer, s.sublayer): k for k, s in enumerate(self.sites)}
+        self.forwards: list[list[torch.Tensor | None]] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._inputs: dict[int, torch.Tensor] = {}
+
+    def _slot(self, layer: int, sublayer: str, value: torch.Tensor) -> None:
+        index = self._slot_of.get((layer, sublayer))
+        if index is None:
+            return
+        self.forwards[-1][index] = value.detach().float().cpu().clone()
+
+    def __enter__(self) -> HiddenRecorder:
+        kind, child = self.rule.split(":", 1) if self.rule is not None else ("", "")
+        for i, layer in enumerate(self.layers):
+            self._handles.append(layer.register_forward_pre_hook(self._layer_input(i), with_kwargs=True))
+            self._handles.append(layer.register_forward_hook(self._block_output(i)))
+            if not child:
+                continue
+            sub = getattr(layer, child)
+            if kind == "norm":
+                self._handles.append(sub.register_forward_pre_hook(self._norm_input(i)))
+            else:
+                self._handles.append(sub.register_forward_hook(self._attn_plus_residual(i)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._inputs.clear()
+
+    def _layer_input(self, i: int) -> Any:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            x = args[0] if args else kwargs["hidden_states"]  # [b, n, d]
+            self._inputs[i] = x
+            if i == 0:  # the first block's input opens a new forward pass
+                self.forwards.append([None] * len(self.sites))
+                self._slot(-1, "embed", x)
+        return hook
+
+    def _norm_input(self, i: int) -> Any:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            self._slot(i, "attn", args[0])
+        return hook
+
+    def _attn_plus_residual(self, i: int) -> Any:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            self._slot(i, "attn", self._inputs[i] + _first_tensor(output))
+        return hook
+
+    def _block_output(self, i: int) -> Any:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            self._slot(i, "block", _first_tensor(output))
+        return hook
+
+    def stacked(self, forward: int = -1) -> torch.Tensor:
+        """[batch, site, n, d] for one recorded forward pass."""
+        slots = self.forwards[forward]
+        if any(s is None for s in slots):
+            missing = [self.sites[k] for k, s in enumerate(slots) if s is None][:3]
+            raise SinkscopeError(f"the residual-stream hooks missed {missing}: the model's blocks did not run as "
+                                 "expected")
+        return torch.stack(slots, dim=1)  # type: ignore[arg-type]
