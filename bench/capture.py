@@ -62,7 +62,8 @@ def eager_map_bytes(shape: str, batch: int, n: int) -> int:
 
 def runner(model: torch.nn.Module, way: str, ids: torch.Tensor, device: str):
     """A closure running one forward of `way` (synchronised on CUDA)."""
-    from sinkscope.capture import CaptureConfig, capture_session
+    from sinkscope.capture import CaptureConfig
+    from sinkscope.capture.attention import capture_session  # the engine alone, without run_capture's batching
 
     batch, n = ids.shape
     mask = torch.ones_like(ids)

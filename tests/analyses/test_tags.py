@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from sinkscope.analyses.tags import (
-    SinkColumns,
     cosine_histogram,
     decompose,
     pca_view,
@@ -56,21 +55,6 @@ def test_hand_built_decomposition_and_variance_explained():
     assert expected == pytest.approx(float(16 * (a**2).sum() / (oc**2).sum()))
     assert float(stats["share"][0]) == pytest.approx(expected)
 
-
-def test_sink_columns_hook_on_hand_example():
-    attn, _, _, _ = _hand_example()
-    n = attn.shape[0]
-    visible = torch.ones(n, n).tril().bool()[None, None]  # [1, 1, q, k]
-    rec = SinkColumns(floor=0.2)
-    probs = attn.float()[None, None]
-    assert torch.equal(rec.change(probs, 0, visible), probs)  # read-only
-    record = rec.records[0]
-    alpha = torch.stack([attn[k:, k].mean() for k in range(n)]).float()
-    assert torch.allclose(record["alpha"][0, 0], alpha, atol=1e-6)
-    index = record["index"][0, 0]
-    assert set(index[index >= 0].tolist()) == {k for k in range(n) if alpha[k] > 0.2}
-    k0 = index.tolist().index(0)
-    assert torch.allclose(record["columns"][0, 0, :, k0], attn[:, 0].float())
 
 
 def test_share_is_additive_over_sinks_and_rest():
@@ -131,7 +115,7 @@ def test_tag_statistics_tables():
     row = sens[sens["eps"] == 0.1].iloc[0]
     again = tag_statistics(lm, PROMPTS, eps=0.1, batch_size=3).tables["heads"]
     assert row["mean_sinks"] == pytest.approx(again["n_sinks"].mean())
-    assert row["mean_var_explained"] == pytest.approx(again["var_explained"].mean(), abs=1e-9)
+    assert row["mean_var_explained"] == pytest.approx(again["var_explained"].mean(), abs=1e-6)  # float32
     tax = t["taxonomy"]
     assert tax["frequency"].sum() == len(t["sinks"]) and tax["frequency"].is_monotonic_decreasing
     hist = t["cosine_histogram"]

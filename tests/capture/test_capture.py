@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from sinkscope.capture import CaptureConfig, capture_session, run_capture
+from sinkscope.capture import CaptureConfig, run_capture
+from sinkscope.capture.attention import capture_session
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import TINY_FAMILIES, tiny_model
 

@@ -9,7 +9,8 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
-from sinkscope.capture import Calibrate, CaptureConfig, MaskKeys, Reweight, Temperature, capture_session, intervene
+from sinkscope.capture import Calibrate, CaptureConfig, MaskKeys, Reweight, Temperature, intervene
+from sinkscope.capture.attention import capture_session
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import tiny_model
 

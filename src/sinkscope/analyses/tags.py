@@ -32,7 +32,7 @@ batches and only the per-head statistics are kept.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.capture import CaptureConfig, Intervention, Trace, intervene, model_for, run_capture
+from sinkscope.capture import CaptureConfig, Trace, model_for, run_capture
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
 
@@ -49,7 +49,6 @@ __all__ = [
     "DEFAULT_EPS_GRID",
     "Decomposition",
     "PromptLayer",
-    "SinkColumns",
     "TagResult",
     "capture_tags",
     "cosine_histogram",
@@ -125,42 +124,6 @@ def variance_explained(
     }
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Recording sink columns inside the forward pass
-# ---------------------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SinkColumns(Intervention):
-    """Read-only hook: per layer, the column mass α [b, h, k] and the attention columns A[:, :, :, C] of the
-    candidate keys C = {k : α_k > floor} of each head (prompt-wise padded to the largest count K).
-
-    Returns the probabilities unchanged; with it active the layer output is A·V in float32 (≈1e-6 from SDPA).
-    records: one dict per attention call: layer, alpha [b, h, k], index [b, h, K] (−1 = no candidate),
-    columns [b, h, q, K], real [b, k] (non-padding positions).
-    """
-
-    floor: float = 0.03
-    records: list[dict[str, Any]] = field(default_factory=list, repr=False)
-
-    def change(self, probs: torch.Tensor, layer: int | None, visible: torch.Tensor) -> torch.Tensor:
-        b, h, nq, nk = probs.shape
-        vis = visible.expand(b, 1, nq, nk)[:, 0]  # [b, q, k]
-        real = vis.any(-2)  # [b, k]  padding keys are visible to no query
-        qreal = real[:, nk - nq:] if nq <= nk else torch.ones(b, nq, dtype=torch.bool, device=probs.device)
-        seen = (vis & qreal[:, :, None]).float()  # [b, q, k]
-        alpha = (probs * qreal[:, None, :, None]).sum(-2) / seen.sum(-2)[:, None].clamp(min=1)  # [b, h, k]
-        cand = (alpha > self.floor) & real[:, None]  # [b, h, k]
-        k_max = max(1, int(cand.sum(-1).max()))
-        top = torch.where(cand, alpha, -1.0).topk(k_max, dim=-1)
-        index = torch.where(top.values > self.floor, top.indices, -1)  # [b, h, K]
-        columns = probs.gather(-1, top.indices[:, :, None, :].expand(b, h, nq, k_max))  # [b, h, q, K]
-        columns = columns * (index >= 0)[:, :, None, :]
-        self.records.append({"layer": layer, "alpha": alpha.cpu(), "index": index.cpu(), "columns": columns.cpu(),
-                             "real": real.cpu()})
-        return probs
-
-
 @dataclass
 class PromptLayer:
     """Everything needed to decompose one prompt's heads at one layer (prompt coordinates, n real tokens)."""
@@ -189,12 +152,14 @@ def capture_tags(
     hidden_states: bool = False,
     progress: bool = False,
 ) -> list[tuple[Trace, list[list[PromptLayer]], list[torch.Tensor] | None]]:
-    """Run the capture in batches with `SinkColumns` active. Yields per batch: the trace (head outputs and values),
-    per prompt × layer a `PromptLayer`, and (with `hidden_states`) per prompt the residual stream
-    [L + 1, n, d_model] (entry l is the input of layer l)."""
+    """Capture in batches, in one pass per batch: head outputs, values, and per head the attention columns of the
+    candidate sinks (α_k > floor, `CaptureConfig.sink_columns` — computed in the chunked statistics, never as a
+    [query, key] matrix). Returns per batch: the trace, per prompt × layer a `PromptLayer`, and (with
+    `hidden_states`) per prompt the residual stream [L + 1, n, d_model] (entry l is the input of layer l, entry L the
+    last block's output)."""
     if not 0 < floor < 1:
         raise SinkscopeError(f"the sink threshold must be in (0, 1), got {floor}")
-    prompts = list(prompts)
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise SinkscopeError("no prompts given: pass --prompt TEXT or --prompts FILE with one prompt per line")
     out = []
@@ -204,56 +169,35 @@ def capture_tags(
         from rich.progress import track
 
         iterator = track(batches, description="capturing tags", transient=True)
-    config = CaptureConfig(rows=None, entropy=False, head_outputs=True, values=True)
+    config = CaptureConfig(rows=None, entropy=False, head_outputs=True, values=True, sink_columns=floor,
+                           hidden=("embed", "block") if hidden_states else None)
     for batch in iterator:
-        recorder = SinkColumns(floor=floor)
-        with intervene(loaded.model, recorder):
-            trace = run_capture(loaded, batch, config, batch_size=len(batch))
-        if len(recorder.records) != trace.n_layers:
-            raise SinkscopeError(f"recorded {len(recorder.records)} attention calls for {trace.n_layers} layers")
-        out.append((trace, _align(trace, recorder.records), _hidden(loaded, batch) if hidden_states else None))
+        trace = run_capture(loaded, batch, config, batch_size=len(batch))
+        hidden = None
+        if hidden_states:
+            assert trace.hidden is not None
+            hidden = [trace.hidden[p, :, : int(trace.lengths[p])] for p in range(trace.n_prompts)]
+        out.append((trace, _prompt_layers(trace), hidden))
     return out
 
 
-def _align(trace: Trace, records: list[dict[str, Any]]) -> list[list[PromptLayer]]:
-    """Records (padded batch coordinates) → per prompt, per layer PromptLayer in prompt coordinates."""
+def _prompt_layers(trace: Trace) -> list[list[PromptLayer]]:
+    """The trace (prompt coordinates) → per prompt, per layer a PromptLayer."""
     assert trace.head_outputs is not None and trace.values is not None
+    assert trace.columns is not None and trace.column_index is not None
     h, kvh = trace.n_heads, trace.values.shape[2]
     group = h // kvh
     result: list[list[PromptLayer]] = []
     for p in range(trace.n_prompts):
         n = int(trace.lengths[p])
         layers = []
-        for layer, rec in enumerate(records):
-            real = rec["real"][p]  # [k]
-            offset = int(real.float().argmax())
-            if int(real.sum()) != n:
-                raise SinkscopeError("internal: padding of the recorded columns does not match the trace")
-            nq = rec["columns"].shape[2]
-            q0 = offset - (real.shape[0] - nq)
-            index = torch.where(rec["index"][p] >= 0, rec["index"][p] - offset, -1)  # [H, K]
-            columns = rec["columns"][p, :, q0: q0 + n]  # [H, n, K]
+        for layer in range(trace.n_layers):
             values = trace.values[p, layer, :, :n].repeat_interleave(group, dim=0)  # [H, n, d_v]
             layers.append(PromptLayer(outputs=trace.head_outputs[p, layer, :, :n], values=values,
-                                      alpha=trace.key_mass[p, layer, :, :n], index=index, columns=columns))
+                                      alpha=trace.key_mass[p, layer, :, :n], index=trace.column_index[p, layer],
+                                      columns=trace.columns[p, layer, :, :n]))
         result.append(layers)
     return result
-
-
-def _hidden(loaded: LoadedModel, batch: list[str]) -> list[torch.Tensor]:
-    """Residual stream of each prompt: [L + 1, n, d_model] in prompt coordinates (hidden_states[l] enters layer l)."""
-    model, tok = loaded.model, loaded.tokenizer
-    enc = tok(batch, return_tensors="pt", padding=True)
-    mask = enc["attention_mask"]
-    inputs = {k: v.to(loaded.device) for k, v in enc.items() if k in ("input_ids", "attention_mask")}
-    with torch.inference_mode():
-        states = model(**inputs, output_hidden_states=True).hidden_states  # L + 1 × [b, n, d]
-    stacked = torch.stack([s.float().cpu() for s in states], dim=1)  # [b, L + 1, n, d]
-    out = []
-    for p in range(len(batch)):
-        keep = mask[p].bool()
-        out.append(stacked[p][:, keep])
-    return out
 
 
 def output_projections(loaded: LoadedModel | torch.nn.Module) -> list[torch.Tensor]:

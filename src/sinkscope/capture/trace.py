@@ -174,7 +174,7 @@ def run_capture(
     return _assemble(loaded, names, parts, config)
 
 
-def pad_id(tokenizer: Any) -> int:
+def padding_id(tokenizer: Any) -> int:
     """The id that fills padded positions: the tokenizer's pad, else EOS, else UNK, else 0 (never attended to)."""
     for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
         value = getattr(tokenizer, name, None)
@@ -183,14 +183,14 @@ def pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def pad_batch(seqs: Sequence[Sequence[int]], pad: int, side: str = "right"
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right"
               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pad token id lists into a batch. Returns ids [b, n], attention mask [b, n] (1 at real tokens) and offsets [b]
     (where each sequence starts: 0 with right padding, n − len with left padding)."""
     if side not in ("left", "right"):
         raise SinkscopeError("padding side must be 'left' or 'right'")
     n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad, dtype=torch.long)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), n), dtype=torch.long)
     offsets = torch.zeros(len(seqs), dtype=torch.long)
     for i, seq in enumerate(seqs):
@@ -205,7 +205,7 @@ def forward_inputs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
                    ) -> dict[str, Any]:
     """Keyword arguments for a padded forward pass: positions count real tokens only (left padding shifts nothing),
     no cache."""
-    args = _forward_args(model)
+    args = forward_args(model)
     inputs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
     if "position_ids" in args:
         inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
@@ -214,13 +214,14 @@ def forward_inputs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor
     return inputs
 
 
-def _forward_args(model: torch.nn.Module) -> set[str]:
+def forward_args(model: torch.nn.Module) -> set[str]:
+    """The keyword arguments `model.forward` accepts."""
     return set(inspect.signature(model.forward).parameters)
 
 
 def _capture_batch(loaded: LoadedModel, batch: list[list[int]], config: CaptureConfig, side: str) -> dict[str, Any]:
     model = loaded.model
-    ids, mask, offsets = pad_batch(batch, pad_id(loaded.tokenizer), side)  # [b, n], [b, n], [b]
+    ids, mask, offsets = pad_batch(batch, padding_id(loaded.tokenizer), side)  # [b, n], [b, n], [b]
     lengths = mask.sum(-1)
     rows = _row_positions(config.rows, offsets, lengths)
     columns = _row_positions(list(config.columns), offsets, lengths) if config.columns is not None else None

@@ -12,14 +12,14 @@ last real token, so a batched run gives the unbatched numbers.
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from sinkscope.capture import CaptureConfig, capture_session
+from sinkscope.capture import CaptureConfig, run_capture
+from sinkscope.capture.trace import forward_args, forward_inputs, pad_batch, padding_id
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
 
@@ -38,51 +38,6 @@ def label_token_ids(tokenizer: Any, labels: Sequence[str], prefix: str = " ") ->
     return ids
 
 
-def _pad_id(tokenizer: Any) -> int:
-    for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, int):
-            return value
-    return 0
-
-
-def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right"
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Pad token id lists into a batch.
-
-    Returns ids [b, n], attention mask [b, n] (1 at real tokens) and offsets [b] (where each sequence starts:
-    0 with right padding, n − len with left padding).
-    """
-    if side not in ("left", "right"):
-        raise SinkscopeError("padding side must be 'left' or 'right'")
-    n = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), n), dtype=torch.long)
-    offsets = torch.zeros(len(seqs), dtype=torch.long)
-    for i, seq in enumerate(seqs):
-        start = 0 if side == "right" else n - len(seq)
-        ids[i, start : start + len(seq)] = torch.tensor(list(seq), dtype=torch.long)
-        mask[i, start : start + len(seq)] = 1
-        offsets[i] = start
-    return ids, mask, offsets
-
-
-def _forward_args(model: torch.nn.Module) -> set[str]:
-    return set(inspect.signature(model.forward).parameters)
-
-
-def forward_inputs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, device: torch.device
-                   ) -> dict[str, torch.Tensor | bool]:
-    """Keyword arguments for a padded forward: positions count real tokens only (left padding shifts nothing)."""
-    args = _forward_args(model)
-    inputs: dict[str, torch.Tensor | bool] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
-    if "position_ids" in args:
-        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
-    if "use_cache" in args:
-        inputs["use_cache"] = False
-    return inputs
-
-
 @dataclass
 class PromptPass:
     """What one forward pass over the prompts gives (P prompts, V vocabulary, L layers, H heads, n_p tokens).
@@ -98,26 +53,18 @@ class PromptPass:
 
 
 def prompt_pass(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]], padding_side: str = "right") -> PromptPass:
-    """One padded forward pass over the prompts under a capture session (seed 000 §4.1: the last token's row)."""
-    model = loaded.model
-    ids, mask, offsets = pad_batch(prompt_ids, _pad_id(loaded.tokenizer), padding_side)
-    lengths = mask.sum(-1)
-    last = offsets + lengths - 1  # [b] in padded coordinates
-    config = CaptureConfig(rows="last", entropy=False, fused=False)  # the model's own logits, bit for bit
-    with torch.inference_mode(), capture_session(model, config, mask, last[:, None]) as session:
-        logits = model(**forward_inputs(model, ids, mask, loaded.device)).logits  # [b, n, V]
-    records = session.records
-    if len(records) != loaded.info.n_layers:
-        raise SinkscopeError(f"captured {len(records)} attention calls for {loaded.info.n_layers} layers: "
-                             f"{type(model).__name__} does not route attention through the AttentionInterface")
-    logprobs = torch.log_softmax(logits[torch.arange(len(prompt_ids)), last.to(logits.device)].float(), -1).cpu()
-    rows = torch.stack([r.rows[:, :, 0].cpu() for r in records], dim=1)  # [b, L, H, n]
-    mass = torch.stack([(r.key_mass_sum / r.key_count[:, None].clamp(min=1)).cpu() for r in records], dim=1)
-    cut = [(int(o), int(o + n)) for o, n in zip(offsets, lengths, strict=True)]
+    """One padded capture pass over the prompts (seed 000 §4.1: the last token's row), with the model's own logits
+    bit for bit (`fused=False`)."""
+    config = CaptureConfig(rows="last", entropy=False, fused=False, logprobs=True)
+    trace = run_capture(loaded, [list(p) for p in prompt_ids], config, batch_size=max(1, len(prompt_ids)),
+                        padding_side=padding_side, texts=[""] * len(prompt_ids))
+    assert trace.logprobs is not None
+    rows = trace.last_rows()  # [P, L, H, N]
+    lengths = trace.lengths.tolist()
     return PromptPass(
-        logprobs=logprobs,
-        rows=[rows[i, :, :, a:b].clone() for i, (a, b) in enumerate(cut)],
-        key_mass=[mass[i, :, :, a:b].clone() for i, (a, b) in enumerate(cut)],
+        logprobs=trace.logprobs,
+        rows=[rows[i, :, :, :n].clone() for i, n in enumerate(lengths)],
+        key_mass=[trace.key_mass[i, :, :, :n].clone() for i, n in enumerate(lengths)],
     )
 
 
@@ -129,11 +76,11 @@ def next_token_logprobs(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]]
     Returns [P, V], equal to `prompt_pass(...).logprobs`.
     """
     model = loaded.model
-    ids, mask, offsets = pad_batch(prompt_ids, _pad_id(loaded.tokenizer), padding_side)
+    ids, mask, offsets = pad_batch(prompt_ids, padding_id(loaded.tokenizer), padding_side)
     last = offsets + mask.sum(-1) - 1  # [P] in padded coordinates
     inputs = forward_inputs(model, ids, mask, loaded.device)
     keep, at = torch.unique(last, return_inverse=True)  # the distinct last positions, and each prompt's among them
-    if "logits_to_keep" in _forward_args(model):
+    if "logits_to_keep" in forward_args(model):
         inputs["logits_to_keep"] = keep.to(loaded.device)
     else:
         at = last
@@ -154,7 +101,7 @@ def continuation_logprobs(
     for b0 in range(0, len(pairs), batch_size):
         chunk = pairs[b0 : b0 + batch_size]
         seqs = [list(x) + list(y[:-1]) for x, y in chunk]
-        ids, mask, offsets = pad_batch(seqs, _pad_id(loaded.tokenizer), padding_side)
+        ids, mask, offsets = pad_batch(seqs, padding_id(loaded.tokenizer), padding_side)
         with torch.inference_mode():
             logits = model(**forward_inputs(model, ids, mask, loaded.device)).logits.float().cpu()  # [b, n, V]
         for i, (x, y) in enumerate(chunk):
