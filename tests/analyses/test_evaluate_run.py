@@ -18,7 +18,7 @@ from conftest import SHARED
 from sinkscope.analyses.evaluate import DatasetSpec, evaluate, get_spec, load_examples, summarise, table2
 from sinkscope.cli.evaluate import eval_command
 from sinkscope.errors import SinkscopeError
-from sinkscope.store import load_run
+from sinkscope.store import Run, RunFolder, load_run, make_manifest, save_run
 
 DATA = SHARED / "data"
 SPEC = DatasetSpec("tiny", "Tiny", ("no", "yes"), "R", "{text}:", frozenset({"r", "no", "yes"}))
@@ -79,18 +79,53 @@ def test_evaluate_tables_skips_and_resume(tiny_llama, data_file, tmp_path, monke
     assert calls == []
     pd.testing.assert_frame_equal(again.summary, first.summary)
 
-    part = out / "parts" / "tiny.jsonl"  # a kill in the middle of writing the 4th line
-    lines = part.read_text().splitlines(keepends=True)
-    part.write_text("".join(lines[:3]) + lines[3][:25])
-    resumed = evaluate(tiny_llama, SPEC, **kwargs)
+    folder = RunFolder(out, "eval")  # batches of 2, 2 and 1 examples: three units
+    units = folder.unit_names()
+    assert units == ["tiny-000000", "tiny-000001", "tiny-000002"]
+    assert sorted(x for u in units for x in folder.unit_info(u)["example_ids"]) == ["a", "c", "f", "g", "h"]
+    assert len(folder.unit_info(units[1])["example_ids"]) == 2
+    records = folder.unit_path(units[1]) / run_mod.RECORDS  # damaged: cut short, as by a disk or a careless hand
+    records.write_bytes(records.read_bytes()[:25])
+    said: list[str] = []
+    resumed = evaluate(tiny_llama, SPEC, **kwargs, log=said.append)
     assert sum(len(call) for call in calls) == 2
+    assert len(said) == 1 and said[0].startswith(f"tiny unit tiny-000001: {run_mod.RECORDS} has 25 bytes")
+    assert said[0].endswith("— recomputing its examples")
     timeless = ["dmr_ms"]  # wall-clock time of the recomputed examples differs
     pd.testing.assert_frame_equal(resumed.summary.drop(columns=timeless), first.summary.drop(columns=timeless),
                                   atol=1e-6)
-    assert len(part.read_text().splitlines()) == 5
+    assert folder.damaged_units() == {}
+    assert sorted(x for u in folder.unit_names() for x in folder.unit_info(u)["example_ids"]) == \
+        ["a", "c", "f", "g", "h"]
 
-    with pytest.raises(SinkscopeError, match="other settings"):
+    with pytest.raises(SinkscopeError, match=r"other settings \(k: 10 → 5\)"):
         evaluate(tiny_llama, SPEC, **{**kwargs, "k": 5})
+    other = DatasetSpec("tiny", "Tiny", ("no", "yes"), "Another instruction", "{text}:", frozenset({"r"}))
+    with pytest.raises(SinkscopeError, match="another prompt or label set"):
+        evaluate(tiny_llama, other, **kwargs)
+    with pytest.raises(SinkscopeError, match=r"holds a `eval` run; pass another --out or --overwrite"):
+        save_run(out, Run({"t": pd.DataFrame({"a": [1]})}, make_manifest("profile", None, {})))
+    calls.clear()
+    fresh = evaluate(tiny_llama, SPEC, **{**kwargs, "k": 5, "overwrite": True})
+    assert sorted(x for call in calls for x in call) == ["a", "c", "f", "g", "h"] and len(fresh.tables["examples"]) == 5
+
+
+def test_corrupt_settings_are_one_line(tiny_llama, data_file, tmp_path):
+    out = tmp_path / "run"
+    kwargs = {"data": data_file, "causal": False, "out": out}
+    evaluate(tiny_llama, SPEC, **kwargs)
+    settings = (out / "run.json").read_text()
+    (out / "run.json").write_text('{"command": "eval", "settings": {"mod')
+    with pytest.raises(SinkscopeError, match=r"run.json is corrupt .*--overwrite") as err:
+        evaluate(tiny_llama, SPEC, **kwargs)
+    assert "\n" not in str(err.value)
+    (out / "run.json").write_text(settings)
+    record = RunFolder(out, "eval").unit_path("tiny-000000") / "unit.json"
+    record.write_text("{")  # a corrupt unit record: a damaged unit, recomputed
+    said: list[str] = []
+    again = evaluate(tiny_llama, SPEC, **kwargs, log=said.append)
+    assert said == ["tiny unit tiny-000000: unit.json is corrupt — recomputing its examples"]
+    assert len(again.tables["examples"]) == 5
 
 
 def test_summarise_by_hand():

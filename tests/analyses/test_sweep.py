@@ -1,5 +1,6 @@
 """`sweep`: the merged tables equal `profile`'s, under one process or torchrun; kill/resume loses and repeats nothing;
-a changed fingerprint, a missing --out and a bad dataset are one-line errors."""
+a deleted, truncated or corrupted unit is recomputed (and named); a changed fingerprint, another command's folder, a
+missing --out and a bad dataset are one-line errors."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from sinkscope.analyses.profile import profile
 from sinkscope.analyses.sweep import KILL_HOOK, SHARDS, Ranks, plan_units, resolve_device, sweep, unit_path
 from sinkscope.cli.app import app
 from sinkscope.errors import SinkscopeError
-from sinkscope.store import load_run, save_run
+from sinkscope.store import UNIT_RECORD, RunFolder, load_run, save_run
 
 runner = CliRunner()
 # With unit size 2, unit 2 holds only unusable prompts (empty, longer than tiny:llama's 512 positions).
@@ -95,8 +96,9 @@ def test_torchrun_two_processes_equal_one(tmp_path):
     assert "heads with sink" in proc.stdout and "by 2 process(es)" in proc.stdout
     two = load_run(tmp_path / "two")
     assert two.manifest["sweep"]["world_size"] == 2
+    folder = RunFolder(tmp_path / "two", "sweep")
     for u in range(5):  # unit u belongs to rank u % 2
-        info = json.loads((unit_path(tmp_path / "two", u) / "unit.json").read_text())
+        info = folder.unit_info(f"unit-{u:06d}")
         assert (info["rank"], info["world_size"]) == (u % 2, 2)
     assert_same_tables(two.tables, load_run(tmp_path / "one").tables)
     # every rank refuses a changed fingerprint with the same one-line error (rank 0 checks, then tells the others)
@@ -126,18 +128,19 @@ def test_sigkill_at_a_random_moment_then_resume(tmp_path, many_reference):
     assert_same_tables(tables, many_reference)
 
 
-def test_kill_between_write_and_rename_then_resume(tmp_path, many_reference):
+def test_kill_between_write_and_rename_then_resume(tmp_path, many_reference, caplog):
     prompts = write_prompts(tmp_path / "prompts.jsonl", MANY)
     out = tmp_path / "sweep"
     args = ["sweep", "-m", "tiny:llama", "--prompts", str(prompts), "--out", str(out), "--unit-size", "1"]
     proc = subprocess.run([sys.executable, "-m", "sinkscope", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", KILL_HOOK: "2"})
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", KILL_HOOK: "unit-000002"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert [u for u in range(len(MANY)) if unit_path(out, u).is_dir()] == [0, 1]
     assert len(list((out / SHARDS).glob(".tmp-unit-000002-*/keys.parquet"))) == 1  # written, never renamed
     resumed = invoke(*args)
     assert resumed.exit_code == 0, resumed.output
     assert "2 found done" in resumed.output
+    assert "unit 2: left half-written by an interrupted run — recomputing" in caplog.text  # the sinkscope logger
     assert not list((out / SHARDS).glob(".tmp-*"))
     tables = load_run(out).tables
     assert_no_gaps(tables, list(range(len(MANY))))
@@ -164,8 +167,96 @@ def test_fingerprint_mismatch_is_refused(tmp_path, tiny_llama):
     other = tmp_path / "not-a-sweep"
     other.mkdir()
     (other / "notes.txt").write_text("mine")
-    with pytest.raises(SinkscopeError, match="not a sweep folder"):
+    with pytest.raises(SinkscopeError, match="holds no sinkscope run"):
         sweep(tiny_llama, PROMPTS[:3], other)
+
+
+def test_another_commands_folder_is_refused_unless_overwrite(tmp_path, tiny_llama):
+    out = tmp_path / "run"
+    save_run(out, profile(tiny_llama, PROMPTS[:2]).run(tiny_llama))
+    with pytest.raises(SinkscopeError, match=r"holds a `profile` run; pass another --out or --overwrite"):
+        sweep(tiny_llama, PROMPTS[:3], out, unit_size=2)
+    assert load_run(out).manifest["command"] == "profile"  # untouched
+    result = sweep(tiny_llama, PROMPTS[:3], out, unit_size=2, overwrite=True)
+    assert result.done_now == [0, 1] and load_run(out).manifest["command"] == "sweep"
+    with pytest.raises(SinkscopeError, match=r"unit_size: 2 → 1"):
+        sweep(tiny_llama, PROMPTS[:3], out, unit_size=1)
+    again = sweep(tiny_llama, PROMPTS[:3], out, unit_size=1, overwrite=True)
+    assert again.done_before == 0 and again.n_units == 3
+    # and the other way round: a non-resuming command refuses the sweep's folder
+    with pytest.raises(SinkscopeError, match="holds a `sweep` run"):
+        save_run(out, profile(tiny_llama, PROMPTS[:2]).run(tiny_llama))
+
+
+def _damage(path: Path, how: str) -> None:
+    if how == "delete":
+        path.unlink()
+    elif how == "truncate":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:  # a record cut short
+        path.write_text(path.read_text()[:20])
+
+
+@pytest.mark.parametrize(("how", "file", "reason"), [
+    ("delete", "keys.parquet", "keys.parquet missing"),
+    ("truncate", "heads.parquet", "heads.parquet has"),
+    ("corrupt", UNIT_RECORD, "unit.json is corrupt"),
+])
+def test_damaged_unit_is_recomputed_and_named(tmp_path, tiny_llama, many_reference, how, file, reason):
+    out = tmp_path / "sweep"
+    first = sweep(tiny_llama, MANY, out, unit_size=1)
+    assert first.done_now == list(range(len(MANY)))
+    _damage(unit_path(out, 2) / file, how)
+    assert not RunFolder(out, "sweep").unit_done("unit-000002")
+    said: list[str] = []
+    again = sweep(tiny_llama, MANY, out, unit_size=1, log=said.append)
+    assert again.done_now == [2] and again.done_before == len(MANY) - 1
+    assert list(again.damaged) == [2] and reason in again.damaged[2]
+    assert len(said) == 1 and said[0].startswith(f"unit 2: {reason}") and said[0].endswith("recomputing")
+    tables = load_run(out).tables
+    assert_no_gaps(tables, list(range(len(MANY))))
+    assert_same_tables(tables, many_reference)
+
+
+def test_damaged_unit_through_the_cli_is_named(tmp_path, caplog):
+    prompts = write_prompts(tmp_path / "prompts.jsonl", MANY[:6])
+    out = tmp_path / "sweep"
+    args = ["sweep", "-m", "tiny:llama", "--prompts", str(prompts), "--out", str(out), "--unit-size", "2"]
+    assert invoke(*args).exit_code == 0
+    (unit_path(out, 1) / "keys.parquet").unlink()
+    again = invoke(*args)
+    assert again.exit_code == 0, again.output
+    assert "unit 1: keys.parquet missing — recomputing" in caplog.text and "already done" not in again.output
+    assert "2 found done" in again.output
+    assert_no_gaps(load_run(out).tables, list(range(6)))
+
+
+def test_damage_found_at_the_merge_is_one_line(tmp_path, tiny_llama, monkeypatch):
+    """A unit that verified before the units ran but is damaged by the merge: an error naming it, no traceback."""
+    import sinkscope.analyses.sweep as sweep_mod
+
+    out = tmp_path / "sweep"
+    sweep(tiny_llama, PROMPTS[:4], out, unit_size=2)
+    real = sweep_mod.run_units
+
+    def run_then_damage(*args, **kwargs):
+        done = real(*args, **kwargs)
+        _damage(unit_path(out, 1) / "keys.parquet", "truncate")
+        return done
+
+    monkeypatch.setattr(sweep_mod, "run_units", run_then_damage)
+    with pytest.raises(SinkscopeError, match=r"units/unit-000001: keys.parquet has .*rerun the same command"):
+        sweep(tiny_llama, PROMPTS[:4], out, unit_size=2)
+
+
+def test_corrupt_run_record_is_one_line(tmp_path, tiny_llama):
+    out = tmp_path / "sweep"
+    sweep(tiny_llama, PROMPTS[:3], out, unit_size=2)
+    (out / "run.json").write_text('{"command": "sweep", "settings')
+    with pytest.raises(SinkscopeError, match=r"run.json is corrupt .*--overwrite") as err:
+        sweep(tiny_llama, PROMPTS[:3], out, unit_size=2)
+    assert "\n" not in str(err.value)
+    assert sweep(tiny_llama, PROMPTS[:3], out, unit_size=2, overwrite=True).done_now == [0, 1]
 
 
 def test_dataset_prompts(tmp_path):

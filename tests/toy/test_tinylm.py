@@ -186,6 +186,51 @@ def test_resume_after_interruption_is_deterministic(corpus, tmp_path):
     pd.testing.assert_frame_equal(ta, tb, atol=1e-6, rtol=0)
 
 
+def test_resume_skips_a_damaged_checkpoint(corpus, tmp_path):
+    """The checkpoint is a store unit: a damaged one is reported and not resumed from (here the only one: the run
+    starts over), and the result equals an uninterrupted run."""
+    cfg = small_config(corpus, tmp_path / "full", steps=4, eval_every=2)
+    full = train(cfg)
+    part_cfg = replace(cfg, out=str(tmp_path / "part"))
+    train(part_cfg, stop_after=2)
+    units = sorted((tmp_path / "part" / "units").iterdir())
+    assert [u.name for u in units] == ["checkpoint-00000002"]
+    (units[0] / "model.safetensors").write_bytes(b"cut short")
+    said: list[str] = []
+    second = train(part_cfg, resume=True, log=said.append)
+    assert second.completed and "checkpoint-00000002: model.safetensors has 9 bytes" in said[0]
+    assert not any(m.startswith("resuming") for m in said)
+    a, _ = load_checkpoint(full.out / "model")
+    b, _ = load_checkpoint(second.out / "model")
+    for (name, p), (_, q) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=0, msg=name)
+
+
+def test_run_folder_guards(corpus, tmp_path):
+    from sinkscope.analyses.profile import profile
+    from sinkscope.models import tiny_model
+    from sinkscope.store import save_run
+
+    lm = tiny_model("llama")
+    taken = save_run(tmp_path / "profile", profile(lm, ["a prompt"]).run(lm))
+    cfg = small_config(corpus, taken, steps=2)
+    with pytest.raises(SinkscopeError, match=r"holds a `profile` run; pass another --out or --overwrite"):
+        train(cfg)
+    assert train(cfg, overwrite=True).completed
+    assert load_run(taken).manifest["command"] == "train-lm"
+    with pytest.raises(SinkscopeError, match="--resume"):
+        train(cfg)
+    assert train(cfg, overwrite=True).completed  # starts over
+    assert train(replace(cfg, lr=2e-2), resume=True).completed  # a resume keeps the stored settings …
+    assert tinylm.saved_config(taken).lr == 1e-2
+    (taken / "units" / "checkpoint-00000002" / "unit.json").write_text("{")
+    with pytest.raises(SinkscopeError, match=r"other settings \(lr: 0.01 → 0.02\)"):
+        train(replace(cfg, lr=2e-2))  # … and without a usable checkpoint, other settings are refused
+    (taken / "train_config.json").write_text('{"lr": ')
+    with pytest.raises(SinkscopeError, match=r"train_config.json is corrupt"):
+        tinylm.saved_config(taken)
+
+
 def test_alpha0_equals_sinkscope_capture(variant_runs):
     from sinkscope.capture import CaptureConfig, run_capture
     from sinkscope.models import load_model

@@ -2,14 +2,15 @@
 
 The prompts are cut into units of `unit_size` consecutive prompts (unit u holds prompts u·size … (u+1)·size − 1);
 process `rank` of `world` does the units with u % world == rank. Each finished unit's tables (`profile`'s, with the
-global prompt ids) are written to a temporary folder inside `out/shards/` and renamed to `out/shards/unit-<u>/`: a
-unit folder that exists is complete, so a process killed at any moment loses at most the unit it was working on and
-a rerun never repeats a finished one. When every unit is done, rank 0 merges the shards into a run folder in `out/`.
-`out/sweep.json` fingerprints the run (model, dtype, method, parameters, prompt-set hash, unit size); resuming with
-different settings is refused. The number of processes and the batch size may change between resumes.
+global prompt ids) are a store unit `out/units/unit-<u>/` (`sinkscope.store`: written atomically, its files listed
+with sizes and sha256), so a process killed at any moment loses at most the unit it was working on, a rerun never
+repeats a finished one, and a unit whose files were deleted or damaged since is recomputed (and reported). When every
+unit is done, rank 0 merges the units into a run folder in `out/`. The folder records the sweep's settings (model,
+dtype, method, parameters, prompt-set hash, unit size); resuming with different settings is refused. The number of
+processes and the batch size may change between resumes. Rank 0 holds the folder's lock for the whole launch.
 
-Test hook (used by tests/test_sweep.py only): with SINKSCOPE_SWEEP_KILL_BEFORE_RENAME=<u> set, the process SIGKILLs
-itself after unit u's tables are in their temporary folder and before the rename, the worst moment for a crash.
+Test hook (tests/analyses/test_sweep.py): with `SINKSCOPE_KILL_BEFORE_RENAME=unit-<u>` set (`KILL_HOOK`), the process
+SIGKILLs itself after unit u's files are in their temporary folder and before the rename, the worst moment.
 """
 
 from __future__ import annotations
@@ -17,10 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import signal
 import time
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -37,11 +35,13 @@ from sinkscope.capture import CaptureConfig, run_capture, validate_prompts
 from sinkscope.detect import get_detector
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel, parse_dtype
-from sinkscope.store import Run, make_manifest, save_run
+from sinkscope.store import KILL_HOOK, UNITS, Run, RunFolder, make_manifest, normalise, open_run, reporter
 
-FINGERPRINT = "sweep.json"
-SHARDS = "shards"
-KILL_HOOK = "SINKSCOPE_SWEEP_KILL_BEFORE_RENAME"
+COMMAND = "sweep"
+SHARDS = UNITS  # where the units live: out/units/unit-<u>/
+__all__ = ["KILL_HOOK", "SHARDS", "Ranks", "SweepConfig", "SweepPlan", "SweepResult", "merge_units", "plan_sweep",
+           "plan_units", "process_group", "profile_unit", "resolve_device", "run_units", "sweep", "sweep_run",
+           "sweep_settings", "unit_name", "unit_path"]
 # Ranks that finish early wait for the slowest one at the final barrier; the default (30 min) is too short for that.
 BARRIER_TIMEOUT = timedelta(hours=24)
 # Merge order of each table: the order `profile` builds them in.
@@ -109,18 +109,21 @@ class SweepPlan:
     out: Path
     prompts: list[str]
     config: SweepConfig
-    fingerprint: dict[str, Any]
+    settings: dict[str, Any]
     units: list[range]
+    folder: RunFolder  # rank 0: opened and locked; other ranks: attached
 
 
 @dataclass
 class SweepResult:
-    """One process's outcome: units done by this call, units found done, and (rank 0 only) the merged run."""
+    """One process's outcome: units done by this call, units found done (all ranks), the units of this process that
+    were recomputed because they were damaged or left half-written ({unit: reason}), and (rank 0) the merged run."""
 
     n_units: int
     done_now: list[int]
     done_before: int
     run: Run | None = None
+    damaged: dict[int, str] = field(default_factory=dict)
 
 
 def resolve_device(device: str | None, ranks: Ranks) -> str | None:
@@ -167,7 +170,8 @@ def capture_settings(capture: CaptureConfig) -> dict[str, Any]:
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(capture).items()}
 
 
-def fingerprint(model: str, dtype: str | torch.dtype, prompts: Sequence[str], config: SweepConfig) -> dict[str, Any]:
+def sweep_settings(model: str, dtype: str | torch.dtype, prompts: Sequence[str], config: SweepConfig
+                   ) -> dict[str, Any]:
     """Everything that changes a unit's tables: a resume must match it exactly (device and batch size may change)."""
     return {
         "model": model,
@@ -186,39 +190,12 @@ def plan_units(n_prompts: int, unit_size: int) -> list[range]:
     return [range(start, min(start + unit_size, n_prompts)) for start in range(0, n_prompts, unit_size)]
 
 
+def unit_name(unit: int) -> str:
+    return f"unit-{unit:06d}"
+
+
 def unit_path(out: Path, unit: int) -> Path:
-    return out / SHARDS / f"unit-{unit:06d}"
-
-
-def units_done(out: Path, n_units: int) -> list[int]:
-    return [u for u in range(n_units) if unit_path(out, u).is_dir()]
-
-
-def _check_folder(out: Path, expected: dict[str, Any]) -> None:
-    """Create `out` with its fingerprint, or check that the one there matches (a resume)."""
-    path = out / FINGERPRINT
-    if out.exists() and not out.is_dir():
-        raise SinkscopeError(f"--out {out} is a file; pass a folder")
-    if path.exists():
-        found = json.loads(path.read_text())
-        if found != expected:
-            changed = [f"{k}: {found.get(k)!r} → {expected.get(k)!r}" for k in sorted(set(found) | set(expected))
-                       if found.get(k) != expected.get(k) and k != "prompts_sha256"]
-            if found.get("prompts_sha256") != expected.get("prompts_sha256"):
-                changed.append("the prompts differ")
-            raise SinkscopeError(f"{out} holds a sweep with other settings ({'; '.join(changed)}); rerun with the "
-                                 "same settings to resume it, or pass a new --out")
-        return
-    if out.is_dir() and any(out.iterdir()):
-        raise SinkscopeError(f"{out} is not empty and holds no {FINGERPRINT} (not a sweep folder); pass a new --out")
-    out.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, json.dumps(expected, indent=2) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    return Path(out) / SHARDS / unit_name(unit)
 
 
 def _on_rank0(ranks: Ranks, fn: Callable[[], None]) -> None:
@@ -238,16 +215,22 @@ def _on_rank0(ranks: Ranks, fn: Callable[[], None]) -> None:
 
 
 def plan_sweep(out: str | Path, prompts: Sequence[str], model: str, dtype: str | torch.dtype, config: SweepConfig,
-               ranks: Ranks | None = None) -> SweepPlan:
-    """Check (or start) the sweep folder `out` for these prompts and settings. Collective when distributed."""
+               ranks: Ranks | None = None, *, overwrite: bool = False) -> SweepPlan:
+    """Check (or start) the sweep folder `out` for these prompts and settings. Collective when distributed.
+
+    Rank 0 opens and locks the folder (`sinkscope.store.open_run`): a folder of another command, a sweep with other
+    settings, or one in use by another launch is refused on every rank with the same line; `overwrite` clears a
+    folder of another command or other settings instead. The lock is released when `sweep_run` ends.
+    """
     ranks = ranks or Ranks()
     prompts = list(prompts)
     if not prompts:
         raise SinkscopeError("no prompts given: pass --prompt TEXT, --prompts FILE or --dataset NAME")
-    expected = json.loads(json.dumps(fingerprint(model, dtype, prompts, config)))
-    folder = Path(out)
-    _on_rank0(ranks, lambda: _check_folder(folder, expected))
-    return SweepPlan(folder, prompts, config, expected, plan_units(len(prompts), config.unit_size))
+    settings = normalise(sweep_settings(model, dtype, prompts, config))
+    opened: list[RunFolder] = []
+    _on_rank0(ranks, lambda: opened.append(open_run(out, COMMAND, settings, overwrite=overwrite)))
+    folder = opened[0] if opened else RunFolder(Path(out), COMMAND, settings)
+    return SweepPlan(Path(out), prompts, config, settings, plan_units(len(prompts), config.unit_size), folder)
 
 
 def profile_unit(loaded: LoadedModel, prompts: Sequence[str], ids: Sequence[int], config: SweepConfig
@@ -270,51 +253,33 @@ def profile_unit(loaded: LoadedModel, prompts: Sequence[str], ids: Sequence[int]
     return tables
 
 
-def write_unit(out: Path, unit: int, tables: Mapping[str, pd.DataFrame], info: Mapping[str, Any]) -> Path:
-    """Write one unit's tables to a temporary folder in `out/shards/`, then rename it to `unit-<u>/` (atomic)."""
-    shards = out / SHARDS
-    shards.mkdir(parents=True, exist_ok=True)
-    tmp = shards / f".tmp-unit-{unit:06d}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    for name, table in tables.items():
-        table.to_parquet(tmp / f"{name}.parquet", index=False)
-    (tmp / "unit.json").write_text(json.dumps(dict(info), indent=2) + "\n")
-    for path in tmp.iterdir():
-        _fsync(path)
-    if os.environ.get(KILL_HOOK) == str(unit):
-        os.kill(os.getpid(), signal.SIGKILL)
-    final = unit_path(out, unit)
-    try:
-        os.rename(tmp, final)
-    except OSError:
-        if not final.is_dir():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)  # another process finished this unit first; keep its copy
-    _fsync(shards)
-    return final
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _remove_temporaries(out: Path, unit: int | None = None) -> None:
-    """Delete temporary unit folders left by killed processes (of one unit, or all of them)."""
-    pattern = f".tmp-unit-{unit:06d}-*" if unit is not None else ".tmp-unit-*"
-    for tmp in (out / SHARDS).glob(pattern):
-        shutil.rmtree(tmp, ignore_errors=True)
+def pending_units(plan: SweepPlan, ranks: Ranks | None = None) -> tuple[list[int], dict[int, str]]:
+    """This process's units (u % world == rank) that are not done, and why each present one is not: a unit whose
+    files were deleted or changed since it was written, or one a killed process left half-written (rank 0 knows
+    those). Damaged units are removed, so that they are recomputed."""
+    ranks = ranks or Ranks()
+    mine = [u for u in range(len(plan.units)) if u % ranks.world == ranks.rank]
+    half_written = set(plan.folder.incomplete)
+    todo, damaged = [], {}
+    for u in mine:
+        reason = plan.folder.check_unit(unit_name(u))
+        if reason is None:
+            continue
+        todo.append(u)
+        if reason != "missing":
+            damaged[u] = reason
+            plan.folder.discard_unit(unit_name(u))
+        elif unit_name(u) in half_written:
+            damaged[u] = "left half-written by an interrupted run"
+    return todo, damaged
 
 
 def run_units(loaded: LoadedModel, plan: SweepPlan, ranks: Ranks | None = None,
-              progress: Callable[[int, int], None] | None = None) -> list[int]:
-    """Do this process's unfinished units (u % world == rank); returns the units done. progress(done, total)."""
+              progress: Callable[[int, int], None] | None = None, todo: Sequence[int] | None = None) -> list[int]:
+    """Do this process's unfinished units (`todo`, default `pending_units`); returns the units done.
+    progress(done, total)."""
     ranks = ranks or Ranks()
-    mine = [u for u in range(len(plan.units)) if u % ranks.world == ranks.rank]
-    todo = [u for u in mine if not unit_path(plan.out, u).is_dir()]
+    todo = pending_units(plan, ranks)[0] if todo is None else list(todo)
     done: list[int] = []
     for u in todo:
         start = time.perf_counter()
@@ -322,28 +287,27 @@ def run_units(loaded: LoadedModel, plan: SweepPlan, ranks: Ranks | None = None,
         tables = profile_unit(loaded, [plan.prompts[i] for i in ids], ids, plan.config)
         info = {"unit": u, "prompt_ids": [ids[0], ids[-1]], "rank": ranks.rank, "world_size": ranks.world,
                 "device": str(loaded.device), "seconds": round(time.perf_counter() - start, 3)}
-        _remove_temporaries(plan.out, u)
-        write_unit(plan.out, u, tables, info)
+        plan.folder.write_unit(unit_name(u), tables, info)
         done.append(u)
         if progress is not None:
             progress(len(done), len(todo))
     return done
 
 
-def merge_units(out: Path, n_units: int) -> tuple[dict[str, pd.DataFrame], list[int]]:
+def merge_units(folder: RunFolder, n_units: int) -> tuple[dict[str, pd.DataFrame], list[int]]:
     """Concatenate the units' tables in `profile`'s order and recompute `layers`. Returns the tables and the world
-    sizes the units were computed with."""
-    missing = [u for u in range(n_units) if not unit_path(out, u).is_dir()]
+    sizes the units were computed with. A missing or damaged unit is a SinkscopeError that says to rerun."""
+    missing = [u for u in range(n_units) if not folder.unit_path(unit_name(u)).is_dir()]
     if missing:
         raise SinkscopeError(f"{len(missing)} of {n_units} units are not done (first: {missing[0]}); rerun the same "
                              "command to finish them")
     parts: dict[str, list[pd.DataFrame]] = {}
     worlds: set[int] = set()
     for u in range(n_units):
-        folder = unit_path(out, u)
-        for path in sorted(folder.glob("*.parquet")):
-            parts.setdefault(path.stem, []).append(pd.read_parquet(path))
-        worlds.add(int(json.loads((folder / "unit.json").read_text())["world_size"]))
+        unit = folder.read_unit(unit_name(u))
+        for name, table in unit.tables().items():
+            parts.setdefault(name, []).append(table)
+        worlds.add(int(unit.info["world_size"]))
     merged = {name: pd.concat(frames, ignore_index=True) for name, frames in parts.items()}
     if "keys" not in merged:
         skipped = merged["skipped"]
@@ -359,45 +323,64 @@ def merge_units(out: Path, n_units: int) -> tuple[dict[str, pd.DataFrame], list[
     return tables, sorted(worlds)
 
 
+def _sum_over_ranks(ranks: Ranks, value: int) -> int:
+    if not ranks.distributed:
+        return value
+    values: list[Any] = [None] * ranks.world
+    dist.all_gather_object(values, value)
+    return sum(values)
+
+
 def sweep_run(loaded: LoadedModel, plan: SweepPlan, ranks: Ranks | None = None,
-              progress: Callable[[int, int], None] | None = None, source: Any = None) -> SweepResult:
+              progress: Callable[[int, int], None] | None = None, source: Any = None,
+              log: Callable[[str], None] | None = None) -> SweepResult:
     """Do this process's units, wait for the others, and (rank 0) merge them into a run folder in `plan.out`.
 
-    Collective when distributed: every rank calls it. `source` (e.g. the dataset) goes into the manifest.
+    Collective when distributed: every rank calls it. `source` (e.g. the dataset) goes into the manifest. Each
+    damaged unit that is recomputed is reported through `log` (default: the `sinkscope` logger), e.g.
+    "unit 2: keys.parquet missing — recomputing". Releases the folder's lock at the end.
     """
     ranks = ranks or Ranks()
+    say = reporter(log)
     n_units = len(plan.units)
-    before = len(units_done(plan.out, n_units))
-    done = run_units(loaded, plan, ranks, progress)
-    if ranks.distributed:
-        dist.barrier()
-    if not ranks.main:
-        return SweepResult(n_units, done, before)
-    _remove_temporaries(plan.out)
-    tables, worlds = merge_units(plan.out, n_units)
-    config = plan.config
-    params = {"method": config.method, **config.params, "capture": plan.fingerprint["capture"],
-              "batch_size": config.batch_size}
-    manifest = make_manifest("sweep", model_manifest(loaded), params)
-    manifest["sweep"] = {"world_size": ranks.world, "world_sizes_of_units": worlds, "unit_size": config.unit_size,
-                         "n_units": n_units, "n_prompts": len(plan.prompts),
-                         "prompts_sha256": plan.fingerprint["prompts_sha256"], "source": source}
-    run = Run(tables=tables, manifest=manifest)
-    save_run(plan.out, run)
-    return SweepResult(n_units, done, before, run)
+    try:
+        todo, damaged = pending_units(plan, ranks)
+        for u, reason in damaged.items():
+            say(f"unit {u}: {reason} — recomputing")
+        mine = sum(1 for u in range(n_units) if u % ranks.world == ranks.rank)
+        before = _sum_over_ranks(ranks, mine - len(todo))
+        done = run_units(loaded, plan, ranks, progress, todo)
+        if ranks.distributed:
+            dist.barrier()
+        if not ranks.main:
+            return SweepResult(n_units, done, before, damaged=damaged)
+        tables, worlds = merge_units(plan.folder, n_units)
+        config = plan.config
+        params = {"method": config.method, **config.params, "capture": plan.settings["capture"],
+                  "batch_size": config.batch_size}
+        manifest = make_manifest(COMMAND, model_manifest(loaded), params)
+        manifest["sweep"] = {"world_size": ranks.world, "world_sizes_of_units": worlds,
+                             "unit_size": config.unit_size, "n_units": n_units, "n_prompts": len(plan.prompts),
+                             "prompts_sha256": plan.settings["prompts_sha256"], "source": source}
+        run = Run(tables=tables, manifest=manifest)
+        plan.folder.save(run)
+        return SweepResult(n_units, done, before, run, damaged)
+    finally:
+        plan.folder.close()
 
 
 def sweep(loaded: LoadedModel, prompts: Sequence[str], out: str | Path, method: str = "column_mass",
           params: Mapping[str, Any] | None = None, *, unit_size: int = 32, batch_size: int = 8,
-          ranks: Ranks | None = None) -> SweepResult:
+          ranks: Ranks | None = None, overwrite: bool = False, log: Callable[[str], None] | None = None
+          ) -> SweepResult:
     """`profile(loaded, prompts, method, params)` written unit by unit to `out` and merged there; resumable.
 
-    Rerunning on the same `out` finishes what is left (or only re-merges a finished sweep). Under torchrun, call it
-    on every rank inside `process_group(...)`; rank 0's result holds the run (the tables `profile` builds, plus
-    `skipped`).
+    Rerunning on the same `out` finishes what is left, recomputes damaged units (reported through `log`) or only
+    re-merges a finished sweep. `overwrite` replaces a folder of another command or other settings. Under torchrun,
+    call it on every rank inside `process_group(...)`; rank 0's result holds the run (the tables `profile` builds,
+    plus `skipped`).
     """
     ranks = ranks or Ranks()
     config = SweepConfig(method, dict(params or {}), unit_size, batch_size)
-    plan = plan_sweep(out, prompts, loaded.info.name, loaded.info.dtype, config, ranks)
-    return sweep_run(loaded, plan, ranks)
-
+    plan = plan_sweep(out, prompts, loaded.info.name, loaded.info.dtype, config, ranks, overwrite=overwrite)
+    return sweep_run(loaded, plan, ranks, log=log)

@@ -6,8 +6,9 @@ attention is aggregated (default: last layer, mean over heads, seed 000 §4.1), 
 each method (Algorithm 1), keyword match is scored before and after (`alignment.py`), and, for the examples the
 causal budget covers, each prompt token's causal effect on the predicted label is measured (`causal.py`).
 
-Resuming: with `out`, every finished example is appended as one JSON line to `out/parts/<dataset>.jsonl`; a
-restarted run with the same settings skips the example ids found there (a line cut short by a kill is dropped).
+Resuming: with `out`, every finished batch of examples is a store unit `out/units/<dataset>-<n>/` (`sinkscope.store`:
+written atomically, verified by size and sha256); a restarted run with the same settings skips the example ids of
+the units that verify, and recomputes (and reports) the examples of a damaged one.
 """
 
 from __future__ import annotations
@@ -33,12 +34,13 @@ from sinkscope.analyses.mitigate import aggregate_rows, detect_mask_renormalise
 from sinkscope.detect import get_detector
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
-from sinkscope.store import Run, make_manifest
+from sinkscope.store import Run, RunFolder, make_manifest, open_run, reporter
 
 __all__ = ["EvalConfig", "EvalResult", "causal_subset", "evaluate", "evaluate_examples", "summarise",
            "summarise_records", "table2"]
 
-PARTS = "parts"
+COMMAND = "eval"
+RECORDS = "records.jsonl"
 Progress = Callable[[str, int, int], None]
 
 
@@ -253,55 +255,56 @@ def evaluate_examples(
     return records
 
 
+# units (resume)
 # ---------------------------------------------------------------------------------------------------------------
-# part files (resume)
-# ---------------------------------------------------------------------------------------------------------------
 
 
-def _open_parts(out: Path, config: EvalConfig, model: str, specs: Sequence[DatasetSpec]) -> Path:
-    """Create out/parts (or check it was made with the same settings). Returns the folder."""
-    if out.exists() and not out.is_dir():
-        raise SinkscopeError(f"--out {out} is a file; pass a folder")
-    parts = out / PARTS
-    parts.mkdir(parents=True, exist_ok=True)
-    settings = {"model": model, **config.fingerprint()}
-    path = parts / "settings.json"
-    if path.exists():
-        before = json.loads(path.read_text())
-        differ = sorted(k for k in set(before) | set(settings) if before.get(k) != settings.get(k))
-        if differ:
-            raise SinkscopeError(f"{out} holds results made with other settings (different {', '.join(differ)}); "
-                                 f"pass another --out, or delete {parts} to start over")
-    else:
-        path.write_text(json.dumps(settings, indent=2) + "\n")
-    for spec in specs:
-        prompts = parts / f"{spec.name}.prompt.json"
-        fmt = {"instruction": spec.instruction, "template": spec.template, "labels": list(spec.labels)}
-        if prompts.exists() and json.loads(prompts.read_text()) != fmt:
-            raise SinkscopeError(f"{out} holds {spec.name} results made with another prompt or label set; "
-                                 f"delete {parts / (spec.name + '.jsonl')} to redo them")
-        prompts.write_text(json.dumps(fmt, indent=2) + "\n")
-    return parts
+def prompt_format(spec: DatasetSpec) -> dict[str, Any]:
+    """What a dataset's stored results depend on besides the settings: its instruction, template and labels."""
+    return {"instruction": spec.instruction, "template": spec.template, "labels": list(spec.labels)}
 
 
-def read_part(path: Path) -> list[dict[str, Any]]:
-    """The complete records of a part file; a last line cut short (a killed run) is removed from the file."""
-    if not path.exists():
-        return []
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with path.open("r+b") as fh:
-            fh.truncate(end)
-    records = []
-    for line in data[:end].decode("utf-8").splitlines():
-        try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError:
+def _unit_index(name: str, dataset: str) -> int | None:
+    head, _, index = name.rpartition("-")
+    return int(index) if head == dataset and index.isdigit() else None
+
+
+def read_units(folder: RunFolder, spec: DatasetSpec, say: Callable[[str], None]) -> tuple[dict[str, Any], int]:
+    """The records of the dataset's units that verify ({example_id: record}) and the next free unit index.
+
+    A damaged unit (a file missing or changed, a corrupt record) is reported through `say` and removed, so its
+    examples are recomputed. Units made with another prompt format are refused."""
+    previous: dict[str, Any] = {}
+    indices = [-1]
+    for name in folder.unit_names():
+        index = _unit_index(name, spec.name)
+        if index is None:
             continue
-    return records
+        reason = folder.check_unit(name)
+        if reason is not None:
+            say(f"{spec.name} unit {name}: {reason} — recomputing its examples")
+            folder.discard_unit(name)
+            continue
+        unit = folder.read_unit(name)
+        if unit.info.get("prompt") != prompt_format(spec):
+            raise SinkscopeError(f"{folder.path} holds {spec.name} results made with another prompt or label set; "
+                                 "pass another --out, or --overwrite to start over")
+        indices.append(index)
+        for line in unit.files[RECORDS].decode("utf-8").splitlines():
+            record = json.loads(line)
+            previous[record["example"]["example_id"]] = record
+    return previous, max(indices) + 1
 
 
+def write_records(folder: RunFolder, spec: DatasetSpec, index: int, records: Sequence[dict[str, Any]]) -> None:
+    """One batch of records as the unit `<dataset>-<index>` (JSON lines)."""
+    text = "".join(json.dumps(r) + "\n" for r in records)
+    info = {"dataset": spec.name, "prompt": prompt_format(spec),
+            "example_ids": [r["example"]["example_id"] for r in records]}
+    folder.write_unit(f"{spec.name}-{index:06d}", {RECORDS: text}, info)
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # ---------------------------------------------------------------------------------------------------------------
 # tables
 # ---------------------------------------------------------------------------------------------------------------
@@ -405,12 +408,16 @@ def evaluate(
     padding_side: str = "right",
     out: str | Path | None = None,
     progress: Progress | None = None,
+    overwrite: bool = False,
+    log: Callable[[str], None] | None = None,
 ) -> EvalResult:
     """Classify `limit` seeded examples of each dataset with `loaded` and score attention alignment.
 
     dataset: a name (`list_datasets()`), a spec, or several. data: see `load_examples` (None: ../shared/data when
-    present, else the Hub). out: a run folder whose `parts/` make the run resumable (finished examples are not
-    recomputed). progress(dataset, done, total) is called after each batch.
+    present, else the Hub). out: a run folder whose units make the run resumable (finished examples are not
+    recomputed; damaged units are reported through `log`, default the `sinkscope` logger, and recomputed); a folder
+    of another command or other settings is refused unless `overwrite`. progress(dataset, done, total) is called
+    after each batch.
     Returns an EvalResult whose tables are examples, scores, alignment, tokens, skipped and summary.
     """
     config = EvalConfig(
@@ -427,7 +434,23 @@ def evaluate(
     if data is not None and Path(data).is_file() and len(specs) > 1:
         raise SinkscopeError(f"--data {data} is one file but {len(specs)} datasets were asked for; pass a folder "
                              "holding <name>/test.jsonl for each, or one --dataset")
-    parts = _open_parts(Path(out), config, loaded.info.name, specs) if out is not None else None
+    settings = {"model": loaded.info.name, **config.fingerprint()}
+    folder = open_run(out, COMMAND, settings, overwrite=overwrite) if out is not None else None
+    try:
+        records, skipped, sources = _run(loaded, specs, config, data, limit, folder, progress, reporter(log))
+    finally:
+        if folder is not None:
+            folder.close()
+    info = {"limit": limit, "data": sources}
+    return EvalResult(tables=_tables(records, skipped, config), config=config, datasets=[s.name for s in specs],
+                      info=info)
+
+
+def _run(loaded: LoadedModel, specs: Sequence[DatasetSpec], config: EvalConfig, data: str | Path | None,
+         limit: int | None, folder: RunFolder | None, progress: Progress | None, say: Callable[[str], None]
+         ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict[str, str]]:
+    """Every dataset's records (stored ones reused, the rest computed and stored batch by batch), skipped rows and
+    data sources."""
     records: list[dict[str, Any]] = []
     skipped: list[dict[str, Any]] = []
     sources: dict[str, str] = {}
@@ -435,12 +458,11 @@ def evaluate(
         loaded_rows = load_examples(spec, data)
         sources[spec.name] = loaded_rows.source
         # the sample depends on the data and the seed only, not on the model
-        chosen, lengths, too_long = _fits_context(loaded, spec, sample(loaded_rows.examples, limit, seed))
-        causal_ids = causal_subset(loaded_rows.examples, config.causal_limit, seed)
+        chosen, lengths, too_long = _fits_context(loaded, spec, sample(loaded_rows.examples, limit, config.seed))
+        causal_ids = causal_subset(loaded_rows.examples, config.causal_limit, config.seed)
         skipped.extend({"dataset": spec.name, "row": s.row, "example_id": s.example_id, "reason": s.reason}
                        for s in (*loaded_rows.skipped, *too_long))
-        part = parts / f"{spec.name}.jsonl" if parts is not None else None
-        previous = {r["example"]["example_id"]: r for r in read_part(part)} if part is not None else {}
+        previous, index = read_units(folder, spec, say) if folder is not None else ({}, 0)
         # batches of similar length waste less on padding (results do not depend on the batch)
         todo = sorted((x for x in chosen if x.id not in previous), key=lambda x: lengths[x.id])
         done = [previous[x.id] for x in chosen if x.id in previous]
@@ -452,14 +474,12 @@ def evaluate(
             batch = todo[b0 : b0 + config.batch_size]
             new = evaluate_examples(loaded, spec, batch, config, causal_ids)
             records.extend(new)
-            if part is not None:
-                with part.open("a", encoding="utf-8") as fh:
-                    fh.writelines(json.dumps(r) + "\n" for r in new)
+            if folder is not None:
+                write_records(folder, spec, index, new)
+                index += 1
             if progress is not None:
                 progress(spec.name, len(done) + b0 + len(batch), len(chosen))
-    info = {"limit": limit, "data": sources}
-    return EvalResult(tables=_tables(records, skipped, config), config=config, datasets=[s.name for s in specs],
-                      info=info)
+    return records, skipped, sources
 
 
 def _fits_context(loaded: LoadedModel, spec: DatasetSpec, examples: Sequence[Example]

@@ -6,10 +6,12 @@ the `tokenizers` library whose `PreTrainedTokenizerFast` prepends BOS (`<s>`) to
 sequence is `<s>` followed by seq_len − 1 tokens. A run folder holds:
 
     OUT/tokenizer/        the tokenizer (trained once, reused on resume)
-    OUT/checkpoint/       the latest `save_pretrained` checkpoint (safetensors) + train_state.pt (optimizer, step)
+    OUT/units/checkpoint-<step>/  the latest `save_pretrained` checkpoint (safetensors) + train_state.pt
+                          (optimizer, step), a `sinkscope.store` unit: verified by size and sha256 before a resume
     OUT/model/            the final model (save_pretrained + tokenizer), written when the run completes
     OUT/trace.parquet     the emergence trace (`TRACE_COLUMNS`), one row per (step, layer, head)
     OUT/manifest.json     sinkscope run manifest (`sinkscope.store.load_run(OUT)["trace"]` reads the trace)
+    OUT/run.json, OUT/train_config.json   the settings the folder is bound to, and the full TrainConfig
 
 Training is deterministic per seed: the model is initialised from `seed`, and the batch of step s is drawn from a
 generator seeded with (seed, s), so a run killed and resumed from its last checkpoint (`resume=True`) ends with the

@@ -13,6 +13,7 @@ import torch
 from transformers import PreTrainedTokenizerFast
 
 from sinkscope.errors import SinkscopeError
+from sinkscope.store import atomic_dir
 
 if TYPE_CHECKING:
     from sinkscope.toy.tinylm.model import TrainConfig
@@ -227,7 +228,8 @@ def prepare_data(cfg: TrainConfig, tokenizer_dir: Path, with_pool: bool = True) 
         tokenizer = train_tokenizer(train_docs, cfg.vocab_size) if train_docs else word_tokenizer(64)
         if triggers:
             tokenizer.add_special_tokens({"additional_special_tokens": triggers})
-        tokenizer.save_pretrained(tokenizer_dir)
+        with atomic_dir(tokenizer_dir) as tmp:  # a kill never leaves a half-written tokenizer to reuse
+            tokenizer.save_pretrained(tmp)
     train_ids = encode_stream(tokenizer, train_docs) if train_docs else None
     held_ids = encode_stream(tokenizer, held) if held else None
     for stream, name in ((train_ids, "training"), (held_ids, "held-out")):

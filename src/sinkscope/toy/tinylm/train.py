@@ -1,11 +1,12 @@
 """Training a tiny LM: the learning-rate schedule, the optimizer, checkpoints and the resumable training loop that
-writes a run folder (see the package docstring)."""
+writes a run folder (see the package docstring) through `sinkscope.store`: the folder is locked while training,
+each checkpoint is a store unit `units/checkpoint-<step>/` (verified by size and sha256 before a resume uses it),
+and the trace, manifest, config and final model are written atomically."""
 
 from __future__ import annotations
 
-import json
+import io
 import math
-import shutil
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -18,7 +19,17 @@ import torch
 from torch import nn
 
 from sinkscope.errors import SinkscopeError
-from sinkscope.store import Run, make_manifest, save_run
+from sinkscope.store import (
+    Run,
+    RunFolder,
+    atomic_dir,
+    load_run,
+    make_manifest,
+    open_run,
+    read_json,
+    reporter,
+    write_json,
+)
 from sinkscope.toy.tinylm.data import eval_batch, make_batch, prepare_data
 from sinkscope.toy.tinylm.model import TrainConfig, build_model, load_checkpoint, quiet
 from sinkscope.toy.tinylm.statistics import TRACE_COLUMNS, AttentionStats, attention_stats, trace_rows
@@ -63,39 +74,58 @@ class TrainResult:
     final: AttentionStats | None
 
 
-def _save_checkpoint(out: Path, model: nn.Module, tokenizer: Any, optimizer: torch.optim.Optimizer, step: int,
-                     cfg: TrainConfig) -> None:
-    """Write OUT/checkpoint atomically (tmp folder, then rename), so a kill never leaves a half-written one."""
-    tmp, final, old = out / "checkpoint.tmp", out / "checkpoint", out / "checkpoint.old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    with quiet():
-        model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": asdict(cfg)}, tmp / "train_state.pt")
-    if final.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        final.rename(old)
-    tmp.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+COMMAND = "train-lm"
+TRAIN_CONFIG = "train_config.json"
+CHECKPOINT = "checkpoint"
+OWNED = ("tokenizer", "model", TRAIN_CONFIG, "trace.png")  # what --overwrite clears besides the store's files
+RESUMABLE = ("steps", "device", "bf16", "out")  # TrainConfig fields a resume may change
 
 
-def _latest_checkpoint(out: Path) -> Path | None:
-    for name in ("checkpoint", "checkpoint.old"):
-        if (out / name / "train_state.pt").exists():
-            return out / name
+def train_settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The settings a run folder is bound to: the TrainConfig without the fields a resume may change."""
+    return {k: v for k, v in asdict(cfg).items() if k not in RESUMABLE}
+
+
+def _checkpoints(folder: RunFolder) -> list[str]:
+    """Checkpoint unit names, newest first."""
+    names = [n for n in folder.unit_names() if n.startswith(f"{CHECKPOINT}-") and n.split("-")[-1].isdigit()]
+    return sorted(names, key=lambda n: int(n.split("-")[-1]), reverse=True)
+
+
+def latest_checkpoint(folder: RunFolder, say: Callable[[str], None] | None = None) -> Path | None:
+    """The newest checkpoint that verifies; damaged ones are reported and removed."""
+    for name in _checkpoints(folder):
+        reason = folder.check_unit(name)
+        if reason is None:
+            return folder.unit_path(name)
+        reporter(say)(f"{name}: {reason} — not resuming from it")
+        folder.discard_unit(name)
     return None
 
 
-def _write_trace(out: Path, trace: pd.DataFrame, manifest: dict[str, Any]) -> None:
-    save_run(out, Run(tables={"trace": trace}, manifest=manifest))
+def _save_checkpoint(folder: RunFolder, model: nn.Module, tokenizer: Any, optimizer: torch.optim.Optimizer,
+                     step: int, cfg: TrainConfig) -> None:
+    """Write the checkpoint of `step` as a store unit (atomic, verified on resume), then drop older ones."""
+    name = f"{CHECKPOINT}-{step:08d}"
+    with folder.scratch() as tmp:
+        with quiet():
+            model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        state = io.BytesIO()
+        torch.save({"step": step, "optimizer": optimizer.state_dict(), "config": asdict(cfg)}, state)
+        files: dict[str, Any] = {p.name: p for p in sorted(tmp.iterdir()) if p.is_file()}
+        folder.write_unit(name, {**files, "train_state.pt": state.getvalue()}, {"step": step})
+    for older in _checkpoints(folder):
+        if older != name:
+            folder.discard_unit(older)
 
 
 def saved_config(out: str | Path) -> TrainConfig | None:
     """The TrainConfig stored in OUT/train_config.json, or None."""
-    path = Path(out) / "train_config.json"
+    path = Path(out) / TRAIN_CONFIG
     if not path.exists():
         return None
-    raw = json.loads(path.read_text())
+    raw = read_json(path)
     names = {f.name for f in fields(TrainConfig)}
     return TrainConfig(**{k: v for k, v in raw.items() if k in names})
 
@@ -108,6 +138,7 @@ def train(
     stop_after: int | None = None,
     time_limit_s: float | None = None,
     log: Callable[[str], None] | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train a model as `cfg` says, writing the run folder cfg.out (see the module docstring).
 
@@ -116,13 +147,24 @@ def train(
     stop_after: stop (as if killed) right after the checkpoint of this step — for tests of resumption.
     time_limit_s: a safety net for fixed budgets: once this process has trained this long, evaluate, save and
         finish early (`TrainResult.steps_done` < cfg.steps; the learning rate has not fully decayed then).
+    overwrite: start over in a folder that holds a run (of this or another command) instead of refusing.
+    The folder is locked while training: a second process on the same cfg.out gets one error line.
     """
-    out = Path(cfg.out)
-    if out.exists() and not out.is_dir():
-        raise SinkscopeError(f"--out {out} is a file; pass a folder")
-    ckpt = _latest_checkpoint(out) if out.exists() else None
+    folder = open_run(cfg.out, COMMAND, overwrite=overwrite, owned=OWNED)
+    try:
+        return _train(folder, cfg, resume, progress, stop_after, time_limit_s, log)
+    finally:
+        folder.close()
+
+
+def _train(folder: RunFolder, cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | None,
+           time_limit_s: float | None, log: Callable[[str], None] | None) -> TrainResult:
+    out = folder.path
+    say = log or (lambda _msg: None)
+    ckpt = latest_checkpoint(folder, log)
     if ckpt is not None and not resume:
-        raise SinkscopeError(f"{out} already holds a run: pass --resume to continue it, or another --out")
+        raise SinkscopeError(f"{out} already holds a run: pass --resume to continue it, another --out, or "
+                             "--overwrite to start over")
     if resume and ckpt is not None:
         stored = saved_config(out) or TrainConfig(**{
             k: v for k, v in torch.load(ckpt / "train_state.pt", weights_only=True)["config"].items()
@@ -132,9 +174,8 @@ def train(
     cfg.validate()
     device = resolve_device(cfg.device)
     bf16 = cfg.bf16 if cfg.bf16 is not None else device.type == "cuda"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train_config.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    say = log or (lambda _msg: None)
+    folder.check_settings(train_settings(cfg))
+    write_json(out / TRAIN_CONFIG, asdict(cfg))
     data = prepare_data(cfg, out / "tokenizer")
     held = eval_batch(cfg, data)
 
@@ -147,9 +188,9 @@ def train(
         start = int(state["step"])
         optimizer = make_optimizer(model, cfg)
         optimizer.load_state_dict(state["optimizer"])
-        if (out / "trace.parquet").exists():
-            trace = pd.read_parquet(out / "trace.parquet")
-            trace = trace[trace["step"] <= start].reset_index(drop=True)
+        stored_trace = load_run(out).tables.get("trace") if (out / "manifest.json").exists() else None
+        if stored_trace is not None:
+            trace = stored_trace[stored_trace["step"] <= start].reset_index(drop=True)
             elapsed0 = float(trace["time_s"].max()) if len(trace) else 0.0
         say(f"resuming {out} at step {start}")
     else:
@@ -171,7 +212,7 @@ def train(
         rows = trace_rows(step, step * tokens_per_step, stats, train_loss, lr_at(cfg, max(0, step - 1)),
                           time.perf_counter() - t0)
         trace = rows if trace.empty else pd.concat([trace, rows], ignore_index=True)
-        _write_trace(out, trace, manifest)
+        folder.save(Run(tables={"trace": trace}, manifest=manifest))
         return stats
 
     if start == 0:  # step 0: the untrained model; its "train loss" is the loss on the first batch
@@ -214,7 +255,7 @@ def train(
                 if bar:
                     bar.update(task, a0=float(later.mean()))
             if step % save_every == 0 or last:
-                _save_checkpoint(out, model, data.tokenizer, optimizer, step, cfg)
+                _save_checkpoint(folder, model, data.tokenizer, optimizer, step, cfg)
             if bar:
                 bar.update(task, completed=step, loss=shown)
             if stop_after is not None and step >= stop_after and step % save_every == 0:
@@ -223,11 +264,9 @@ def train(
                 if step < cfg.steps:
                     say(f"time limit of {time_limit_s:.0f} s reached: stopped at step {step} of {cfg.steps}")
                 break
-    final_dir = out / "model"
-    shutil.rmtree(final_dir, ignore_errors=True)
-    with quiet():
+    with atomic_dir(out / "model") as final_dir, quiet():
         model.save_pretrained(final_dir)
-    data.tokenizer.save_pretrained(final_dir)
+        data.tokenizer.save_pretrained(final_dir)
     if final is None:
         final = attention_stats(model, held)
     return TrainResult(out, trace, step, True, time.perf_counter() - t0, final)
