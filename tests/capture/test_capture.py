@@ -374,3 +374,26 @@ def test_token_ids_and_a_single_string(loaded):
     by_text = run_capture(loaded, PROMPTS)
     assert by_ids.input_ids == by_text.input_ids and by_ids.prompts == PROMPTS
     torch.testing.assert_close(by_ids.key_mass, by_text.key_mass, atol=TOL, rtol=0)
+
+
+def test_trace_to_frame_is_tidy():
+    """trace.to_frame gives one row per prompt × layer × head × real token with the shared key columns, and its
+    values are the trace's tensors."""
+    lm = tiny_model("llama")
+    trace = run_capture(lm, PROMPTS)
+    keys = trace.to_frame("keys")
+    n_rows = sum(int(n) for n in trace.lengths) * trace.n_layers * trace.n_heads
+    assert len(keys) == n_rows
+    assert list(keys.columns[:5]) == ["prompt_id", "layer", "head", "position", "token"]
+    row = keys[(keys["prompt_id"] == 2) & (keys["layer"] == 1) & (keys["head"] == 3) & (keys["position"] == 4)].iloc[0]
+    assert row["token"] == trace.tokens[2][4]
+    assert row["key_mass"] == pytest.approx(float(trace.key_mass[2, 1, 3, 4]))
+    assert row["key_count"] == float(trace.key_count[2, 1, 4])
+    queries = trace.to_frame("queries")
+    assert len(queries) == n_rows
+    assert queries["entropy"].sum() == pytest.approx(float(trace.entropy.sum()), rel=1e-5)
+    last = trace.to_frame("last_row")
+    sums = last.groupby(["prompt_id", "layer", "head"])["weight"].sum()
+    assert sums.to_numpy() == pytest.approx(1.0, abs=1e-5)
+    with pytest.raises(SinkscopeError, match="unknown table"):
+        trace.to_frame("maps")

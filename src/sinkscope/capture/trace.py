@@ -12,6 +12,8 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import torch
 
 from sinkscope.capture.attention import CaptureConfig, LayerRecord, capture_session, pad_to
@@ -61,6 +63,44 @@ class Trace:
         """[P, N] bool: True at real token positions."""
         n = self.key_mass.shape[-1]
         return torch.arange(n)[None, :] < self.lengths[:, None]
+
+    def to_frame(self, kind: str = "keys") -> pd.DataFrame:
+        """A tidy table keyed by prompt_id, layer, head, position, token (one row per real token of every prompt,
+        layer and head).
+
+        kind: "keys" (key_mass α_k, key_mass_sum, key_count: the per-key statistics detectors read), "queries"
+        (entropy of each query's row, and sink_share for learned sink logits), or "last_row" (weight: the last
+        token's attention to each key; needs rows="last" at capture).
+        """
+        columns: dict[str, torch.Tensor]  # name → [P, L, H, N]
+        if kind == "keys":
+            count = self.key_count[:, :, None].expand_as(self.key_mass)
+            columns = {"key_mass": self.key_mass, "key_mass_sum": self.key_mass_sum, "key_count": count}
+        elif kind == "queries":
+            if self.entropy is None:
+                raise SinkscopeError("this trace has no entropies; capture with CaptureConfig(entropy=True)")
+            columns = {"entropy": self.entropy}
+            if self.sink_share is not None:
+                columns["sink_share"] = self.sink_share
+        elif kind == "last_row":
+            columns = {"weight": self.last_rows()}
+        else:
+            raise SinkscopeError(f"unknown table '{kind}': use keys, queries or last_row")
+        _, n_layers, n_heads, _ = self.key_mass.shape
+        frames = []
+        for p in range(self.n_prompts):
+            n = int(self.lengths[p])
+            frame = pd.DataFrame({
+                "prompt_id": np.full(n_layers * n_heads * n, p, dtype=np.int64),
+                "layer": np.repeat(np.arange(n_layers), n_heads * n),
+                "head": np.tile(np.repeat(np.arange(n_heads), n), n_layers),
+                "position": np.tile(np.arange(n), n_layers * n_heads),
+                "token": np.tile(np.asarray(self.tokens[p], dtype=object), n_layers * n_heads),
+            })
+            for name, values in columns.items():
+                frame[name] = values[p, :, :, :n].float().reshape(-1).numpy()
+            frames.append(frame)
+        return pd.concat(frames, ignore_index=True)
 
     def last_rows(self) -> torch.Tensor:
         """[P, L, H, N]: the attention row of each prompt's last token (requires rows='last' at capture)."""
@@ -226,6 +266,12 @@ def _capture_batch(loaded: LoadedModel, batch: list[list[int]], config: CaptureC
     rows = _row_positions(config.rows, offsets, lengths)
     columns = _row_positions(list(config.columns), offsets, lengths) if config.columns is not None else None
     inputs = forward_inputs(model, ids, mask, loaded.device)
+    last = offsets + lengths - 1  # [b] each prompt's last real token, padded coordinates
+    keep, at = torch.unique(last, return_inverse=True)  # the distinct last positions; each prompt's among them
+    if "logits_to_keep" in forward_args(model):  # the LM head only where it is read: [b, n, V] logits would cost
+        inputs["logits_to_keep"] = keep.to(loaded.device) if config.logprobs else 1  # more than the capture
+    else:
+        at = last
     recorder = HiddenRecorder(model, config.hidden) if config.hidden else None
     with ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
@@ -248,8 +294,8 @@ def _capture_batch(loaded: LoadedModel, batch: list[list[int]], config: CaptureC
         if logits is None:
             raise SinkscopeError(f"{type(model).__name__} has no language-model head: it gives no next-token "
                                  "log-probabilities")
-        last = (offsets + lengths - 1).to(logits.device)
-        part["logprobs"] = torch.log_softmax(logits[torch.arange(len(batch)), last].float(), -1).cpu()  # [b, V]
+        part["logprobs"] = torch.log_softmax(logits[torch.arange(len(batch)), at.to(logits.device)].float(),
+                                             -1).cpu()  # [b, V]
     return part
 
 

@@ -1,0 +1,184 @@
+"""What `tags` and `mechanisms` cost next to `profile` on the same prompt, now that all three run on one capture path.
+
+    python bench/analyses.py                      # smollm2 (or the GPT-2-small shape), 1,024 and 4,096 tokens
+    python bench/analyses.py --lengths 1024       # one length
+    python bench/analyses.py --model gpt2-shape   # the random GPT-2-small shape even when smollm2 is installed
+
+Ways, all through the public Python API on one prompt of n tokens:
+- profile:    `profile(loaded, [text])` (capture + column_mass detector + tables);
+- tags:       `tag_statistics(loaded, [text], eps=0.2)` (`sinkscope tags` without --geometry);
+- mechanisms: `analyze(loaded, [text])` with its defaults (native pass with residual sites and the bias read, two
+              BOS variants when the tokenizer has a BOS, one pass per ablated head and per ablated layer of layers 0
+              and 1).
+
+Time: one process loads the model once, warms every way up on a short prompt, then runs the ways in turns on the
+n-token prompt; a way's ratio is the median over turns of its time / profile's time in the same turn. The target for
+mechanisms is (number of input variants it runs) × profile's time, and the script prints that bound.
+Memory: each way runs once in a fresh process; its extra peak is peak RSS during the call minus RSS before it (model
+loaded and warmed up), with glibc's mmap threshold fixed at 64 KiB so RSS follows live tensors. Target: tags' and
+mechanisms' extra peak within 1.1× profile's. Ratios, not seconds, are the result: these machines are shared and
+noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Any
+
+import torch
+
+WAYS = ("profile", "tags", "mechanisms")
+TEXT = ("Attention sinks are tokens that draw a large share of attention while carrying little meaning. "
+        "The first token of a prompt, a full stop, a separator or a background patch can each become one. ")
+
+
+def load(model: str) -> Any:
+    """smollm2 when its package is installed (unless gpt2-shape is asked for), else a random GPT-2-small."""
+    from sinkscope.errors import SinkscopeError
+    from sinkscope.models import LoadedModel, load_model, model_info
+    from sinkscope.models.tiny import byte_tokenizer
+
+    if model != "gpt2-shape":
+        try:
+            return load_model(model)
+        except SinkscopeError as err:
+            print(f"({model} unavailable: {err}; using the GPT-2-small shape)", file=sys.stderr)
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    tok = byte_tokenizer()
+    config = GPT2Config(n_layer=12, n_head=12, n_embd=768, n_positions=8192, vocab_size=len(tok))
+    net = GPT2LMHeadModel(config).eval()
+    net.config._name_or_path = "gpt2-shape"
+    return LoadedModel(model=net, tokenizer=tok, info=model_info(net, tok, "gpt2-shape"))
+
+
+def prompt_of(loaded: Any, n: int) -> str:
+    """A text of about n tokens (the decoded first n tokens of a repeated paragraph)."""
+    tok = loaded.tokenizer
+    ids = tok(TEXT * (n // 20 + 2), add_special_tokens=False)["input_ids"][: n - int(loaded.info.adds_bos)]
+    return tok.decode(ids)
+
+
+def variants(loaded: Any) -> int:
+    """How many input variants `analyze` runs with its defaults: native, two BOS variants (if a BOS exists) and one
+    per ablated head plus one per ablated layer, for layers 0 and 1."""
+    from sinkscope.analyses.mechanisms.bos import resolve_bos
+    from sinkscope.errors import SinkscopeError
+
+    try:
+        resolve_bos(loaded.tokenizer, loaded.info.adds_bos, None, "the")
+        bos = 2
+    except SinkscopeError:
+        bos = 0
+    return 1 + bos + 2 * (loaded.info.n_heads + 1)
+
+
+def runner(loaded: Any, way: str, text: str):
+    if way == "profile":
+        from sinkscope.analyses.profile import profile
+
+        return lambda: profile(loaded, [text])
+    if way == "tags":
+        from sinkscope.analyses.tags import tag_statistics
+
+        return lambda: tag_statistics(loaded, [text], 0.2)
+    from sinkscope.analyses.mechanisms import analyze
+
+    return lambda: analyze(loaded, [text])
+
+
+def rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def time_worker(model: str, n: int, repeats: int) -> dict:
+    loaded = load(model)
+    text = prompt_of(loaded, n)
+    short = prompt_of(loaded, 32)
+    for way in WAYS:
+        runner(loaded, way, short)()
+    turns: list[dict[str, float]] = []
+    for _ in range(repeats):
+        turn = {}
+        for way in WAYS:
+            run = runner(loaded, way, text)
+            start = time.perf_counter()
+            run()
+            turn[way] = time.perf_counter() - start
+        turns.append(turn)
+    n_tokens = len(loaded.tokenizer(text)["input_ids"])
+    return {"model": loaded.info.name, "tokens": n_tokens, "variants": variants(loaded), "turns": turns}
+
+
+def memory_worker(model: str, way: str, n: int) -> dict:
+    loaded = load(model)
+    text = prompt_of(loaded, n)
+    runner(loaded, way, prompt_of(loaded, 32))()
+    before = rss()
+    runner(loaded, way, text)()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"before": before, "peak": peak, "extra": max(0, peak - before)}
+
+
+def _sub(*args: str) -> dict | None:
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "MALLOC_MMAP_THRESHOLD_": str(64 * 1024)}
+    out = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        tail = (out.stderr.strip().splitlines() or ["killed"])[-1]
+        print(f"  ({' '.join(args)} failed: {tail})", file=sys.stderr)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def mem_ratio(extra: dict[str, Any], way: str) -> str:
+    if not extra.get(way) or not extra.get("profile"):
+        return "n/a"
+    return f"{extra[way] / extra['profile']:.2f} ({extra[way] / 2**20:.0f} MB)"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--lengths", default="1024,4096")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--time-worker", type=int)
+    parser.add_argument("--memory-worker", nargs=2, metavar=("WAY", "N"))
+    args = parser.parse_args()
+    torch.set_grad_enabled(False)
+    if args.time_worker:
+        print(json.dumps(time_worker(args.model, args.time_worker, args.repeats)))
+        return
+    if args.memory_worker:
+        way, n = args.memory_worker
+        print(json.dumps(memory_worker(args.model, way, int(n))))
+        return
+    print(f"sinkscope analyses benchmark: torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| model | tokens | profile s | tags / profile | mechanisms / profile | mechanisms bound (variants) "
+          "| profile extra MB | tags extra / profile | mechanisms extra / profile |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for n in [int(x) for x in args.lengths.split(",")]:
+        timed = _sub("--model", args.model, "--repeats", str(args.repeats), "--time-worker", str(n))
+        if timed is None:
+            continue
+        ratios = {w: statistics.median(t[w] / t["profile"] for t in timed["turns"]) for w in WAYS}
+        base = statistics.median(t["profile"] for t in timed["turns"])
+        mem = {} if args.no_memory else {w: _sub("--model", args.model, "--memory-worker", w, str(n)) for w in WAYS}
+        extra = {w: (m or {}).get("extra") for w, m in mem.items()}
+        profile_mb = f"{extra['profile'] / 2**20:.0f}" if extra.get("profile") else "n/a"
+        print(f"| {timed['model']} | {timed['tokens']} | {base:.2f} | {ratios['tags']:.2f} | "
+              f"{ratios['mechanisms']:.2f} | ≤ {timed['variants']} | {profile_mb} | {mem_ratio(extra, 'tags')} | "
+              f"{mem_ratio(extra, 'mechanisms')} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
