@@ -32,7 +32,7 @@ from sinkscope.toy.averaging import (
     total_variation_from_uniform,
     train,
 )
-from sinkscope.toy.experiments import check_batch, format_table, success_table
+from sinkscope.toy.experiments import check_batch, format_table, save_toy, success_table, trained_files
 
 # A seed and a short schedule that converge on the one-[SEP] task (found by a sweep over seeds 0-59: train loss
 # < 1e-3 by epoch 5; held-out R^2 0.992 after 10 epochs, about 2 s on one thread).
@@ -211,3 +211,27 @@ def test_cli_train_and_plot_write_their_files(tmp_path, one_thread) -> None:
 def test_cli_help(command: str) -> None:
     result = CliRunner().invoke(app, [command, "--help"])
     assert result.exit_code == 0 and "--seed" in result.output
+
+
+def test_save_toy_writes_a_run_folder(tmp_path, one_thread) -> None:
+    import pandas as pd
+
+    from sinkscope.errors import SinkscopeError
+    from sinkscope.store import Run, file_record, load_run, save_run
+
+    cfg, tc = ToyConfig(), TrainConfig(seed=0, epochs=1)
+    res = train(cfg, tc)
+    report = check_mechanism(res.model, check_batch(TaskConfig(), tc.data_seed))
+    history = pd.DataFrame({"epoch": range(1, len(res.history) + 1), "loss": res.history})
+    out = save_toy(tmp_path / "train", "train", {"history": history}, {"model": "sep", "epochs": 1},
+                   trained_files(res, cfg, tc, report), seed=tc.seed)
+    run = load_run(out)
+    assert run.manifest["command"] == "toy train" and run.manifest["seed"] == 0
+    assert run.manifest["files"]["model.pt"] == file_record(out / "model.pt")
+    assert json.loads((out / "result.json").read_text())["history"] == res.history
+    state = torch.load(out / "model.pt", weights_only=True)
+    assert state["config"]["c_init"] == cfg.c_init and set(state["state_dict"]) == set(res.model.state_dict())
+    with pytest.raises(SinkscopeError, match="holds a `toy train` run"):
+        save_run(out, Run({"x": history}, {"command": "profile"}))
+    rows = pd.DataFrame({"c": [4.0], "loss": [1e-3]})
+    assert load_run(save_toy(out, "theorem", {"theorem": rows}, {"n": 256}, overwrite=True))["theorem"].equals(rows)

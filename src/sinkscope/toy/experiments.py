@@ -2,23 +2,29 @@
 
 Two experiments: the success rate over initial tag values c (seed 003 rebuttal, Appendix B table: 4/10, 3/10,
 0/10 for c = 10, 6, 1) and the [SEP2] task with 2 vs 1 heads per layer (rebuttal: 1 head, 0/15 converge).
+`save_toy` writes any toy command's results as a run folder through `sinkscope.store`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import replace
+from dataclasses import asdict, replace
 from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import torch
 
+from sinkscope.store import Content, Run, make_manifest, save_run
 from sinkscope.toy.averaging import (
     AveragingBatch,
     TaskConfig,
     ToyConfig,
     TrainConfig,
+    TrainResult,
     check_mechanism,
     check_mechanism_sep2,
     make_batch,
@@ -128,3 +134,24 @@ def sep2_table(runs: pd.DataFrame) -> pd.DataFrame:
 def format_table(table: pd.DataFrame) -> str:
     """Plain fixed-width text, floats with 4 decimals."""
     return table.to_string(index=False, float_format=lambda x: f"{x:.4f}")
+
+
+def trained_files(res: TrainResult, model_config: ToyConfig, train_config: TrainConfig, report: Any
+                  ) -> dict[str, bytes | dict[str, Any]]:
+    """`model.pt` (config + state dict) and `result.json` (configs, R^2, loss, c, history, mechanism report) of
+    one trained model, for `save_toy(..., files=...)`."""
+    state = io.BytesIO()
+    torch.save({"config": asdict(model_config), "state_dict": res.model.state_dict()}, state)
+    summary = {"model": asdict(model_config), "train": asdict(train_config), "r2": res.r2, "loss": res.loss,
+               "c": res.c, "history": res.history, "mechanism": asdict(report)}
+    return {"model.pt": state.getvalue(), "result.json": summary}
+
+
+def save_toy(out: str | Path, command: str, tables: Mapping[str, pd.DataFrame], parameters: Mapping[str, Any],
+             files: Mapping[str, Content] | None = None, *, seed: int | None = None, overwrite: bool = False
+             ) -> Path:
+    """Write a `sinkscope toy <command>` result as a run folder (`sinkscope.store.save_run`): the tables as Parquet,
+    `files` as given, and a manifest whose command is `toy <command>` — atomically, refusing another command's
+    folder unless `overwrite`."""
+    manifest = make_manifest(f"toy {command}", {"name": "averaging"}, dict(parameters), seed)
+    return save_run(out, Run(dict(tables), manifest), files=files, overwrite=overwrite)
