@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from sinkscope.errors import SinkscopeError
-from sinkscope.report.assets import CSS, JS
+from sinkscope.report.assets import css, js
 from sinkscope.report.data import ReportLimits, curve_data, grid_data, map_data, overview_data, table_data, token_data
 from sinkscope.report.encode import script_json
 from sinkscope.report.palette import palette_json
@@ -126,7 +126,7 @@ def _page(title: str, overview: Mapping[str, Any], parts: list[tuple[str, str, s
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="generator" content="sinkscope">
 <title>{esc(title)}</title>
-<style>{CSS}</style>
+<style>{css()}</style>
 </head>
 <body>
 <header><h1>{esc(title)}</h1><p class="ss-sub">{sub}</p><nav>{nav}</nav></header>
@@ -136,7 +136,7 @@ def _page(title: str, overview: Mapping[str, Any], parts: list[tuple[str, str, s
 <div id="ss-tip" role="tooltip" hidden></div>
 <script type="application/json" id="ss-data">{data}</script>
 {"".join(scripts)}
-<script>{JS}</script>
+<script>{js()}</script>
 </body>
 </html>
 """
