@@ -123,3 +123,22 @@ def test_model_parallel_dispatch_captures_across_devices(tmp_path):
         load_model("tiny:llama", device="cpu", device_map="auto")
     with pytest.raises(SinkscopeError, match="unknown device map"):
         load_model("tiny:llama", device_map="everywhere")
+
+
+def test_builtin_tiny_loads_without_the_toy_trainer():
+    """`sinkscope-tiny` is a plain safetensors folder in the package: the model registry loads it without importing
+    the toy trainer, and it is the model the trainer's own loader gives."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from sinkscope.models import load_model; lm = load_model('sinkscope-tiny'); "
+            "assert lm.info.name == 'sinkscope-tiny' and lm.info.adds_bos; "
+            "assert not [m for m in sys.modules if m.startswith('sinkscope.toy')], 'toy imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    from sinkscope.toy.tinylm import load_tiny
+
+    lm, ref = load_model("sinkscope-tiny"), load_tiny()
+    ids = ref.tokenizer("The cat sat on the mat.", return_tensors="pt")["input_ids"]
+    assert ids[0].tolist() == lm.tokenizer("The cat sat on the mat.")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(lm.model(ids).logits, ref.model(ids).logits, atol=0, rtol=0)

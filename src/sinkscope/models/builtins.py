@@ -15,6 +15,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -77,10 +78,14 @@ def smollm2(dtype: torch.dtype = torch.float32) -> LoadedModel:
 
 @register_builtin("sinkscope-tiny")
 def sinkscope_tiny(dtype: torch.dtype = torch.float32) -> LoadedModel:
-    """sinkscope's own small Llama-architecture decoder, shipped inside the package (see its model card)."""
-    from sinkscope.toy.tinylm import load_tiny
-
-    return load_tiny(dtype)
+    """sinkscope's own small Llama-architecture decoder, shipped inside the package (see its model card): a plain
+    safetensors folder, loaded like any other (the toy trainer that made it is not needed)."""
+    folder = Path(str(resources.files("sinkscope").joinpath("assets", "sinkscope-tiny")))
+    if not (folder / "model.safetensors").exists():
+        raise SinkscopeError(f"the shipped model is missing from {folder}; reinstall sinkscope")
+    loaded = load_model(folder, dtype=dtype)
+    loaded.info.name = "sinkscope-tiny"
+    return loaded
 
 
 @register_builtin("minilm")
