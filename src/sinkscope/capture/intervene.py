@@ -87,6 +87,25 @@ class MaskKeys(Intervention):
 
 
 @dataclass
+class MaskKeyPerRow(Intervention):
+    """Remove attention to one key per batch row and renormalise: row b loses key keys[b] in every query.
+
+    keys: one absolute key position per batch row (the batch size must equal len(keys)).
+    A'_ij = A_ij w_j · (Σ_k A_ik) / (Σ_k A_ik w_k) with w_j = [j ≠ keys[b]]; a row left with no mass is unchanged.
+    """
+
+    keys: Sequence[int] = field(default_factory=tuple)
+
+    def change(self, probs: torch.Tensor, layer: int | None, visible: torch.Tensor) -> torch.Tensor:
+        """probs [b, h, q, k] → [b, h, q, k]."""
+        keys = torch.as_tensor(list(self.keys), device=probs.device)
+        if keys.numel() != probs.shape[0]:
+            raise SinkscopeError(f"MaskKeyPerRow has {keys.numel()} keys for a batch of {probs.shape[0]}")
+        keep = (torch.arange(probs.shape[-1], device=probs.device)[None, :] != keys[:, None]).to(probs.dtype)
+        return _rescale_rows(probs, keep[:, None, None, :])
+
+
+@dataclass
 class Reweight(Intervention):
     """Multiply attention to key k by w_k and renormalise (seed 000 eq. 1 in the forward pass).
 

@@ -241,16 +241,19 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, side: str = "right"
     return ids, mask, offsets
 
 
-def forward_inputs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, device: torch.device | str
-                   ) -> dict[str, Any]:
-    """Keyword arguments for a padded forward pass: positions count real tokens only (left padding shifts nothing),
-    no cache."""
+def forward_inputs(model: torch.nn.Module, ids: torch.Tensor, mask: torch.Tensor, device: torch.device | str,
+                   *, past: int = 0, use_cache: bool = False) -> dict[str, Any]:
+    """Keyword arguments for a padded forward pass (ids, mask [b, t]): positions count real tokens only (left padding
+    shifts nothing). `past`: the number of cached positions the pass continues (all real); the mask then covers them
+    and positions start at `past`. The one convention every forward pass in sinkscope uses."""
     args = forward_args(model)
+    if past:
+        mask = torch.cat([torch.ones(mask.shape[0], past, dtype=mask.dtype), mask.cpu()], dim=-1)
     inputs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
     if "position_ids" in args:
-        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0).to(device)
+        inputs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, past:].to(device)
     if "use_cache" in args:
-        inputs["use_cache"] = False
+        inputs["use_cache"] = use_cache
     return inputs
 
 

@@ -20,44 +20,23 @@ clean pass's KV cache up to the block's first position is reused (only for model
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 import transformers
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
-from sinkscope.capture import Intervention, intervene, use_sinkscope_attention
+from sinkscope.capture import MaskKeyPerRow, intervene, use_sinkscope_attention
+from sinkscope.capture.trace import forward_args, forward_inputs
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
 
 __all__ = ["CAUSAL_MODES", "CausalEffects", "MaskKeyPerRow", "causal_effects", "target_logprob"]
 
 CAUSAL_MODES = ("mask", "occlude")
-
-
-@dataclass
-class MaskKeyPerRow(Intervention):
-    """Remove attention to one key per batch row and renormalise: row b loses key keys[b] in every query.
-
-    keys: one absolute key position per batch row (the batch size must equal len(keys)).
-    A'_ij = A_ij w_j · (Σ_k A_ik) / (Σ_k A_ik w_k) with w_j = [j ≠ keys[b]]; a row left with no mass is unchanged.
-    """
-
-    keys: Sequence[int] = field(default_factory=tuple)
-
-    def change(self, probs: torch.Tensor, layer: int | None, visible: torch.Tensor) -> torch.Tensor:
-        """probs [b, h, q, k] → [b, h, q, k]."""
-        keys = torch.as_tensor(list(self.keys), device=probs.device)
-        if keys.numel() != probs.shape[0]:
-            raise SinkscopeError(f"MaskKeyPerRow has {keys.numel()} keys for a batch of {probs.shape[0]}")
-        keep = (torch.arange(probs.shape[-1], device=probs.device)[None, :] != keys[:, None]).to(probs.dtype)
-        weighted = probs * keep[:, None, None, :]
-        total, new_total = probs.sum(-1, keepdim=True), weighted.sum(-1, keepdim=True)
-        return torch.where(new_total > 0, weighted * total / new_total.clamp(min=1e-30), probs)
 
 
 @dataclass
@@ -100,13 +79,9 @@ def _run(model: transformers.PreTrainedModel, ids: torch.Tensor, start: int, pas
     Returns the logits of the last `keep` positions [b, keep, V] and the new cache (None unless use_cache).
     The cache argument is `cache` in newer transformers 5.x and `past_key_values` in older ones.
     """
-    b, t = ids.shape
     device = next(model.parameters()).device
-    args = set(inspect.signature(model.forward).parameters)
-    inputs: dict[str, Any] = {"input_ids": ids.to(device), "use_cache": use_cache,
-                              "attention_mask": torch.ones(b, start + t, dtype=torch.long, device=device)}
-    if "position_ids" in args:
-        inputs["position_ids"] = torch.arange(start, start + t, device=device)[None].expand(b, t)
+    args = forward_args(model)
+    inputs = forward_inputs(model, ids, torch.ones_like(ids), device, past=start, use_cache=use_cache)
     if "logits_to_keep" in args:
         inputs["logits_to_keep"] = keep
     name = "cache" if "cache" in args else "past_key_values"
