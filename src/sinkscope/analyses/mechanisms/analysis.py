@@ -353,21 +353,26 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
     return lines
 
 
-def write(result: MechanismsResult, loaded: LoadedModel, out: str | Path, figures: bool = True) -> Path:
-    """Write the tables, figures and manifest (with the summary) to a run folder."""
+def write(result: MechanismsResult, loaded: LoadedModel, out: str | Path, figures: bool = True,
+          overwrite: bool = False) -> Path:
+    """Write the tables, figures and manifest (with the summary) to a run folder. The figures are drawn in a scratch
+    folder and moved in with the tables, so a refused folder (another command's run) is left untouched."""
+    import tempfile
+
     from sinkscope.store import save_run
 
     folder = Path(out)
     if folder.exists() and not folder.is_dir():
         raise SinkscopeError(f"--out {out} is a file; pass a folder")
-    names: list[str] = []
-    if figures:
-        import importlib.util
+    if not figures:
+        return save_run(folder, result.run(loaded), overwrite=overwrite)
+    import importlib.util
 
-        from sinkscope.report.figures.mechanisms import write_figures
+    from sinkscope.report.figures.mechanisms import write_figures
 
-        if importlib.util.find_spec("matplotlib") is None:
-            raise SinkscopeError("figures need matplotlib: pip install matplotlib, or pass --no-figures")
-        folder.mkdir(parents=True, exist_ok=True)
-        names = write_figures(result, folder)
-    return save_run(folder, result.run(loaded, figures=names))
+    if importlib.util.find_spec("matplotlib") is None:
+        raise SinkscopeError("figures need matplotlib: pip install matplotlib, or pass --no-figures")
+    with tempfile.TemporaryDirectory(prefix="sinkscope-figures-") as scratch:
+        names = write_figures(result, Path(scratch))
+        files = {name: Path(scratch) / name for name in names}
+        return save_run(folder, result.run(loaded, figures=names), overwrite=overwrite, files=files)
