@@ -41,6 +41,26 @@ def test_pickle_checkpoint_needs_opt_in(tmp_path, tiny_llama):
     assert load_model(tmp_path, allow_pickle=True).info.n_layers == 2
 
 
+def test_safetensors_index_pointing_at_a_pickle_shard_is_refused(tmp_path, tiny_llama):
+    """A folder whose model.safetensors.index.json maps weights to a .bin shard must not reach torch.load without
+    --allow-pickle (the index looks like safetensors; the shard is a pickle)."""
+    import json
+
+    from safetensors.torch import load_file
+
+    tiny_llama.model.save_pretrained(tmp_path, max_shard_size="20KB")
+    tiny_llama.tokenizer.save_pretrained(tmp_path)
+    index_path = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shard = sorted(set(index["weight_map"].values()))[0]
+    torch.save(load_file(tmp_path / shard), tmp_path / "pytorch_model-00001.bin")
+    (tmp_path / shard).unlink()
+    index["weight_map"] = {k: ("pytorch_model-00001.bin" if v == shard else v) for k, v in index["weight_map"].items()}
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(SinkscopeError, match=r"pytorch_model-00001\.bin.*allow-pickle"):
+        load_model(tmp_path)
+
+
 def test_in_memory_model(tiny_llama):
     wrapped = load_model(tiny_llama.model, tokenizer=tiny_llama.tokenizer)
     assert wrapped.info.n_heads == 4

@@ -7,6 +7,7 @@ from a model repository never runs unless `trust_remote_code=True`.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Callable
@@ -294,6 +295,37 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
     return True
 
 
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def _refuse_pickle_shards(name: str, revision: str | None, local: bool) -> None:
+    """Every weight file the loader will read must be safetensors: a `model.safetensors.index.json` may map weights
+    to pickle shards, which transformers would then unpickle. Raises SinkscopeError naming the first such file."""
+    index: Path | None = None
+    if local:
+        candidate = Path(name) / "model.safetensors.index.json"
+        index = candidate if candidate.exists() else None
+    else:
+        from transformers.utils import cached_file
+
+        try:
+            found = cached_file(name, "model.safetensors.index.json", revision=revision,
+                                _raise_exceptions_for_missing_entries=False)
+        except OSError:
+            found = None
+        index = Path(found) if found else None
+    if index is None:
+        return
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+    except (OSError, ValueError, AttributeError):
+        raise SinkscopeError(f"{index} is not a readable safetensors index; fix or remove it") from None
+    unsafe = sorted({str(f) for f in weight_map.values() if not str(f).endswith(".safetensors")})
+    if unsafe:
+        raise SinkscopeError(f"'{name}' maps weights to {unsafe[0]}, which is not a safetensors file; pickle files "
+                             "can run code when loaded: pass --allow-pickle to load them anyway")
+
+
 def _from_pretrained(
     name: str, dtype: torch.dtype, revision: str | None, trust_remote_code: bool, allow_pickle: bool, local: bool
 ) -> LoadedModel:
@@ -303,6 +335,8 @@ def _from_pretrained(
         if local or not _hub_reachable():
             raise
     config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    if not allow_pickle:
+        _refuse_pickle_shards(name, revision, local)
     text_config = _text_config(config)
     auto = AutoModel if text_config.model_type in ENCODER_TYPES else AutoModelForCausalLM
     model = auto.from_pretrained(
