@@ -397,3 +397,90 @@ def test_trace_to_frame_is_tidy():
     assert sums.to_numpy() == pytest.approx(1.0, abs=1e-5)
     with pytest.raises(SinkscopeError, match="unknown table"):
         trace.to_frame("maps")
+
+
+def test_module_sink_logits_equal_s_aux():
+    """A module that declares its learned sink logits (`sinkscope_sink_logits`: a tensor, or the name of its
+    parameter) gets the statistics and the output of a call that passes them as `s_aux` (gpt-oss, whose native
+    output is its eager function), fused or not; an `s_aux` argument wins over the declaration."""
+    from sinkscope.capture.attention import sinkscope_attention
+
+    lm = tiny_model("gpt_oss")
+    attn = lm.model.model.layers[0].self_attn
+    h, kvh, d = lm.info.n_heads, lm.info.n_kv_heads, lm.info.head_dim
+    gen = torch.Generator().manual_seed(0)
+    b, n = 2, 7
+    q, k, v = (torch.randn(b, heads, n, d, generator=gen) for heads in (h, kvh, kvh))
+    mask = torch.ones(b, n, dtype=torch.long)
+    mask[1, 5:] = 0
+    visible = mask.bool()[:, None, None, :] & torch.ones(n, n, dtype=torch.bool).tril()  # [b, 1, n, n]
+    sinks = attn.sinks.detach().clone()
+    by_name = torch.nn.Module()
+    by_name.sinks = torch.nn.Parameter(sinks.clone())
+    by_name.sinkscope_sink_logits = "sinks"
+    by_tensor = torch.nn.Module()
+    by_tensor.register_buffer("sinkscope_sink_logits", sinks.clone())
+    overridden = copy.deepcopy(attn)  # declares other logits than the ones its call passes
+    overridden.register_buffer("sinkscope_sink_logits", sinks + 3.0)
+    calls = [(attn, {"s_aux": attn.sinks}), (by_name, {}), (by_tensor, {}), (overridden, {"s_aux": overridden.sinks})]
+    real = mask.bool()[:, :, None, None]  # outputs of padding queries are not compared
+    for fused in (True, False):
+        config = CaptureConfig(rows=None, maps=True, fused=fused)
+        with torch.no_grad(), capture_session(lm.model, config, mask) as session:
+            outputs = [sinkscope_attention(module, q, k, v, visible, scaling=d**-0.5, **kw)[0]
+                       for module, kw in calls]
+        ref = session.records[0]
+        assert ref.sink_share is not None and float(ref.sink_share.max()) > 0.05
+        for out, record in zip(outputs[1:], session.records[1:], strict=True):
+            torch.testing.assert_close(out * real, outputs[0] * real, atol=TOL, rtol=0)
+            for name in ("key_mass_sum", "key_count", "entropy", "sink_share", "maps"):
+                torch.testing.assert_close(getattr(record, name), getattr(ref, name), atol=TOL, rtol=0, msg=name)
+
+
+def test_zero_sink_logits_declared_by_a_llama_module():
+    """A Llama whose attention modules declare a zero sink logit (softmax₁, "off by one") is captured with it:
+    rows sum to 1 − sink share, and the fused output equals the native one."""
+    lm = tiny_model("llama")
+    model = copy.deepcopy(lm.model)
+    for layer in model.model.layers:
+        layer.self_attn.register_buffer("sinkscope_sink_logits", torch.zeros(lm.info.n_heads), persistent=False)
+    assert not any("sinkscope" in name for name in model.state_dict())
+    zero = type(lm)(model=model, tokenizer=lm.tokenizer, info=lm.info)
+    trace = run_capture(zero, PROMPTS, CaptureConfig(rows="last"), padding_side="right")
+    assert trace.sink_share is not None
+    for p in range(len(PROMPTS)):
+        last = int(trace.lengths[p]) - 1
+        share = trace.sink_share[p, :, :, last]
+        assert bool((share > 0).all())
+        torch.testing.assert_close(trace.last_rows()[p].sum(-1), 1 - share, atol=TOL, rtol=0)
+    enc = lm.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        with capture_session(model, CaptureConfig(), enc["attention_mask"]):
+            fused = model(**enc).logits
+        with capture_session(model, CaptureConfig(fused=False), enc["attention_mask"]):
+            native = model(**enc).logits
+        plain = lm.model(**enc).logits
+    real = enc["attention_mask"].bool()
+    torch.testing.assert_close(fused[real], native[real], atol=1e-5, rtol=0)
+    assert float((native[real] - plain[real]).abs().max()) > 1e-3  # the sink changes the model
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_loss_equals_the_models_own_per_prompt(padding_side):
+    """CaptureConfig(loss=True): per prompt, the summed next-token cross-entropy over its real tokens equals the
+    model's own loss on the prompt alone, whatever the padding; token ids need no tokenizer."""
+    lm = tiny_model("llama")
+    ids = [lm.tokenizer(p)["input_ids"] for p in PROMPTS]
+    bare = type(lm)(model=lm.model, tokenizer=None, info=lm.info)
+    trace = run_capture(bare, ids, CaptureConfig(rows=None, loss=True, logprobs=True), batch_size=2,
+                        padding_side=padding_side)
+    assert trace.tokens[1] == [str(i) for i in ids[1]]
+    for p, seq in enumerate(ids):
+        x = torch.tensor([seq])
+        with torch.no_grad():
+            out = lm.model(input_ids=x, labels=x)
+        assert int(trace.nll_count[p]) == len(seq) - 1
+        assert float(trace.nll_sum[p]) == pytest.approx(float(out.loss) * (len(seq) - 1), abs=1e-4)
+        torch.testing.assert_close(trace.logprobs[p], torch.log_softmax(out.logits[0, -1], -1), atol=1e-5, rtol=0)
+    with pytest.raises(SinkscopeError, match="no tokenizer"):
+        run_capture(bare, PROMPTS)

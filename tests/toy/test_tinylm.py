@@ -151,6 +151,86 @@ def test_reloaded_variant_gives_the_same_statistics(variant_runs):
     assert bool((a.null_mass > 0).all()) and rows.shape[:3] == (2, 2, 4)
 
 
+def _reference_stats(model, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    """The statistics as attention_stats computed them before it became a run_capture call, kept here only as the
+    independent reference: the probabilities of the variant's own `variant_probs`, recorded by a test attention
+    function that then runs the variant's function, ‖h‖ of each decoder layer's output read by forward hooks, and the
+    model's own loss. ids, mask [B, N] (right padding)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from sinkscope.capture import attention_implementation
+
+    variant = tinylm.variant_of(model)
+    inner = ALL_ATTENTION_FUNCTIONS[tinylm.ATTN_NAMES[variant]]
+    probs: list[torch.Tensor] = []
+
+    def recording(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        nq, nk = query.shape[2], key.shape[2]
+        visible = torch.ones(nq, nk, dtype=torch.bool).tril()[None, None] if attention_mask is None \
+            else attention_mask
+        assert visible.dtype == torch.bool
+        bias = torch.zeros(visible.shape).masked_fill(~visible, -math.inf)
+        keys = key.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        probs.append(tinylm.variant_probs(variant, module, query, keys, bias, scaling))
+        return inner(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+
+    name = f"tinylm_test_reference_{variant}"
+    AttentionInterface.register(name, recording)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(name, sdpa_mask)
+    norms: list[torch.Tensor] = []
+    hooks = [layer.register_forward_hook(lambda _m, _a, out: norms.append(out[0] if isinstance(out, tuple) else out))
+             for layer in model.model.layers]
+    try:
+        with torch.no_grad(), attention_implementation(model, name):
+            out = model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    n = ids.shape[1]
+    qv = mask.bool()  # [B, N]
+    seen = (qv[:, :, None] & qv[:, None, :] & torch.ones(n, n, dtype=torch.bool).tril()).sum(1)  # [B, key]
+    p = torch.stack(probs, dim=1)  # [B, L, H, q, k]
+    qf = qv[:, None, None, :].float()
+    return {
+        "key_mass": (p * qf[..., None]).sum(-2) / seen[:, None, None, :].clamp(min=1),
+        "null_mass": ((1 - p.sum(-1)) * qf).sum(-1) / qv.sum(-1)[:, None, None],
+        "norms": torch.stack([h.float().norm(dim=-1) for h in norms], dim=1) * qv[:, None, :],
+        "loss": float(out.loss),
+    }
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_attention_stats_equal_the_variants_own_probabilities(variant_runs, variant):
+    """attention_stats (one run_capture pass) equals the statistics of the variant's own probabilities, with
+    padding, batching and a trailing all-padding column; training mode is restored afterwards."""
+    model, tok = load_checkpoint(variant_runs[variant].out / "model")
+    with torch.no_grad():  # sharpen attention so the comparison is not between near-uniform maps
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(6.0)
+    enc = tok(["The king said why the river ran.", "A small dog.", "How old is the red house by the tree?"],
+              padding=True, return_tensors="pt")
+    ids = torch.cat([enc["input_ids"], torch.full((3, 1), tok.pad_token_id)], dim=1)
+    mask = torch.cat([enc["attention_mask"], torch.zeros(3, 1, dtype=torch.long)], dim=1)
+    ref = _reference_stats(model, ids, mask)
+    model.train()
+    stats = attention_stats(model, ids, mask, batch_size=2)
+    assert model.training
+    for name in ("key_mass", "null_mass", "norms"):
+        assert getattr(stats, name).shape == ref[name].shape, name
+        torch.testing.assert_close(getattr(stats, name), ref[name], atol=1e-5, rtol=0, msg=name)
+    assert abs(stats.loss - ref["loss"]) < 1e-5
+    assert stats.lengths.tolist() == mask.sum(-1).tolist()
+    assert float(stats.key_mass[:, :, :, 0].std()) > 0.01
+    if variant in ("off_by_one", "sink_logit"):
+        assert float(stats.null_mass.min()) > 0.01
+    else:
+        assert float(stats.null_mass.abs().max()) == 0.0
+    with pytest.raises(SinkscopeError, match="right padding"):
+        attention_stats(model, ids, mask.flip(-1))
+
+
 def test_gate_stays_on_under_sinkscope_capture(variant_runs):
     from sinkscope.capture import CaptureConfig, run_capture
     from sinkscope.models import load_model

@@ -5,6 +5,10 @@ capture session is active, each attention layer (1) computes its output exactly 
 would (SDPA, or the model's own eager function where SDPA cannot express it: logit soft-capping, learned sink
 logits) and (2) recomputes softmax(QKᵀ·scale + mask) in query chunks, in float32, to accumulate statistics.
 Extra memory is O(chunk × n) per head; only what the caller asks for (`CaptureConfig`) is kept.
+
+Learned sink logits (rows sum to 1 − sink share) come from the attention call's `s_aux` argument (gpt-oss), or, for
+a module whose call passes none, from the module itself: `module.sinkscope_sink_logits` (`SINK_LOGITS_ATTR`) is a
+tensor [heads] or the name of the module's parameter or buffer that holds them (see `module_sink_logits`).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
 
 ATTN_NAME = "sinkscope"
+SINK_LOGITS_ATTR = "sinkscope_sink_logits"
 
 
 class ProbsHook(Protocol):
@@ -58,6 +63,9 @@ class CaptureConfig:
         normalisers after the key mass is known — never as a [query, key] matrix — and exclude each other.
     hidden: residual-stream sites to record ("embed", "attn", "block"; see `sinkscope.capture.hidden`), or None.
     logprobs: keep log p(next token) at each prompt's last real token (a causal LM head is needed).
+    loss: per prompt, Σ −log p(x_{t+1} | x_≤t) over the positions t where x_t and x_{t+1} are real tokens
+        (`Trace.nll_sum`, nats) and the number of those positions (`Trace.nll_count`). The LM head then runs at
+        every position: [batch, n, vocab] logits per batch.
     chunk_size: queries per chunk in the recomputation (None: adaptive, see `chunk_size_for`).
     fused: compute the layer output A·V from the same float32 chunks as the statistics (the default: one attention
         computation per layer); outputs then equal SDPA's up to float32 rounding (≈1e-6), not bit for bit. False:
@@ -75,6 +83,7 @@ class CaptureConfig:
     sink_columns: float | None = None
     hidden: Sequence[str] | None = None
     logprobs: bool = False
+    loss: bool = False
     chunk_size: int | None = None
     fused: bool = True
 
@@ -165,6 +174,8 @@ def sinkscope_attention(
     is_causal = bool(is_causal)
     position_bias = kwargs.get("position_bias")
     softcap, s_aux = kwargs.get("softcap"), kwargs.get("s_aux")
+    if s_aux is None:
+        s_aux = module_sink_logits(module)
     layer = getattr(module, "layer_idx", None)
     hooks = [hook for hook in _HOOKS.get() if hook.applies(layer)]
     head_scale = _head_scale(hooks, layer, query.shape[1], query.device)
@@ -184,7 +195,7 @@ def sinkscope_attention(
         session.records.append(record)
         return fused.to(query.dtype), None
     else:
-        output = _native_output(module, query, key, value, attention_mask, is_causal, scaling, dropout, kwargs)
+        output = _native_output(module, query, key, value, attention_mask, is_causal, scaling, dropout, s_aux, kwargs)
         if head_scale is not None:
             output = output * head_scale.to(output.dtype)[None, None, :, None]
     if session is not None:
@@ -192,6 +203,20 @@ def sinkscope_attention(
                                 position_bias, probs, head_scale=head_scale)
         session.records.append(record)
     return output, None
+
+
+def module_sink_logits(module: torch.nn.Module) -> torch.Tensor | None:
+    """The learned sink logits [h] an attention module declares for itself, or None: `module.sinkscope_sink_logits`
+    is a tensor [h] (e.g. a non-persistent zeros buffer for softmax₁, "off by one") or the name of the module's
+    parameter or buffer that holds them (e.g. "sinks"). A name, not a callable or a second reference to the parameter,
+    so that copies, `.to()` and `state_dict` see the parameter once. An `s_aux` argument of the call wins over it."""
+    found = getattr(module, SINK_LOGITS_ATTR, None)
+    if isinstance(found, str):
+        found = getattr(module, found, None)
+    if found is not None and not isinstance(found, torch.Tensor):
+        raise SinkscopeError(f"{type(module).__name__}.{SINK_LOGITS_ATTR} must be a tensor [heads] or the name of "
+                             "the module's parameter that holds its sink logits")
+    return found
 
 
 def _head_scale(hooks: Sequence[ProbsHook], layer: int | None, n_heads: int, device: torch.device
@@ -252,10 +277,16 @@ def _native_output(
     is_causal: bool,
     scaling: float,
     dropout: float,
+    s_aux: torch.Tensor | None,  # [h]
     kwargs: dict[str, Any],
 ) -> torch.Tensor:
     """What the model would compute without sinkscope: SDPA, or the model's eager function for soft-capping and
-    learned sink logits (which SDPA does not support)."""
+    learned sink logits (which SDPA does not support). Sink logits the module declares itself (`module_sink_logits`)
+    have no kernel sinkscope knows: softmax with the sink, in float32, times V."""
+    if s_aux is not None and kwargs.get("s_aux") is None:
+        bias = _additive_bias(attention_mask, query, key, is_causal, kwargs.get("position_bias"))
+        probs = attention_probs(query, key, bias, scaling, kwargs.get("softcap"), s_aux)  # [b, h, q, k]
+        return _weighted_values(probs, value).to(query.dtype)
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
         eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
         if eager is None:

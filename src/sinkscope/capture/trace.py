@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 
 from sinkscope.capture.attention import CaptureConfig, LayerRecord, capture_session, pad_to
 from sinkscope.capture.hidden import HiddenRecorder, Site
@@ -45,6 +46,8 @@ class Trace:
     hidden: torch.Tensor | None = None  # [P, S, N, d]  residual stream at the sites `sites`
     sites: list[Site] | None = None
     logprobs: torch.Tensor | None = None  # [P, V]  log p(next token) at each prompt's last token
+    nll_sum: torch.Tensor | None = None  # [P]  Σ next-token cross-entropy (nats) over each prompt's real tokens
+    nll_count: torch.Tensor | None = None  # [P]  the number of next tokens in nll_sum (length − 1)
     info: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -168,7 +171,8 @@ def run_capture(
     prompts: one text, a list of texts (tokenised once, special tokens added as the tokenizer does), or a list of
         token-id sequences used as they are (e.g. a prompt with its BOS removed). `texts` names id prompts (default:
         their decoding). Batches are padded on `padding_side` (default: the tokenizer's); positions count real
-        tokens only, so the padding side changes nothing but rounding.
+        tokens only, so the padding side changes nothing but rounding. Token ids need no tokenizer
+        (`loaded.tokenizer` None): padding then uses id 0, and tokens and prompt names are the ids as text.
     Raises SinkscopeError for an empty prompt list, an empty prompt or a prompt longer than the context
     (use `validate_prompts` first to skip bad prompts instead).
     """
@@ -181,8 +185,6 @@ def run_capture(
     if batch_size < 1:
         raise SinkscopeError("batch size must be at least 1")
     tok = loaded.tokenizer
-    if tok is None:
-        raise SinkscopeError(f"{loaded.info.name} has no tokenizer: save one beside the model, or pass token ids")
     if _is_ids(prompts):
         seqs = [[int(i) for i in (s.tolist() if isinstance(s, torch.Tensor) else s)] for s in prompts]
         limit = loaded.info.max_positions
@@ -191,8 +193,10 @@ def run_capture(
                 raise SinkscopeError(f"prompt {i + 1}: an empty token sequence")
             if limit is not None and len(seq) > limit:
                 raise SinkscopeError(f"prompt {i + 1}: {len(seq)} tokens, more than the model's context of {limit}")
-        names = list(texts) if texts is not None else [tok.decode(s) for s in seqs]
+        names = list(texts) if texts is not None else [_decode(tok, s) for s in seqs]
     else:
+        if tok is None:
+            raise SinkscopeError(f"{loaded.info.name} has no tokenizer: save one beside the model, or pass token ids")
         ids, bad = tokenize(loaded, prompts)
         if bad:
             i, reason = bad[0]
@@ -215,7 +219,8 @@ def run_capture(
 
 
 def padding_id(tokenizer: Any) -> int:
-    """The id that fills padded positions: the tokenizer's pad, else EOS, else UNK, else 0 (never attended to)."""
+    """The id that fills padded positions: the tokenizer's pad, else EOS, else UNK, else 0 (never attended to; also
+    without a tokenizer)."""
     for name in ("pad_token_id", "eos_token_id", "unk_token_id"):
         value = getattr(tokenizer, name, None)
         if isinstance(value, int):
@@ -271,10 +276,10 @@ def _capture_batch(loaded: LoadedModel, batch: list[list[int]], config: CaptureC
     inputs = forward_inputs(model, ids, mask, loaded.device)
     last = offsets + lengths - 1  # [b] each prompt's last real token, padded coordinates
     keep, at = torch.unique(last, return_inverse=True)  # the distinct last positions; each prompt's among them
-    if "logits_to_keep" in forward_args(model):  # the LM head only where it is read: [b, n, V] logits would cost
-        inputs["logits_to_keep"] = keep.to(loaded.device) if config.logprobs else 1  # more than the capture
-    else:
+    if config.loss or "logits_to_keep" not in forward_args(model):  # the LM head at every position
         at = last
+    else:  # only where it is read: [b, n, V] logits would cost more than the capture
+        inputs["logits_to_keep"] = keep.to(loaded.device) if config.logprobs else 1
     recorder = HiddenRecorder(model, config.hidden) if config.hidden else None
     with ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
@@ -292,14 +297,28 @@ def _capture_batch(loaded: LoadedModel, batch: list[list[int]], config: CaptureC
     if recorder is not None:
         part["hidden"] = recorder.stacked()  # [b, S, n, d]
         part["sites"] = recorder.sites
-    if config.logprobs:
+    if config.logprobs or config.loss:
         logits = getattr(output, "logits", None)
         if logits is None:
             raise SinkscopeError(f"{type(model).__name__} has no language-model head: it gives no next-token "
                                  "log-probabilities")
-        part["logprobs"] = torch.log_softmax(logits[torch.arange(len(batch)), at.to(logits.device)].float(),
-                                             -1).cpu()  # [b, V]
+        if config.logprobs:
+            part["logprobs"] = torch.log_softmax(logits[torch.arange(len(batch)), at.to(logits.device)].float(),
+                                                 -1).cpu()  # [b, V]
+        if config.loss:
+            part["nll_sum"], part["nll_count"] = next_token_nll(logits, ids, mask)
     return part
+
+
+def next_token_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per sequence, Σ_t −log p(x_{t+1} | x_≤t) over the positions t where x_t and x_{t+1} are both real tokens, in
+    float32, and the number of those positions. logits [b, n, V], ids and mask [b, n] → ([b] float32, [b] long)."""
+    b, n, vocab = logits.shape
+    labels = ids[:, 1:].to(logits.device)
+    real = (mask[:, 1:].bool() & mask[:, :-1].bool()).to(logits.device)  # [b, n − 1]
+    nll = F.cross_entropy(logits[:, :-1].float().reshape(-1, vocab), labels.reshape(-1), reduction="none")
+    nll = torch.where(real, nll.view(b, n - 1), 0.0)
+    return nll.sum(-1).cpu(), real.sum(-1).cpu()
 
 
 def _row_positions(
@@ -370,8 +389,9 @@ def _assemble(loaded: LoadedModel, prompts: list[str], parts: list[dict[str, Any
             aligned["column_index"] = torch.where(index >= 0, index - shift, -1)
         if "hidden" in part:
             aligned["hidden"] = pad_to(_left_align(part["hidden"], off, lens, [2]), n_max, [2])
-        if "logprobs" in part:
-            aligned["logprobs"] = part["logprobs"]
+        for name in ("logprobs", "nll_sum", "nll_count"):
+            if name in part:
+                aligned[name] = part[name]
         for name, tensor in aligned.items():
             fields.setdefault(name, []).append(tensor)
         for row, o, n in zip(part["ids"].tolist(), off.tolist(), lens.tolist(), strict=True):
@@ -413,10 +433,20 @@ def _assemble(loaded: LoadedModel, prompts: list[str], parts: list[dict[str, Any
         hidden=merged.get("hidden"),
         sites=parts[0].get("sites"),
         logprobs=merged.get("logprobs"),
+        nll_sum=merged.get("nll_sum"),
+        nll_count=merged.get("nll_count"),
         info=info,
     )
 
 
 def _token_strings(tokenizer: Any, ids: list[int]) -> list[str]:
-    """Readable per-token strings: each id decoded on its own (byte-level marks like 'Ġ' become spaces)."""
+    """Readable per-token strings: each id decoded on its own (byte-level marks like 'Ġ' become spaces); the ids
+    as text without a tokenizer."""
+    if tokenizer is None:
+        return [str(i) for i in ids]
     return [tokenizer.decode([i], skip_special_tokens=False, clean_up_tokenization_spaces=False) for i in ids]
+
+
+def _decode(tokenizer: Any, ids: list[int]) -> str:
+    """A prompt's text: its decoding, or its ids separated by spaces without a tokenizer."""
+    return " ".join(map(str, ids)) if tokenizer is None else tokenizer.decode(ids)

@@ -13,13 +13,13 @@ sink_03 (α₀ > ε for this head), share_02 and share_03 (per layer), norm0 and
 ‖h_i‖, i ≥ 1, per layer), norm_ratio, eval_loss (held-out batch), train_loss (mean over the steps since the previous
 evaluation; at step 0 the untrained model's loss on the first batch), lr, time_s.
 
-The statistics come from the probabilities the model's variant really uses; for softmax models they equal
-sinkscope's capture `key_mass` (tested).
+`attention_stats` is one `sinkscope.capture.run_capture` pass: the capture reads each variant's sink logits from its
+attention modules (see `variants`), so the statistics come from the probabilities the variant really uses (tested
+against the variants' own `variant_probs`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,13 +27,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from torch import nn
 from transformers import LlamaForCausalLM
 
-from sinkscope.capture import attention_implementation
+from sinkscope.capture import CaptureConfig, pad_to, run_capture
 from sinkscope.errors import SinkscopeError
+from sinkscope.models import LoadedModel, model_info
 from sinkscope.store import load_run
-from sinkscope.toy.tinylm.variants import ATTN_NAMES, RECORDING, Recorder, variant_of
 
 EPSILONS: tuple[float, ...] = (0.2, 0.3)
 TRACE_COLUMNS: tuple[str, ...] = (
@@ -76,14 +75,6 @@ class AttentionStats:
         return torch.stack(ratios).mean(0)
 
 
-def _norm_hook(norms: list[torch.Tensor]) -> Callable[..., None]:
-    def hook(_module: nn.Module, _args: tuple, out: Any) -> None:
-        """Forward hook on a decoder layer: append ‖h_i‖₂ of its output [b, n]."""
-        norms.append((out[0] if isinstance(out, tuple) else out).float().norm(dim=-1))
-
-    return hook
-
-
 @torch.no_grad()
 def attention_stats(
     model: LlamaForCausalLM,
@@ -91,53 +82,38 @@ def attention_stats(
     attention_mask: torch.Tensor | None = None,  # [B, N] 1 for real tokens, right padding
     batch_size: int = 16,
 ) -> AttentionStats:
-    """Run the model on `input_ids` and reduce the attention weights its variant really uses to sink statistics.
-
-    For a softmax model `key_mass` equals sinkscope's capture `Trace.key_mass` on the same tokens. Runs in eval
-    mode, in float32 statistics, without autocast.
+    """Run the model on `input_ids` under sinkscope's capture (`run_capture`, with the model's variant) and reduce
+    it to sink statistics: key mass, the null mass (the learned sink's share, 1 − row sum), ‖h_i‖₂ after each
+    decoder layer and the mean next-token loss. Runs in eval mode (restored afterwards), without autocast.
     """
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    if bool((attention_mask[:, 0] == 0).any()):
-        raise SinkscopeError("attention_stats needs right padding (position 0 must be a real token)")
-    variant = variant_of(model)
-    device = next(model.parameters()).device
+    n = input_ids.shape[1]
+    lengths = attention_mask.sum(-1).cpu()  # [B]
+    if not bool((attention_mask.cpu().bool() == (torch.arange(n)[None, :] < lengths[:, None])).all()) \
+            or bool((lengths == 0).any()):
+        raise SinkscopeError("attention_stats needs right padding: each row's real tokens first, then padding")
+    name = getattr(model.config, "_name_or_path", None) or "tinylm"
+    loaded = LoadedModel(model=model, tokenizer=None, info=model_info(model, None, name))
+    config = CaptureConfig(rows=None, entropy=False, hidden=("block",), loss=True)
+    prompts = [row[:length] for row, length in zip(input_ids.cpu(), lengths.tolist(), strict=True)]
     was_training = model.training
     model.eval()
-    parts: list[dict[str, torch.Tensor]] = []
-    total_loss, total_tokens = 0.0, 0
-    layers = model.model.layers
     try:
-        with attention_implementation(model, ATTN_NAMES[variant]):
-            for i in range(0, input_ids.shape[0], batch_size):
-                ids, mask = input_ids[i : i + batch_size].to(device), attention_mask[i : i + batch_size].to(device)
-                norms: list[torch.Tensor] = []
-                hooks = [layer.register_forward_hook(_norm_hook(norms)) for layer in layers]
-                rec = Recorder(query_valid=mask.bool())
-                token = RECORDING.set(rec)
-                try:
-                    logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits
-                finally:
-                    RECORDING.reset(token)
-                    for h in hooks:
-                        h.remove()
-                labels = ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-                loss = nn.functional.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels.flatten(),
-                                                   ignore_index=-100, reduction="sum")
-                total_loss += float(loss)
-                total_tokens += int((labels != -100).sum())
-                stack = {k: torch.stack([r[k] for r in rec.layers], dim=1) for k in rec.layers[0]}
-                parts.append({
-                    "key_mass": stack["key_mass_sum"] / stack["key_count"][:, :, None].clamp(min=1),
-                    "null_mass": stack["null_sum"] / stack["n_queries"][:, :, None].clamp(min=1),
-                    "norms": torch.stack([n.cpu() for n in norms], dim=1) * mask.cpu()[:, None, :],
-                    "lengths": mask.sum(-1).cpu(),
-                })
+        trace = run_capture(loaded, prompts, config, batch_size=batch_size, padding_side="right")
     finally:
         model.train(was_training)
-    merged = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
-    return AttentionStats(key_mass=merged["key_mass"], null_mass=merged["null_mass"], norms=merged["norms"],
-                          lengths=merged["lengths"], loss=total_loss / max(1, total_tokens))
+    assert trace.hidden is not None and trace.nll_sum is not None and trace.nll_count is not None
+    n_queries = trace.lengths[:, None, None].float()  # [B, 1, 1]
+    null_mass = trace.sink_share.sum(-1) / n_queries if trace.sink_share is not None \
+        else torch.zeros(trace.key_mass.shape[:3])  # [B, L, H]: sink_share is 1 − row sum, zero past each length
+    return AttentionStats(
+        key_mass=pad_to(trace.key_mass, n, [3]),
+        null_mass=null_mass,
+        norms=pad_to(trace.hidden.norm(dim=-1), n, [2]),  # block outputs [B, L, N], zeros at padding
+        lengths=trace.lengths,
+        loss=float(trace.nll_sum.sum()) / max(1, int(trace.nll_count.sum())),
+    )
 
 
 def trace_rows(step: int, tokens: int, stats: AttentionStats, train_loss: float, lr: float, time_s: float

@@ -12,19 +12,19 @@ transformers' `AttentionInterface` under `tinylm_<variant>` (with `sdpa_mask` as
 
 Choice: the extra parameters are attached to the stock `LlamaAttention` modules (no subclass), so checkpoints are
 plain Llama checkpoints plus a few extra tensors. The gate is applied by two forward hooks (one stores the attention
-input, one multiplies the output projection's input by the gate), so it stays active whatever attention function
-runs — including sinkscope's capture, which therefore measures gated models correctly. Off-by-one and sink-logit
-change the attention weights themselves; sinkscope's capture (which recomputes plain softmax) does not know them,
-so the emergence trace computes its statistics (`statistics.attention_stats`) from the probabilities the variant
-really uses, recorded here while `RECORDING` is set.
+input, one multiplies the output projection's input by the gate), so it stays part of the model whatever attention
+function runs — including sinkscope's capture. Off-by-one and sink-logit change the attention weights themselves:
+both are a learned sink logit per head (fixed at 0 for off-by-one), which each attention module declares to
+sinkscope's capture through `sinkscope_sink_logits` (`sinkscope.capture.attention.module_sink_logits`): a
+non-persistent zeros buffer for off-by-one, the name "sinks" for sink-logit. So `run_capture` measures every variant
+with the probabilities it really uses, and `statistics.attention_stats` is one `run_capture` call. The functions
+registered here serve training and plain inference.
 """
 
 from __future__ import annotations
 
-import contextvars
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -34,6 +34,7 @@ from transformers import AttentionInterface, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from sinkscope.capture.attention import SINK_LOGITS_ATTR
 from sinkscope.errors import SinkscopeError
 
 VARIANTS: tuple[str, ...] = ("softmax", "off_by_one", "sink_logit", "gated")
@@ -93,31 +94,6 @@ def variant_probs(
     return torch.nan_to_num(probs, nan=0.0)
 
 
-@dataclass
-class Recorder:
-    """Statistics of every attention call while `RECORDING` is set (one dict per layer, in call order)."""
-
-    query_valid: torch.Tensor  # [b, n] bool
-    layers: list[dict[str, torch.Tensor]] = field(default_factory=list)
-
-
-RECORDING: contextvars.ContextVar[Recorder | None] = contextvars.ContextVar("tinylm_recorder", default=None)
-
-
-def _record(rec: Recorder, probs: torch.Tensor, bias: torch.Tensor) -> None:
-    """Reduce probs [b, h, q, k] to column-mass sums, query counts and the null mass; append to the recorder."""
-    b, _, nq, nk = probs.shape
-    qvalid = rec.query_valid[:, -nq:].to(probs.device)  # [b, q]
-    qv = qvalid[:, None, :, None].float()
-    seen = torch.isfinite(bias).expand(b, 1, nq, nk)[:, 0] & qvalid[:, :, None]  # [b, q, k]
-    rec.layers.append({
-        "key_mass_sum": (probs * qv).sum(-2).cpu(),  # [b, h, k]
-        "key_count": seen.sum(-2).float().cpu(),  # [b, k]
-        "null_sum": ((1.0 - probs.sum(-1)) * qvalid[:, None, :].float()).sum(-1).cpu(),  # [b, h]
-        "n_queries": qvalid.sum(-1).float().cpu(),  # [b]
-    })
-
-
 def _make_attention(variant: str) -> Callable[..., tuple[torch.Tensor, None]]:
     def attention(
         module: nn.Module,
@@ -129,12 +105,10 @@ def _make_attention(variant: str) -> Callable[..., tuple[torch.Tensor, None]]:
         dropout: float = 0.0,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
-        """Attention output [b, q, h, d_v] of this variant; statistics when a recorder is active."""
+        """Attention output [b, q, h, d_v] of this variant (SDPA for softmax and gated)."""
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
-        rec = RECORDING.get()
-        plain = variant in ("softmax", "gated")
-        if plain and rec is None:
+        if variant in ("softmax", "gated"):
             return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                           scaling=scaling, **kwargs)
         groups = query.shape[1] // key.shape[1]
@@ -143,12 +117,6 @@ def _make_attention(variant: str) -> Callable[..., tuple[torch.Tensor, None]]:
         is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
         bias = _bias(attention_mask, query.shape[2], key.shape[2], query.device, bool(is_causal))
         probs = variant_probs(variant, module, query, key, bias, scaling)
-        if rec is not None:
-            _record(rec, probs, bias)
-        if plain:  # the output is SDPA's, exactly as without recording
-            out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
-                                            scaling=scaling, **kwargs)
-            return out, None
         if dropout and module.training:
             probs = nn.functional.dropout(probs, p=dropout)
         out = probs.to(value.dtype) @ value  # [b, h, q, d_v]
@@ -182,7 +150,9 @@ def apply_variant(model: LlamaForCausalLM, variant: str, seed: int = 0) -> Llama
     """Give a Llama model the attention `variant` (in place): its parameters, hooks and attention function.
 
     New parameters: sink_logit → `self_attn.sinks` [heads] = 0; gated → `self_attn.gate_proj` (weights N(0, 0.02²)
-    from `seed`, bias 0). Calling it again is a no-op for parameters that already exist.
+    from `seed`, bias 0). The sink logits sinkscope's capture reads (`sinkscope_sink_logits`): off_by_one → a
+    non-persistent zeros buffer [heads] (not saved); sink_logit → "sinks". Calling it again is a no-op for parameters
+    that already exist.
     """
     check_variant(variant)
     config = model.config
@@ -191,8 +161,13 @@ def apply_variant(model: LlamaForCausalLM, variant: str, seed: int = 0) -> Llama
     for layer in model.model.layers:
         attn = layer.self_attn
         heads, head_dim = config.num_attention_heads, attn.head_dim
-        if variant == "sink_logit" and not hasattr(attn, "sinks"):
-            attn.sinks = nn.Parameter(torch.zeros(heads, device=p.device, dtype=p.dtype))
+        if variant == "sink_logit":
+            if not hasattr(attn, "sinks"):
+                attn.sinks = nn.Parameter(torch.zeros(heads, device=p.device, dtype=p.dtype))
+            setattr(attn, SINK_LOGITS_ATTR, "sinks")
+        if variant == "off_by_one" and not hasattr(attn, SINK_LOGITS_ATTR):
+            attn.register_buffer(SINK_LOGITS_ATTR, torch.zeros(heads, device=p.device, dtype=p.dtype),
+                                 persistent=False)
         if variant == "gated" and not hasattr(attn, "gate_proj"):
             gate = nn.Linear(config.hidden_size, heads * head_dim, bias=True)
             with torch.no_grad():
