@@ -208,11 +208,13 @@ def test_bos_runs_in_analyze(lm, analyzed):
     for w, n, r in zip(with_bos.trace.input_ids, no_bos.trace.input_ids, replaced.trace.input_ids, strict=True):
         assert w[0] == 256 and n == w[1:] and r[1:] == w[1:] and r[0] != w[0]
     # position 0 without BOS is the first real token: same embedding as position 1 with BOS (RoPE: no position
-    # embedding); with BOS replaced, only position 0 enters differently
+    # embedding); with BOS replaced, only position 0 enters differently. The variants keep only their residual
+    # norms after the similarity table is taken (their vectors are dropped to bound memory).
+    assert no_bos.hidden.numel() == 0 and replaced.hidden.numel() == 0
     for p, n in enumerate(no_bos.lengths.tolist()):
-        torch.testing.assert_close(no_bos.hidden[p, 0, :n], with_bos.hidden[p, 0, 1 : n + 1])
-        torch.testing.assert_close(replaced.hidden[p, 0, 1 : n + 1], with_bos.hidden[p, 0, 1 : n + 1])
-        assert not torch.allclose(replaced.hidden[p, 0, 0], with_bos.hidden[p, 0, 0])
+        torch.testing.assert_close(no_bos.norms()[p, 0, :n], with_bos.norms()[p, 0, 1 : n + 1])
+        torch.testing.assert_close(replaced.norms()[p, 0, 1 : n + 1], with_bos.norms()[p, 0, 1 : n + 1])
+        assert not torch.allclose(replaced.norms()[p, 0, 0], with_bos.norms()[p, 0, 0])
     layers = result.tables["bos_layers"]
     assert set(layers["variant"]) == {"with_bos", "no_bos", "replaced"} and len(layers) == 3 * lm.info.n_layers
     assert layers.loc[layers["variant"] == "no_bos", "first_real_position"].eq(0).all()
@@ -398,3 +400,15 @@ def test_smollm2_mechanisms():
     assert result.tables["ablation"]["ablation"].tolist() == ["L0H0", "L0H4", "L0 all"]
     assert result.summary["formation"]["sink_layer"] is not None  # SmolLM2 has a position-0 sink
     assert len(result.lines()) >= 6
+
+
+def test_norm_only_capture_equals_the_vectors_norms(lm):
+    """hidden="norms" records ‖h‖ per site and position in the capture pass, equal to the norms of the vectors; a
+    trace without its vectors still gives the same norm tables."""
+    ids = _ids(lm)
+    full = capture_ids(lm, ids, batch_size=2)
+    slim = capture_ids(lm, ids, hidden="norms", batch_size=2)
+    assert slim.hidden.numel() == 0 and slim.trace.hidden_norms is not None
+    expected = torch.linalg.vector_norm(full.hidden, dim=-1)  # [P, S, N]
+    torch.testing.assert_close(slim.norms(), expected, atol=1e-5, rtol=1e-6)
+    pd.testing.assert_frame_equal(norm_profile(full.without_vectors()), norm_profile(full))

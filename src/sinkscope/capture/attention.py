@@ -62,6 +62,8 @@ class CaptureConfig:
         sinks, for the tag decomposition). `columns` and `sink_columns` are computed from the chunks' row maxima and
         normalisers after the key mass is known — never as a [query, key] matrix — and exclude each other.
     hidden: residual-stream sites to record ("embed", "attn", "block"; see `sinkscope.capture.hidden`), or None.
+    hidden_norms: record only the L2 norm ‖h‖ of each site's vector per position (`Trace.hidden_norms`) instead of
+        the vectors — what norm profiles need, at 1/d of the memory.
     logprobs: keep log p(next token) at each prompt's last real token (a causal LM head is needed).
     loss: per prompt, Σ −log p(x_{t+1} | x_≤t) over the positions t where x_t and x_{t+1} are real tokens
         (`Trace.nll_sum`, nats) and the number of those positions (`Trace.nll_count`). The LM head then runs at
@@ -82,6 +84,7 @@ class CaptureConfig:
     columns: Sequence[int] | None = None
     sink_columns: float | None = None
     hidden: Sequence[str] | None = None
+    hidden_norms: bool = False
     logprobs: bool = False
     loss: bool = False
     chunk_size: int | None = None

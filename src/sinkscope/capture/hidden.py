@@ -119,15 +119,17 @@ class HiddenRecorder:
     block. Used by `run_capture` (CaptureConfig.hidden); nothing else installs hooks on a model.
 
     sublayers: which of "embed", "attn", "block" to read ("attn" needs a family whose half-layer site is known).
-    `forwards[f]` is a list of tensors [batch, n, d] (float32, on the CPU) in `sites` order.
+    `forwards[f]` is a list of tensors [batch, n, d] (float32, on the CPU) in `sites` order ([batch, n] norms with
+    `norms=True`).
     """
 
-    def __init__(self, model: torch.nn.Module, sublayers: Sequence[str] = SUBLAYERS) -> None:
+    def __init__(self, model: torch.nn.Module, sublayers: Sequence[str] = SUBLAYERS, norms: bool = False) -> None:
         self.model = model
         self.layers = decoder_layers(model)
         self.rule = half_site_rule(model) if "attn" in sublayers else None
         self.sites = [s for s in sites_for(len(self.layers)) if s.sublayer in sublayers]
         self._slot_of = {(s.layer, s.sublayer): k for k, s in enumerate(self.sites)}
+        self.norms = norms  # keep ‖h‖ per position [batch, n] instead of the vectors [batch, n, d]
         self.forwards: list[list[torch.Tensor | None]] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._inputs: dict[int, torch.Tensor] = {}
@@ -136,7 +138,8 @@ class HiddenRecorder:
         index = self._slot_of.get((layer, sublayer))
         if index is None:
             return
-        self.forwards[-1][index] = value.detach().float().cpu().clone()
+        value = value.detach().float()
+        self.forwards[-1][index] = value.norm(dim=-1).cpu() if self.norms else value.cpu().clone()
 
     def __enter__(self) -> HiddenRecorder:
         kind, child = self.rule.split(":", 1) if self.rule is not None else ("", "")

@@ -44,6 +44,7 @@ class Trace:
     column_index: torch.Tensor | None = None  # [P, L, H, K]  key of each kept column, −1 = none
     columns: torch.Tensor | None = None  # [P, L, H, N, K]  A_ik: attention of query i to the kept key k
     hidden: torch.Tensor | None = None  # [P, S, N, d]  residual stream at the sites `sites`
+    hidden_norms: torch.Tensor | None = None  # [P, S, N]  ‖h‖ at the sites (CaptureConfig.hidden_norms)
     sites: list[Site] | None = None
     logprobs: torch.Tensor | None = None  # [P, V]  log p(next token) at each prompt's last token
     nll_sum: torch.Tensor | None = None  # [P]  Σ next-token cross-entropy (nats) over each prompt's real tokens
@@ -280,7 +281,7 @@ def _capture_batch(loaded: LoadedModel, batch: list[list[int]], config: CaptureC
         at = last
     else:  # only where it is read: [b, n, V] logits would cost more than the capture
         inputs["logits_to_keep"] = keep.to(loaded.device) if config.logprobs else 1
-    recorder = HiddenRecorder(model, config.hidden) if config.hidden else None
+    recorder = HiddenRecorder(model, config.hidden, norms=config.hidden_norms) if config.hidden else None
     with ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
         if recorder is not None:
@@ -295,7 +296,7 @@ def _capture_batch(loaded: LoadedModel, batch: list[list[int]], config: CaptureC
         )
     part: dict[str, Any] = {"ids": ids, "offsets": offsets, "lengths": lengths, "rows_at": rows, "records": records}
     if recorder is not None:
-        part["hidden"] = recorder.stacked()  # [b, S, n, d]
+        part["hidden_norms" if config.hidden_norms else "hidden"] = recorder.stacked()  # [b, S, n(, d)]
         part["sites"] = recorder.sites
     if config.logprobs or config.loss:
         logits = getattr(output, "logits", None)
@@ -387,8 +388,9 @@ def _assemble(loaded: LoadedModel, prompts: list[str], parts: list[dict[str, Any
         if index is not None:
             shift = off.view(-1, 1, 1, 1)
             aligned["column_index"] = torch.where(index >= 0, index - shift, -1)
-        if "hidden" in part:
-            aligned["hidden"] = pad_to(_left_align(part["hidden"], off, lens, [2]), n_max, [2])
+        for name in ("hidden", "hidden_norms"):
+            if name in part:
+                aligned[name] = pad_to(_left_align(part[name], off, lens, [2]), n_max, [2])
         for name in ("logprobs", "nll_sum", "nll_count"):
             if name in part:
                 aligned[name] = part[name]
@@ -431,6 +433,7 @@ def _assemble(loaded: LoadedModel, prompts: list[str], parts: list[dict[str, Any
         column_index=merged.get("column_index"),
         columns=merged.get("columns"),
         hidden=merged.get("hidden"),
+        hidden_norms=merged.get("hidden_norms"),
         sites=parts[0].get("sites"),
         logprobs=merged.get("logprobs"),
         nll_sum=merged.get("nll_sum"),

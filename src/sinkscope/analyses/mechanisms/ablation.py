@@ -67,7 +67,8 @@ def ablation_sweep(
     if any(not 0 <= h < n_heads for h in picked):
         raise SinkscopeError(f"ablation heads {picked} must lie in 0-{n_heads - 1}")
     config = CaptureConfig(rows=None, entropy=False, fused=False)
-    base = baseline if baseline is not None else capture_ids(loaded, ids, config, batch_size=batch_size)
+    base = baseline if baseline is not None else capture_ids(loaded, ids, config, hidden="norms",
+                                                             batch_size=batch_size)
     runs: list[tuple[int, int, pd.DataFrame]] = [(-1, -1, run_stats(base, eps))]
     for layer in layers:
         sets: list[tuple[int, list[int]]] = [(h, [h]) for h in picked]
@@ -75,7 +76,7 @@ def ablation_sweep(
             sets.append((-1, picked))
         for head, chosen in sets:
             mt = capture_ids(loaded, ids, config, interventions=[AblateHeads(layers=[layer], heads=chosen)],
-                             batch_size=batch_size)
+                             hidden="norms", batch_size=batch_size)
             runs.append((layer, head, run_stats(mt, eps)))
     frames = []
     for layer, head, stats in runs:

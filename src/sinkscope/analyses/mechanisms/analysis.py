@@ -53,7 +53,8 @@ from sinkscope.store import Run, make_manifest
 
 @dataclass
 class MechanismsResult:
-    """Tables, the summary and the parameters of one `analyze` run (`traces` holds the captures per variant)."""
+    """Tables, the summary and the parameters of one `analyze` run (`traces` holds the captures per variant; the BOS
+    variants keep only the norms of their residual stream)."""
 
     tables: dict[str, pd.DataFrame]
     summary: dict[str, Any]
@@ -149,6 +150,7 @@ def analyze(
                                "min_share": min_share, "norm_ratio": norm_ratio, "massive_ratio": massive_ratio,
                                "formation": _plain(form.iloc[0].to_dict())}
     # 3. BOS removal
+    sims: list[pd.DataFrame] = []
     resolved = None
     if bos:
         try:
@@ -160,8 +162,12 @@ def analyze(
         variants = bos_variants(native, info.adds_bos, bos_tok, rep_tok)
         by_variant: dict[str, MechTrace] = {}
         for v in VARIANTS:
-            by_variant[v] = main if v == variants.native else capture_ids(
-                loaded, variants.get(v), config, batch_size=batch_size, prompts=texts)
+            if v == variants.native:
+                by_variant[v] = main
+                continue
+            mt = capture_ids(loaded, variants.get(v), config, batch_size=batch_size, prompts=texts)
+            sims.append(cross_input_similarity(mt, v))  # the one use of its vectors: keep only norms after it
+            by_variant[v] = mt.without_vectors()
         traces.update({v: mt for v, mt in by_variant.items() if v != variants.native})
         tables["bos_layers"] = bos_layers(by_variant, eps)
         tables["bos_summary"] = bos_summary(by_variant, tables["bos_layers"], min_share=min_share, ratio=norm_ratio)
@@ -171,10 +177,9 @@ def analyze(
             "verdict": bos_verdict(tables["bos_summary"], tables["bos_layers"], min_share),
             "variants": _plain(tables["bos_summary"].set_index("variant").to_dict(orient="index")),
         }
-    # 4. cross-input similarity on every captured encoding
+    # 4. cross-input similarity on every captured encoding (the BOS variants' were taken right after capture)
     main_label = summary["bos"]["native"] if "bos" in summary else "native"
-    sims = [cross_input_similarity(mt, main_label if variant == "native" else variant)
-            for variant, mt in traces.items()]
+    sims.insert(0, cross_input_similarity(main, main_label))
     tables["similarity"] = pd.concat(sims, ignore_index=True)
     sim_sum = similarity_summary(tables["similarity"])
     tables["similarity_summary"] = sim_sum

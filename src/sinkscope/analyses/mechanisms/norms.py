@@ -46,8 +46,8 @@ def median_other(norms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 def norm_table(mt: MechTrace, prompt_ids: Sequence[int] | None = None) -> pd.DataFrame:
     """One row per prompt × site × position: prompt_id, layer, sublayer, depth, position, token, norm, ratio
     (the norm over the median norm of positions ≥ 1 at that site)."""
-    ids = list(prompt_ids) if prompt_ids is not None else list(range(mt.hidden.shape[0]))
-    norms = hidden_norms(mt.hidden)  # [P, S, N]
+    norms = mt.norms()  # [P, S, N]
+    ids = list(prompt_ids) if prompt_ids is not None else list(range(norms.shape[0]))
     med = median_other(norms, mt.lengths)  # [P, S]
     frames = []
     sites = site_frame(mt.sites)
@@ -70,7 +70,7 @@ def norm_table(mt: MechTrace, prompt_ids: Sequence[int] | None = None) -> pd.Dat
 def norm_profile(mt: MechTrace) -> pd.DataFrame:
     """Per site (mean over prompts): pos0_norm ‖h₀‖, median_norm m, pos0_ratio r = ‖h₀‖/m, max_other_ratio
     (the largest ratio at any position ≥ 1, to show whether position 0 is unique)."""
-    norms = hidden_norms(mt.hidden)
+    norms = mt.norms()  # [P, S, N]
     med = median_other(norms, mt.lengths)
     valid = mt.valid()[:, None, :].clone()  # [P, 1, N]
     valid[..., 0] = False

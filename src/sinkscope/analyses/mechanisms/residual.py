@@ -54,6 +54,21 @@ class MechTrace:
         """[P, N] bool: real token positions."""
         return self.trace.valid_keys()
 
+    def norms(self) -> torch.Tensor:
+        """‖h‖₂ at every site and position [P, S, N]: from the vectors, or as captured with `hidden="norms"`."""
+        if self.trace.hidden_norms is not None:
+            return self.trace.hidden_norms
+        if self.hidden.numel() == 0:
+            raise SinkscopeError("this capture has no residual stream; capture with hidden=True or hidden='norms'")
+        return torch.linalg.vector_norm(self.hidden.float(), dim=-1)
+
+    def without_vectors(self) -> MechTrace:
+        """The same capture keeping only the norms of the residual stream (drops the [P, S, N, d] vectors)."""
+        if self.trace.hidden is None and self.trace.hidden_norms is not None:
+            return self
+        trace = replace(self.trace, hidden=None, hidden_norms=self.norms())
+        return replace(self, trace=trace, hidden=torch.empty(0))
+
 
 def capture_ids(
     loaded: LoadedModel,
@@ -62,7 +77,7 @@ def capture_ids(
     *,
     interventions: Sequence[Intervention] = (),
     sink_position: int | None = None,
-    hidden: bool = True,
+    hidden: bool | str = True,
     batch_size: int = 8,
     prompts: Sequence[str] | None = None,
 ) -> MechTrace:
@@ -70,7 +85,8 @@ def capture_ids(
     attention column A_{i,s} of that key) in the same forward pass.
 
     ids: one list of token ids per prompt (special tokens already in place). `interventions` (e.g. `AblateHeads`)
-    apply to every forward pass. Returns a `MechTrace`; `hidden` is an empty tensor when `hidden=False`.
+    apply to every forward pass. `hidden`: True for the residual-stream vectors, "norms" for only their norms
+    (`MechTrace.norms()`), False for none. Returns a `MechTrace`; `hidden` is an empty tensor unless `hidden=True`.
     """
     config = config or CaptureConfig(rows=None, entropy=False, fused=False)
     seqs = [list(map(int, s)) for s in ids]
@@ -78,7 +94,7 @@ def capture_ids(
         raise SinkscopeError("capture_ids needs at least one non-empty token sequence")
     if hidden:
         half_site_rule(loaded.model)  # refuse families whose half-layer site is unknown, before running anything
-    config = replace(config, hidden=SUBLAYERS if hidden else None,
+    config = replace(config, hidden=SUBLAYERS if hidden else None, hidden_norms=hidden == "norms",
                      columns=[sink_position] if sink_position is not None else config.columns)
     context = intervene(loaded.model, *interventions) if interventions else nullcontext()
     with context:
