@@ -3,6 +3,7 @@
     python bench/analyses.py                      # smollm2 (or the GPT-2-small shape), 1,024 and 4,096 tokens
     python bench/analyses.py --lengths 1024       # one length
     python bench/analyses.py --model gpt2-shape   # the random GPT-2-small shape even when smollm2 is installed
+    python bench/analyses.py --ways profile,tags  # a subset (mechanisms at 4,096 tokens takes long on 2 cores)
 
 Ways, all through the public Python API on one prompt of n tokens:
 - profile:    `profile(loaded, [text])` (capture + column_mass detector + tables);
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
 import statistics
@@ -100,16 +102,16 @@ def rss() -> int:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def time_worker(model: str, n: int, repeats: int) -> dict:
+def time_worker(model: str, n: int, repeats: int, ways: tuple[str, ...] = WAYS) -> dict:
     loaded = load(model)
     text = prompt_of(loaded, n)
     short = prompt_of(loaded, 32)
-    for way in WAYS:
+    for way in ways:
         runner(loaded, way, short)()
     turns: list[dict[str, float]] = []
     for _ in range(repeats):
         turn = {}
-        for way in WAYS:
+        for way in ways:
             run = runner(loaded, way, text)
             start = time.perf_counter()
             run()
@@ -151,12 +153,14 @@ def main() -> None:
     parser.add_argument("--lengths", default="1024,4096")
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--ways", default=",".join(WAYS), help="profile is always run (the reference)")
     parser.add_argument("--time-worker", type=int)
     parser.add_argument("--memory-worker", nargs=2, metavar=("WAY", "N"))
     args = parser.parse_args()
     torch.set_grad_enabled(False)
+    ways = tuple(w for w in WAYS if w == "profile" or w in args.ways.split(","))
     if args.time_worker:
-        print(json.dumps(time_worker(args.model, args.time_worker, args.repeats)))
+        print(json.dumps(time_worker(args.model, args.time_worker, args.repeats, ways)))
         return
     if args.memory_worker:
         way, n = args.memory_worker
@@ -167,12 +171,14 @@ def main() -> None:
           "| profile extra MB | tags extra / profile | mechanisms extra / profile |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for n in [int(x) for x in args.lengths.split(",")]:
-        timed = _sub("--model", args.model, "--repeats", str(args.repeats), "--time-worker", str(n))
+        timed = _sub("--model", args.model, "--repeats", str(args.repeats), "--ways", ",".join(ways),
+                     "--time-worker", str(n))
         if timed is None:
             continue
-        ratios = {w: statistics.median(t[w] / t["profile"] for t in timed["turns"]) for w in WAYS}
+        ratios = {w: statistics.median(t[w] / t["profile"] for t in timed["turns"]) if w in ways else math.nan
+                  for w in WAYS}
         base = statistics.median(t["profile"] for t in timed["turns"])
-        mem = {} if args.no_memory else {w: _sub("--model", args.model, "--memory-worker", w, str(n)) for w in WAYS}
+        mem = {} if args.no_memory else {w: _sub("--model", args.model, "--memory-worker", w, str(n)) for w in ways}
         extra = {w: (m or {}).get("extra") for w, m in mem.items()}
         profile_mb = f"{extra['profile'] / 2**20:.0f}" if extra.get("profile") else "n/a"
         print(f"| {timed['model']} | {timed['tokens']} | {base:.2f} | {ratios['tags']:.2f} | "

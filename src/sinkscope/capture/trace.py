@@ -342,6 +342,8 @@ def _row_positions(
 def _left_align(x: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor, dims: Sequence[int]) -> torch.Tensor:
     """Shift each prompt's real tokens to position 0 along `dims` (x's dim 0 is the prompt) and zero the rest."""
     n = x.shape[dims[0]]
+    if not bool(offsets.any()) and bool((lengths == n).all()):  # no padding: nothing to move (and no copy)
+        return x
     idx = torch.arange(n)[None, :] + offsets[:, None]  # [b, n]
     keep = torch.arange(n)[None, :] < lengths[:, None]
     idx = idx.clamp(max=n - 1)
@@ -378,13 +380,14 @@ def _assemble(loaded: LoadedModel, prompts: list[str], parts: list[dict[str, Any
     for part in parts:
         off, lens = part["offsets"], part["lengths"]
         stacked = {name: _stack(part["records"], name) for name in _TOKEN_DIMS}
+        index = _stack(part["records"], "column_index")  # [b, L, H, K] padded coordinates
+        part["records"] = None  # the per-layer tensors are stacked: free them before aligning
         aligned: dict[str, torch.Tensor] = {}
         for name, dims in _TOKEN_DIMS.items():
             if stacked.get(name) is not None:
                 aligned[name] = pad_to(_left_align(stacked[name], off, lens, dims), n_max, dims)
         if part["rows_at"] is not None:
             aligned["row_positions"] = part["rows_at"] - off[:, None]
-        index = _stack(part["records"], "column_index")  # [b, L, H, K] padded coordinates
         if index is not None:
             shift = off.view(-1, 1, 1, 1)
             aligned["column_index"] = torch.where(index >= 0, index - shift, -1)
@@ -403,7 +406,7 @@ def _assemble(loaded: LoadedModel, prompts: list[str], parts: list[dict[str, Any
             k = max(x.shape[-1] for x in fields[name])
             fields[name] = [pad_to(x, k, [x.dim() - 1], value=-1 if name == "column_index" else 0.0)
                             for x in fields[name]]
-    merged = {name: torch.cat(parts_, dim=0) for name, parts_ in fields.items()}
+    merged = {name: parts_[0] if len(parts_) == 1 else torch.cat(parts_, dim=0) for name, parts_ in fields.items()}
     key_mass = merged["key_mass_sum"] / merged["key_count"][:, :, None].clamp(min=1)
     tokens = [_token_strings(loaded.tokenizer, row) for row in ids]
     info = {
