@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from sinkscope.cli.app import app, parse_selection
+from sinkscope.cli.app import app
+from sinkscope.cli.options import parse_selection
 
 runner = CliRunner()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +34,10 @@ class ProfileResult:
         manifest = make_manifest(command, model_manifest(loaded), params)
         return Run(tables=self.tables, manifest=manifest)
 
+    def _repr_html_(self) -> str:
+        """A notebook view: the per-layer table and a layer × head grid of the mass on sinks (mean over prompts)."""
+        return profile_html(self)
+
 
 def model_manifest(loaded: LoadedModel) -> dict[str, Any]:
     info = loaded.info
@@ -60,7 +65,7 @@ def sink_mask(trace: Trace, method: str = "column_mass", **params: Any) -> torch
 
 def profile(
     loaded: LoadedModel,
-    prompts: Sequence[str],
+    prompts: str | Sequence[str],
     method: str = "column_mass",
     params: Mapping[str, Any] | None = None,
     *,
@@ -68,11 +73,13 @@ def profile(
     batch_size: int = 8,
     progress: bool = False,
 ) -> ProfileResult:
-    """Capture `prompts`, detect sinks with `method`, and build the tables.
+    """Capture `prompts` (one string is one prompt), detect sinks with `method`, and build the tables.
 
     Prompts that are empty or longer than the context are skipped and listed in `result.skipped`
     (and the `skipped` table); if none is usable, SinkscopeError.
     """
+    if isinstance(prompts, str):
+        prompts = [prompts]
     params = dict(params or {})
     get_detector(method)
     good, bad = validate_prompts(loaded, prompts)
@@ -203,3 +210,38 @@ def sink_rate_table(trace: Trace, ids: Sequence[int], **params: Any) -> pd.DataF
     tokens["sink_rate"] = [float(rate[i, pos]) for i, pos in zip(
         tokens["prompt_id"].map({pid: i for i, pid in enumerate(ids)}), tokens["position"], strict=True)]
     return tokens
+
+
+def profile_html(result: ProfileResult) -> str:
+    """The per-layer table and a layer × head grid of `sink_alpha` (Σ α over the detector's sinks, mean over
+    prompts) as plain HTML: cells coloured by the report's cividis ramp on a fixed 0 → 1 scale, no script."""
+    from sinkscope.report.palette import cividis
+
+    layers, heads = result.tables["layers"], result.tables["heads"]
+    grid = heads.groupby(["layer", "head"])["sink_alpha"].mean().unstack("head")  # [layer, head]
+    cell = "padding:2px 6px;text-align:right"
+    rows = "".join(
+        f"<tr><td style='{cell}'>{int(r.layer)}</td><td style='{cell}'>{r.head_share:.0%}</td>"
+        f"<td style='{cell}'>{r.pos0_alpha:.3f}</td><td style='padding:2px 6px'>{html.escape(r.sink_tokens or '-')}"
+        "</td></tr>" for r in layers.itertuples())
+    table = ("<table><thead><tr><th>layer</th><th>heads with sink</th><th>α at pos 0</th>"
+             f"<th>sink tokens (mean α)</th></tr></thead><tbody>{rows}</tbody></table>")
+
+    def colour(value: float) -> str:
+        r, g, b = cividis(value)
+        ink = "#000" if 0.299 * r + 0.587 * g + 0.114 * b > 140 else "#fff"
+        return f"background:rgb({r},{g},{b});color:{ink}"
+
+    head_row = "".join(f"<th style='padding:1px 4px'>{int(h)}</th>" for h in grid.columns)
+    grid_rows = "".join(
+        f"<tr><th style='padding:1px 4px'>{int(layer)}</th>" + "".join(
+            f"<td title='layer {int(layer)}, head {int(h)}: {v:.3f}' style='{colour(v)};padding:1px 4px;"
+            f"font-size:80%;text-align:right'>{v:.2f}</td>" for h, v in values.items()) + "</tr>"
+        for layer, values in grid.iterrows())
+    info = result.trace.info
+    title = html.escape(f"{info.get('model', '')} profile: {result.trace.n_prompts} prompt(s), method "
+                        f"{result.method} {result.params or ''}".strip())
+    return (f"<div><p><b>{title}</b></p><div style='display:flex;gap:24px;align-items:flex-start;flex-wrap:wrap'>"
+            f"<div>{table}</div><div><table style='border-collapse:collapse'><caption>mass on sinks Σα, layer × "
+            f"head (0 → 1)</caption><thead><tr><th>L \\ H</th>{head_row}</tr></thead><tbody>{grid_rows}</tbody>"
+            "</table></div></div></div>")

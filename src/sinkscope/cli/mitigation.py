@@ -2,33 +2,52 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
-import pandas as pd
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from sinkscope.analyses.calibrate import ALIGNMENT, Calibration, accuracy, mitigation_benchmark, search_heads
-from sinkscope.analyses.evaluate.datasets import get_spec, load_examples, sample
-from sinkscope.analyses.evaluate.run import causal_subset
+from sinkscope.cli.options import (
+    DATA_HELP,
+    BatchSizeOpt,
+    CalibrationOpt,
+    DataOpt,
+    DeviceOpt,
+    DtypeOpt,
+    LayersOpt,
+    LimitOpt,
+    MethodsOpt,
+    ModelOpt,
+    OutOpt,
+    OverwriteOpt,
+    PickleOpt,
+    SeedOpt,
+    ThresholdOpt,
+    TrustOpt,
+    console,
+    described,
+    load,
+    parse_selection,
+    user_errors,
+)
 from sinkscope.errors import SinkscopeError
-from sinkscope.models import load_model
-from sinkscope.store import Run, make_manifest, save_run
 
-console = Console(emoji=False, highlight=False)
+if TYPE_CHECKING:
+    import pandas as pd
+    from rich.table import Table
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hub id, local folder, or built-in name")]
-DatasetOpt = Annotated[str, typer.Option(help="Dataset name (sst2, sst5, mr, subj, dbpedia, agnews, trec, cb, boolq)")]
-DataOpt = Annotated[str | None, typer.Option(help="Data file/folder, or 'hub' (default: ../shared/data or the Hub)")]
-OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write a run folder (Parquet tables + manifest)")]
+DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="Dataset (sinkscope datasets lists them)")]
+DatasetsOpt = Annotated[list[str], typer.Option("--dataset", "-d", help="Dataset (repeatable; sinkscope datasets "
+                                                                         "lists them)")]
+SampleSeedOpt = described(SeedOpt, " of the example sample")
 
 
-def _examples(dataset: str, data: str | None, n: int, seed: int, causal_limit: int | None = None):
+def _examples(dataset: str, data: str | None, n: int, seed: int, causal_limit: int | None = None) -> Any:
     """The spec, the seeded sample of n examples, and the ids that get causal effects (as `sinkscope eval` picks)."""
+    from sinkscope.analyses.evaluate.datasets import get_spec, load_examples, sample
+    from sinkscope.analyses.evaluate.run import causal_subset
+
     spec = get_spec(dataset)
     loaded_rows = load_examples(spec, data)
     for skipped in loaded_rows.skipped[:5]:
@@ -36,26 +55,37 @@ def _examples(dataset: str, data: str | None, n: int, seed: int, causal_limit: i
     return spec, sample(loaded_rows.examples, n, seed), causal_subset(loaded_rows.examples, causal_limit, seed)
 
 
+@user_errors
 def calibrate_command(
     model: ModelOpt,
     dataset: DatasetOpt = "sst2",
-    data: DataOpt = None,
+    data: described(DataOpt, DATA_HELP) = None,
     calib: Annotated[int, typer.Option(help="Calibration examples used for the head search")] = 50,
     heldout: Annotated[int, typer.Option(help="Held-out examples for the reported accuracy change")] = 100,
     beta: Annotated[float, typer.Option(help="ACT's scale for attention to sinks")] = 0.4,
-    threshold: Annotated[float, typer.Option(help="ACT's sink threshold on the causal column mean")] = 0.1,
-    layers: Annotated[str, typer.Option(help="Layers to search: 'all', '0-5', '3,7'")] = "all",
+    threshold: described(ThresholdOpt, "; here act's threshold on the causal column mean") = 0.1,
+    layers: described(LayersOpt, "; the layers searched") = "all",
     top_layers: Annotated[int, typer.Option(help="Layers kept after the layer stage")] = 3,
     save: Annotated[Path, typer.Option(help="Where to write the calibration JSON")] = Path("calibration.json"),
-    seed: Annotated[int, typer.Option(help="Sampling seed")] = 0,
+    seed: SampleSeedOpt = 0,
+    batch_size: BatchSizeOpt = 8,
     out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
+    trust_remote_code: TrustOpt = False,
+    allow_pickle: PickleOpt = False,
 ) -> None:
     """ACT's head search: find the heads whose calibration raises accuracy, report the held-out change, save them."""
-    from sinkscope.cli.app import parse_selection
+    import pandas as pd
+
+    from sinkscope.analyses.calibrate import accuracy, search_heads
+    from sinkscope.store import Run, make_manifest, save_run
 
     if calib < 1 or heldout < 1:
         raise SinkscopeError("--calib and --heldout must be positive")
-    loaded = load_model(model)
+    layer_sel = parse_selection(layers)
+    loaded = load(model, device, dtype, trust_remote_code, allow_pickle)
     spec, examples, _ = _examples(dataset, data, calib + heldout, seed)
     if len(examples) < calib + 1:
         raise SinkscopeError(f"{dataset} has only {len(examples)} usable examples for --calib {calib}")
@@ -66,10 +96,10 @@ def calibrate_command(
         where = f"L{row['layer']}" + ("" if row["head"] < 0 else f" h{row['head']}")
         console.print(f"  {row['stage']:5} {where:8} {row['accuracy']:.1%} ({row['gain']:+.1%}) {row['seconds']:.0f}s")
 
-    result = search_heads(loaded, spec, calib_set, beta=beta, threshold=threshold, layers=parse_selection(layers),
-                          top_layers=top_layers, on_trial=show)
-    before = accuracy(loaded, spec, held)
-    after = accuracy(loaded, spec, held, result.interventions()) if result.heads else before
+    result = search_heads(loaded, spec, calib_set, beta=beta, threshold=threshold, layers=layer_sel,
+                          top_layers=top_layers, batch_size=batch_size, on_trial=show)
+    before = accuracy(loaded, spec, held, batch_size=batch_size)
+    after = accuracy(loaded, spec, held, result.interventions(), batch_size) if result.heads else before
     path = result.save(save)
     heads = ", ".join(f"L{layer}: {hs}" for layer, hs in sorted(result.heads.items())) or "none helped"
     console.print(f"{loaded.info.name} on {dataset}: calibrated heads {heads} (β = {beta})")
@@ -85,7 +115,7 @@ def calibrate_command(
         manifest = make_manifest("calibrate", {"name": loaded.info.name},
                                  {"dataset": dataset, "beta": beta, "threshold": threshold, "heads": result.heads},
                                  seed)
-        save_run(out, Run({"summary": summary, "search": pd.DataFrame(result.search)}, manifest))
+        save_run(out, Run({"summary": summary, "search": pd.DataFrame(result.search)}, manifest), overwrite=overwrite)
 
 
 def _pct(x: float) -> str:
@@ -96,30 +126,43 @@ def _num(x: float) -> str:
     return "—" if math.isnan(x) else f"{x:.2f}"
 
 
+@user_errors
 def bench_mitigation_command(
     model: ModelOpt,
-    dataset: Annotated[list[str], typer.Option(help="Dataset name (repeatable)")],
-    data: DataOpt = None,
-    limit: Annotated[int, typer.Option(help="Examples per dataset (fixed seed)")] = 100,
-    calibration: Annotated[Path | None, typer.Option(help="ACT calibration JSON from `sinkscope calibrate`")] = None,
+    dataset: DatasetsOpt,
+    data: described(DataOpt, DATA_HELP) = None,
+    limit: described(LimitOpt, " examples per dataset, drawn with --seed") = 100,
+    calibration: CalibrationOpt = None,
     beta: Annotated[float, typer.Option(help="ACT's β for the all-heads variant")] = 0.4,
     gamma: Annotated[list[float] | None, typer.Option(
         help="Weight on z-score sinks in the forward-pass reweighting (repeatable; 0 = DMR inside the model)")] = None,
-    method: Annotated[list[str] | None, typer.Option(
-        help="Detector for the interpretation-only DMR rows (repeatable; default zscore and entropy_delta)")] = None,
+    method: described(MethodsOpt, "; for the interpretation-only DMR rows (repeatable; default zscore and "
+                                  "entropy_delta)") = None,
     causal_limit: Annotated[int | None, typer.Option(
         help="Causal ρ and top-K overlap on this many examples (the first of the seeded order, as in eval)")] = None,
-    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass")] = 8,
-    seed: Annotated[int, typer.Option(help="Sampling seed")] = 0,
+    batch_size: BatchSizeOpt = 8,
+    seed: SampleSeedOpt = 0,
     out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
+    trust_remote_code: TrustOpt = False,
+    allow_pickle: PickleOpt = False,
 ) -> None:
     """One table: accuracy, alignment and cost of no mitigation, position-0 masking, sink reweighting, ACT (all heads,
     searched heads) and detect-mask-renormalise (interpretation only), on the same examples."""
+    import dataclasses
+
+    import pandas as pd
+
+    from sinkscope.analyses.calibrate import ALIGNMENT, Calibration, mitigation_benchmark
+    from sinkscope.store import Run, make_manifest, save_run
+
     gammas = gamma if gamma else [0.4]
     alignment = dataclasses.replace(ALIGNMENT, methods=tuple(method) if method else ALIGNMENT.methods,
                                     causal=bool(causal_limit), causal_limit=causal_limit)
     alignment.check()
-    loaded = load_model(model)
+    loaded = load(model, device, dtype, trust_remote_code, allow_pickle)
     calib = Calibration.load(calibration) if calibration is not None else None
     frames = []
     for name in dataset:
@@ -134,11 +177,13 @@ def bench_mitigation_command(
                                  {"datasets": dataset, "limit": limit, "beta": beta, "gammas": gammas,
                                   "calibration": str(calibration) if calibration else None,
                                   "alignment": alignment.fingerprint(), "batch_size": batch_size}, seed)
-        console.print(f"wrote {save_run(out, Run({'mitigation': table}, manifest))}/")
+        console.print(f"wrote {save_run(out, Run({'mitigation': table}, manifest), overwrite=overwrite)}/")
 
 
 def render_mitigation_table(table: pd.DataFrame, title: str, k: int = 10) -> Table:
     """The benchmark table for the terminal, with notes on how to read the interpretation-only rows."""
+    from rich.table import Table
+
     view = Table(title=title, title_justify="left", caption_justify="left")
     cols = ["dataset", "method", "n", "accuracy", "changed", "ms/example", "cost ×", "Mismatch", "Match", "ρ",
             f"top-{k}", "n causal"]

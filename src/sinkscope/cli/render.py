@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-import pandas as pd
+from typing import TYPE_CHECKING
+
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from sinkscope.analyses.explain import Explanation
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from sinkscope.analyses.explain import Explanation
 
 
 def layer_table(layers: pd.DataFrame, title: str) -> Table:

@@ -1,4 +1,4 @@
-"""The `sinkscope report RUN_DIR` command, ready to mount: `app.command("report")(user_errors(report_command))`."""
+"""`sinkscope report RUN_DIR`: a thin front end over `sinkscope.report.write_report` and the figures."""
 
 from __future__ import annotations
 
@@ -6,16 +6,15 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
+from sinkscope.cli.options import OutPathOpt, console, described, user_errors
 from sinkscope.errors import SinkscopeError
 
-console = Console(emoji=False, highlight=False)
 
-
+@user_errors
 def report_command(
     run_dir: Annotated[Path, typer.Argument(help="A run folder (Parquet tables + manifest.json)")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="HTML file (default: RUN_DIR/report.html)")] = None,
+    out: described(OutPathOpt, ": the HTML file (default: RUN_DIR/report.html)") = None,
     figures: Annotated[bool, typer.Option("--figures", help="Also draw figures into RUN_DIR/figures")] = False,
     formats: Annotated[str, typer.Option("--format", help="Figure formats, comma-separated: png, svg, pdf")] = "png",
 ) -> None:

@@ -9,8 +9,30 @@ from typing import Annotated, Any
 
 import typer
 
-from sinkscope.analyses.evaluate.datasets import get_spec, list_datasets, load_examples, sample
-from sinkscope.detect import list_detectors
+from sinkscope.cli.options import (
+    DATA_HELP,
+    BatchSizeOpt,
+    DataOpt,
+    DeviceOpt,
+    DtypeOpt,
+    LimitOpt,
+    MethodOpt,
+    ModelOpt,
+    OutPathOpt,
+    OverwriteOpt,
+    PickleOpt,
+    PromptOpt,
+    PromptsOpt,
+    ThresholdOpt,
+    TrustOpt,
+    console,
+    described,
+    err_console,
+    gather_prompts,
+    load,
+    method_params,
+    user_errors,
+)
 from sinkscope.errors import SinkscopeError
 
 MAX_SKIP_LINES = 10
@@ -23,8 +45,6 @@ def sweep_prompts(prompt: list[str] | None, prompts: Path | None, dataset: str |
     With a dataset: each example's prompt as `sinkscope eval` renders it (instruction + template, ending just before
     the label), for `limit` examples drawn as `eval --limit` draws them (seed 0, source order).
     """
-    from sinkscope.cli.app import gather_prompts
-
     if dataset is None:
         if data is not None or limit is not None:
             raise SinkscopeError("--data and --limit go with --dataset NAME")
@@ -32,6 +52,8 @@ def sweep_prompts(prompt: list[str] | None, prompts: Path | None, dataset: str |
         return texts, file_bad, {"prompt_options": len(prompt or []), "prompts_file": str(prompts or "") or None}
     if prompt or prompts is not None:
         raise SinkscopeError("pass either --dataset or --prompt/--prompts, not both")
+    from sinkscope.analyses.evaluate.datasets import get_spec, load_examples, sample
+
     spec = get_spec(dataset)
     rows = load_examples(spec, data)
     examples = sample(rows.examples, limit, seed=0)
@@ -48,58 +70,52 @@ def _progress(show: bool) -> Iterator[Callable[[int, int], None] | None]:
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from sinkscope.cli.app import err_console
-
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=err_console, transient=True) as bar:
         task = bar.add_task("units (this process)", total=None)
         yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
+@user_errors
 def sweep_command(
-    model: Annotated[str, typer.Option("--model", "-m", help="Hub id, local folder, or built-in name")],
-    prompt: Annotated[list[str] | None, typer.Option(help="A prompt (repeat for several)")] = None,
-    prompts: Annotated[Path | None, typer.Option(help="File with one prompt per line (.txt) or JSONL")] = None,
+    model: ModelOpt,
+    prompt: PromptOpt = None,
+    prompts: PromptsOpt = None,
     dataset: Annotated[str | None, typer.Option(
-        "--dataset", "-d", help=f"Profile a dataset's rendered prompts: {', '.join(list_datasets())}")] = None,
-    data: Annotated[str | None, typer.Option(
-        help="With --dataset: a JSONL/CSV file, a folder of <name>/test.jsonl, or 'hub' (default: ../shared/data)")
-    ] = None,
-    limit: Annotated[int | None, typer.Option(help="With --dataset: this many examples (seed 0, as eval)")] = None,
-    method: Annotated[str, typer.Option(help=f"Detector: {', '.join(list_detectors())}")] = "column_mass",
-    threshold: Annotated[float | None, typer.Option(
-        help="The method's threshold (θ, α, τ or ε; see sinkscope detectors)")] = None,
-    out: Annotated[Path | None, typer.Option(
-        "--out", "-o", help="Sweep folder (required): units in shards/, then the merged tables; a rerun resumes it")
-    ] = None,
-    batch_size: Annotated[int, typer.Option(help="Prompts per forward pass")] = 8,
+        "--dataset", "-d", help="Profile a dataset's rendered prompts (sinkscope datasets lists them)")] = None,
+    data: described(DataOpt, DATA_HELP) = None,
+    limit: described(LimitOpt, " examples of --dataset (seed 0, as eval draws them)") = None,
+    method: MethodOpt = "column_mass",
+    threshold: ThresholdOpt = None,
+    out: described(OutPathOpt, ": the sweep folder (required): units in shards/, then the merged run folder; a rerun "
+                               "resumes it") = None,
+    overwrite: OverwriteOpt = False,
+    batch_size: BatchSizeOpt = 8,
     unit_size: Annotated[int, typer.Option(help="Consecutive prompts per unit (what is written, resumed, shared)")
                          ] = 32,
-    device: Annotated[str | None, typer.Option(
-        help="Device, e.g. cpu or cuda (default: where the model loads; cuda:LOCAL_RANK under torchrun)")] = None,
-    dtype: Annotated[str, typer.Option(help="float32, bfloat16 or float16")] = "float32",
-    trust_remote_code: Annotated[bool, typer.Option(
-        "--trust-remote-code", help="Allow code from the model repository to run")] = False,
-    allow_pickle: Annotated[bool, typer.Option(
-        "--allow-pickle", help="Allow pickle (.bin) checkpoints; they can run code")] = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
+    trust_remote_code: TrustOpt = False,
+    allow_pickle: PickleOpt = False,
 ) -> None:
-    """`profile` over many prompts, resumable and data-parallel: run it again to resume, or under
-    `torchrun --nproc_per_node N -m sinkscope sweep ...` to split the units across processes (one GPU each).
-    --dataset profiles each example's prompt as `sinkscope eval` renders it (instruction + template, no label)."""
+    """`profile` over many prompts, resumable and data-parallel.
+
+    Run it again to resume, or under `torchrun --nproc_per_node N -m sinkscope sweep ...` to split the units across
+    processes (one GPU each: on CUDA each process takes cuda:LOCAL_RANK unless --device says otherwise). --dataset
+    profiles each example's prompt as `sinkscope eval` renders it (instruction + template, no label)."""
     from sinkscope.analyses.sweep import Ranks, SweepConfig, plan_sweep, process_group, sweep_run
-    from sinkscope.cli.app import _load, _method_params, console, err_console
     from sinkscope.cli.render import layer_table
     from sinkscope.detect import get_detector
 
     if out is None:
         raise SinkscopeError("sweep needs --out DIR: the folder its units are written to and resumed from")
     texts, file_bad, source = sweep_prompts(prompt, prompts, dataset, data, limit)
-    params = _method_params(method, threshold)
+    params = method_params(method, threshold)
     config = SweepConfig(method, params, unit_size, batch_size)
     ranks = Ranks.from_env()
     with process_group(ranks, device) as where:
-        plan = plan_sweep(out, texts, model, dtype, config, ranks)
-        loaded = _load(model, where, dtype, trust_remote_code, allow_pickle)
+        plan = plan_sweep(out, texts, model, dtype, config, ranks, overwrite=overwrite)
+        loaded = load(model, where, dtype, trust_remote_code, allow_pickle)
         with _progress(ranks.main) as progress:
             result = sweep_run(loaded, plan, ranks, progress, source)
     if result.run is None:

@@ -1,60 +1,58 @@
-"""`sinkscope tags`, `sinkscope tags-sensitivity`, `sinkscope probe`: catch, tag, release (seed 003) as run folders.
-
-Register in `sinkscope.cli.app` with ``app.command("tags")(tags_command)``,
-``app.command("tags-sensitivity")(tags_sensitivity_command)`` and ``app.command("probe")(probe_command)``. Each
-function prints a `SinkscopeError` as one line and exits with status 2 itself.
-"""
+"""`sinkscope tags`, `sinkscope tags-sensitivity`, `sinkscope probe`: catch, tag, release (seed 003) as run folders."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import pandas as pd
 import typer
-from rich.console import Console
-from rich.table import Table
 
+from sinkscope.cli.options import (
+    BatchSizeOpt,
+    DataOpt,
+    DeviceOpt,
+    DtypeOpt,
+    LimitOpt,
+    ModelOpt,
+    ModelsOpt,
+    NoFiguresOpt,
+    OutOpt,
+    OverwriteOpt,
+    PickleOpt,
+    PromptOpt,
+    PromptsOpt,
+    SeedOpt,
+    ThresholdOpt,
+    TrustOpt,
+    console,
+    described,
+    err_console,
+    load,
+    read_prompts,
+    renamed,
+    user_errors,
+)
 from sinkscope.errors import SinkscopeError
 
-console = Console(emoji=False, highlight=False)
-err_console = Console(stderr=True, emoji=False, highlight=False)
+if TYPE_CHECKING:
+    import pandas as pd
 
-ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Hub id, local folder, or built-in name")]
-PromptsOpt = Annotated[Path | None, typer.Option(help="File with one prompt per line (.txt) or JSONL")]
-PromptOpt = Annotated[list[str] | None, typer.Option(help="A prompt (repeat for several)")]
-OutOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Write a run folder (tables, figures, manifest)")]
-EpsOpt = Annotated[float, typer.Option(help="Column-mass threshold ε: key k is a sink of a head if α_k > ε")]
-MaxPromptsOpt = Annotated[int | None, typer.Option(help="Use at most this many prompts (the first ones)")]
-BatchOpt = Annotated[int, typer.Option(help="Prompts per forward pass")]
-DeviceOpt = Annotated[str | None, typer.Option(help="Device, e.g. cpu or cuda")]
-DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16")]
-NoFigOpt = Annotated[bool, typer.Option("--no-figures", help="Write tables only")]
+RunOut = described(OutOpt, ", with figures")
+EpsThreshold = described(ThresholdOpt, "; here column_mass's ε: key k is a sink of a head if α_k > ε")
+PromptLimit = described(LimitOpt, " prompts (the first ones)")
+EpsAlias = Annotated[float | None, typer.Option("--eps", hidden=True)]
+MaxPromptsAlias = Annotated[int | None, typer.Option("--max-prompts", hidden=True)]
 
 
-def _fail(err: SinkscopeError) -> None:
-    err_console.print(f"[red]error:[/] {err}", highlight=False, soft_wrap=True)
-    raise typer.Exit(2) from None
-
-
-def _load(model: str, device: str | None, dtype: str) -> Any:
-    from sinkscope.models import load_model
-
-    with console.status(f"loading {model}"):
-        return load_model(model, device=device, dtype=dtype)
-
-
-def _texts(prompts: Path | None, prompt: list[str] | None, max_prompts: int | None) -> list[str]:
-    from sinkscope.cli.app import read_prompts  # lazy: sinkscope.cli.app imports this module
-
+def _texts(prompts: Path | None, prompt: list[str] | None, limit: int | None) -> list[str]:
     texts = list(prompt or [])
     if prompts is not None:
         texts.extend(read_prompts(prompts)[0])
     texts = [t for t in texts if t.strip()]
-    if max_prompts is not None:
-        if max_prompts < 1:
-            raise SinkscopeError("--max-prompts must be at least 1")
-        texts = texts[:max_prompts]
+    if limit is not None:
+        if limit < 1:
+            raise SinkscopeError("--limit must be at least 1")
+        texts = texts[:limit]
     if not texts:
         raise SinkscopeError("no prompts: pass --prompts FILE (one per line) or --prompt TEXT (repeatable)")
     return texts
@@ -71,13 +69,10 @@ def _too_long(loaded: Any, texts: list[str]) -> list[str]:
     return [texts[i] for i in good]
 
 
-def model_manifest(loaded: Any) -> dict[str, Any]:
-    info = loaded.info
-    return {"name": info.name, "model_type": info.model_type, "revision": info.revision, "dtype": info.dtype,
-            "n_layers": info.n_layers, "n_heads": info.n_heads, "n_kv_heads": info.n_kv_heads}
-
-
 def _print_table(title: str, frame: pd.DataFrame, limit: int = 12) -> None:
+    import pandas as pd
+    from rich.table import Table
+
     table = Table(title=title)
     for col in frame.columns:
         table.add_column(str(col), justify="right" if pd.api.types.is_numeric_dtype(frame[col]) else "left")
@@ -87,20 +82,25 @@ def _print_table(title: str, frame: pd.DataFrame, limit: int = 12) -> None:
     console.print(table)
 
 
-def _save(out: Path, tables: dict[str, pd.DataFrame], command: str, loaded: Any, params: dict[str, Any]) -> None:
+def _save(out: Path, tables: dict[str, pd.DataFrame], command: str, loaded: Any, params: dict[str, Any],
+          overwrite: bool) -> None:
+    from sinkscope.analyses.profile import model_manifest
     from sinkscope.store import Run, make_manifest, save_run
 
-    save_run(out, Run(tables=tables, manifest=make_manifest(command, model_manifest(loaded), params)))
+    save_run(out, Run(tables=tables, manifest=make_manifest(command, model_manifest(loaded), params)),
+             overwrite=overwrite)
     console.print(f"wrote {out}/ ({', '.join(tables)} + manifest.json)")
 
 
+@user_errors
 def tags_command(
     model: ModelOpt,
     prompts: PromptsOpt = None,
     prompt: PromptOpt = None,
-    out: OutOpt = None,
-    eps: EpsOpt = 0.2,
-    max_prompts: MaxPromptsOpt = None,
+    out: RunOut = None,
+    overwrite: OverwriteOpt = False,
+    threshold: EpsThreshold = 0.2,
+    limit: PromptLimit = None,
     project: Annotated[bool, typer.Option("--project", help="Map tags through each head's slice of W_O")] = False,
     geometry: Annotated[bool, typer.Option("--geometry/--no-geometry",
                                            help="Tag cosines and tag-residual alignment (needs W_O)")] = True,
@@ -109,144 +109,158 @@ def tags_command(
     residual_layer: Annotated[int | None, typer.Option(help="Residual stream of the PCA view (default: last)")
                               ] = None,
     top: Annotated[int, typer.Option(help="Rows of the sink-token taxonomy to print")] = 10,
-    no_figures: NoFigOpt = False,
-    batch_size: BatchOpt = 8,
+    no_figures: NoFiguresOpt = False,
+    batch_size: BatchSizeOpt = 8,
     device: DeviceOpt = None,
     dtype: DtypeOpt = "float32",
+    trust_remote_code: TrustOpt = False,
+    allow_pickle: PickleOpt = False,
+    eps: EpsAlias = None,
+    max_prompts: MaxPromptsAlias = None,
 ) -> None:
     """Catch, tag, release: split every head output into its sink tag and the rest; variance explained per layer
     and head, sink-token taxonomy, tag cosines and the PCA view of one prompt (seed 003)."""
-    try:
-        from sinkscope.analyses.tags import (
-            pca_view,
-            plot_cosine_histogram,
-            plot_pca,
-            tag_statistics,
-        )
+    from sinkscope.analyses.tags import pca_view, plot_cosine_histogram, plot_pca, tag_statistics
 
-        loaded = _load(model, device, dtype)
-        texts = _too_long(loaded, _texts(prompts, prompt, max_prompts))
-        with console.status(f"decomposing {len(texts)} prompt(s)"):
-            result = tag_statistics(loaded, texts, eps, project=project, geometry=geometry, batch_size=batch_size)
-            view = pca_view(loaded, texts[0], pca_layer, pca_head, residual_layer, eps)
-        tables = {**result.tables, "pca": view}
-        heads = result.tables["heads"]
-        console.print(f"{loaded.info.name}: {loaded.info.n_layers} layers × {loaded.info.n_heads} heads, "
-                      f"{len(texts)} prompt(s), ε = {eps}; variance explained = Σ⟨õ,t̃⟩/Σ‖õ‖² "
-                      f"({'residual space' if project else 'head space'})")
-        console.print(f"mean sinks per head {heads['n_sinks'].mean():.3f}; mean variance explained "
-                      f"{heads['var_explained'].mean():.3f} (heads with a sink: "
-                      f"{heads.loc[heads['n_sinks'] > 0, 'var_explained'].mean():.3f})")
-        per_layer = (result.tables["head_summary"].groupby("layer", as_index=False)
-                     .agg(n_sinks=("n_sinks", "mean"), var_explained=("var_explained", "mean"),
-                          var_projected=("var_projected", "mean")))
-        _print_table("per layer (means over heads and prompts)", per_layer, limit=64)
-        _print_table(f"top {top} sink tokens", result.tables["taxonomy"], limit=top)
-        if geometry:
-            cos, align = result.tables["tag_cosines"], result.tables["tag_alignment"]
-            if len(cos):
-                console.print(f"tag cosines: {len(cos)} pairs, mean |cos| {cos['cosine'].abs().mean():.3f} "
-                              f"(same head {cos.loc[cos['kind'] == 'same_head', 'cosine'].abs().mean():.3f}, "
-                              f"across heads {cos.loc[cos['kind'] == 'cross_head', 'cosine'].abs().mean():.3f}); "
-                              f"tag vs residual of tagged tokens: mean cos {align['cosine'].mean():.3f}")
-        if out is not None:
-            _save(out, tables, "tags", loaded, {**result.params, "pca_layer": pca_layer, "pca_head": pca_head})
-            if not no_figures:
-                plot_pca(view, out / "pca.png")
-                if geometry and len(result.tables["tag_cosines"]):
-                    plot_cosine_histogram(result.tables["cosine_histogram"], out / "tag_cosines.png")
-    except SinkscopeError as err:
-        _fail(err)
+    threshold = renamed(threshold, eps)
+    limit = renamed(limit, max_prompts)
+    texts = _texts(prompts, prompt, limit)
+    loaded = load(model, device, dtype, trust_remote_code, allow_pickle)
+    texts = _too_long(loaded, texts)
+    with console.status(f"decomposing {len(texts)} prompt(s)"):
+        result = tag_statistics(loaded, texts, threshold, project=project, geometry=geometry, batch_size=batch_size)
+        view = pca_view(loaded, texts[0], pca_layer, pca_head, residual_layer, threshold)
+    tables = {**result.tables, "pca": view}
+    heads = result.tables["heads"]
+    console.print(f"{loaded.info.name}: {loaded.info.n_layers} layers × {loaded.info.n_heads} heads, "
+                  f"{len(texts)} prompt(s), ε = {threshold}; variance explained = Σ⟨õ,t̃⟩/Σ‖õ‖² "
+                  f"({'residual space' if project else 'head space'})")
+    console.print(f"mean sinks per head {heads['n_sinks'].mean():.3f}; mean variance explained "
+                  f"{heads['var_explained'].mean():.3f} (heads with a sink: "
+                  f"{heads.loc[heads['n_sinks'] > 0, 'var_explained'].mean():.3f})")
+    per_layer = (result.tables["head_summary"].groupby("layer", as_index=False)
+                 .agg(n_sinks=("n_sinks", "mean"), var_explained=("var_explained", "mean"),
+                      var_projected=("var_projected", "mean")))
+    _print_table("per layer (means over heads and prompts)", per_layer, limit=64)
+    _print_table(f"top {top} sink tokens", result.tables["taxonomy"], limit=top)
+    if geometry:
+        cos, align = result.tables["tag_cosines"], result.tables["tag_alignment"]
+        if len(cos):
+            console.print(f"tag cosines: {len(cos)} pairs, mean |cos| {cos['cosine'].abs().mean():.3f} "
+                          f"(same head {cos.loc[cos['kind'] == 'same_head', 'cosine'].abs().mean():.3f}, "
+                          f"across heads {cos.loc[cos['kind'] == 'cross_head', 'cosine'].abs().mean():.3f}); "
+                          f"tag vs residual of tagged tokens: mean cos {align['cosine'].mean():.3f}")
+    if out is not None:
+        _save(out, tables, "tags", loaded, {**result.params, "pca_layer": pca_layer, "pca_head": pca_head}, overwrite)
+        if not no_figures:
+            plot_pca(view, out / "pca.png")
+            if geometry and len(result.tables["tag_cosines"]):
+                plot_cosine_histogram(result.tables["cosine_histogram"], out / "tag_cosines.png")
 
 
+@user_errors
 def tags_sensitivity_command(
-    model: Annotated[list[str], typer.Option("--model", "-m", help="Model (repeat for several curves)")],
+    model: ModelsOpt,
     prompts: PromptsOpt = None,
     prompt: PromptOpt = None,
-    out: OutOpt = None,
-    eps: Annotated[str | None, typer.Option(help="Comma-separated thresholds (default 0.03 … 0.4, 12 values)")
-                   ] = None,
-    max_prompts: MaxPromptsOpt = None,
+    out: RunOut = None,
+    overwrite: OverwriteOpt = False,
+    thresholds: Annotated[str | None, typer.Option(
+        "--thresholds", help="column_mass's ε values, comma-separated (default 0.03 … 0.4, 12 values)")] = None,
+    limit: PromptLimit = None,
     project: Annotated[bool, typer.Option("--project", help="Variance in residual space (W_O)")] = False,
-    no_figures: NoFigOpt = False,
-    batch_size: BatchOpt = 8,
+    no_figures: NoFiguresOpt = False,
+    batch_size: BatchSizeOpt = 8,
     device: DeviceOpt = None,
     dtype: DtypeOpt = "float32",
+    trust_remote_code: TrustOpt = False,
+    allow_pickle: PickleOpt = False,
+    eps: Annotated[str | None, typer.Option("--eps", hidden=True)] = None,
+    max_prompts: MaxPromptsAlias = None,
 ) -> None:
-    """Threshold sensitivity (seed 003 rebuttal): ε → mean number of sinks and mean variance explained, per model."""
+    """Threshold sensitivity (seed 003 rebuttal): ε → mean number of sinks and mean variance explained, one curve
+    per model (repeat --model for several)."""
+    import pandas as pd
+
+    from sinkscope.analyses.tags import DEFAULT_EPS_GRID, plot_sensitivity, tag_statistics
+
+    thresholds = renamed(thresholds, eps)
+    limit = renamed(limit, max_prompts)
     try:
-        from sinkscope.analyses.tags import DEFAULT_EPS_GRID, plot_sensitivity, tag_statistics
-
-        try:
-            grid = [float(e) for e in eps.split(",")] if eps else list(DEFAULT_EPS_GRID)
-        except ValueError:
-            raise SinkscopeError(f"cannot read --eps '{eps}': use comma-separated numbers like 0.05,0.1,0.2") from None
-        texts0 = _texts(prompts, prompt, max_prompts)
-        curves: dict[str, pd.DataFrame] = {}
-        frames = []
-        loaded = None
-        for name in model:
-            loaded = _load(name, device, dtype)
-            texts = _too_long(loaded, texts0)
-            with console.status(f"{name}: {len(texts)} prompt(s) × {len(grid)} thresholds"):
-                result = tag_statistics(loaded, texts, min(grid), eps_grid=grid, project=project,
-                                        batch_size=batch_size)
-            curve = result.tables["sensitivity"]
-            curves[name] = curve
-            frames.append(curve.assign(model=name))
-            _print_table(f"{loaded.info.name}: threshold sensitivity ({len(texts)} prompts)", curve, limit=len(grid))
-        table = pd.concat(frames, ignore_index=True)[["model", "eps", "mean_sinks", "mean_var_explained",
-                                                      "mean_var_explained_sink_heads", "share_heads_with_sink"]]
-        if out is not None and loaded is not None:
-            _save(out, {"sensitivity": table}, "tags-sensitivity", loaded,
-                  {"models": model, "eps_grid": grid, "project": project, "n_prompts": len(texts0)})
-            if not no_figures:
-                plot_sensitivity(curves, out / "sensitivity.png")
-    except SinkscopeError as err:
-        _fail(err)
+        grid = [float(e) for e in thresholds.split(",")] if thresholds else list(DEFAULT_EPS_GRID)
+    except ValueError:
+        raise SinkscopeError(f"cannot read --thresholds '{thresholds}': use comma-separated numbers like "
+                             "0.05,0.1,0.2") from None
+    texts0 = _texts(prompts, prompt, limit)
+    curves: dict[str, pd.DataFrame] = {}
+    frames = []
+    loaded = None
+    for name in model:
+        loaded = load(name, device, dtype, trust_remote_code, allow_pickle)
+        texts = _too_long(loaded, texts0)
+        with console.status(f"{name}: {len(texts)} prompt(s) × {len(grid)} thresholds"):
+            result = tag_statistics(loaded, texts, min(grid), eps_grid=grid, project=project, batch_size=batch_size)
+        curve = result.tables["sensitivity"]
+        curves[name] = curve
+        frames.append(curve.assign(model=name))
+        _print_table(f"{loaded.info.name}: threshold sensitivity ({len(texts)} prompts)", curve, limit=len(grid))
+    table = pd.concat(frames, ignore_index=True)[["model", "eps", "mean_sinks", "mean_var_explained",
+                                                  "mean_var_explained_sink_heads", "share_heads_with_sink"]]
+    if out is not None and loaded is not None:
+        _save(out, {"sensitivity": table}, "tags-sensitivity", loaded,
+              {"models": model, "eps_grid": grid, "project": project, "n_prompts": len(texts0)}, overwrite)
+        if not no_figures:
+            plot_sensitivity(curves, out / "sensitivity.png")
 
 
+@user_errors
 def probe_command(
     model: ModelOpt,
-    dataset: Annotated[str, typer.Option(help="geometry_of_truth, azaria_mitchell_true_false, sst2, or a JSONL "
-                                              "file with text and label")] = "geometry_of_truth",
-    n: Annotated[int, typer.Option("--n", help="Statements (class-balanced sample)")] = 200,
+    dataset: Annotated[str, typer.Option(
+        "--dataset", "-d", help="geometry_of_truth, azaria_mitchell_true_false, sst2, or a JSONL file with text and "
+                                "label")] = "geometry_of_truth",
+    limit: described(LimitOpt, " statements (a class-balanced sample drawn with --seed)") = 200,
     out: OutOpt = None,
-    eps: EpsOpt = 0.2,
+    overwrite: OverwriteOpt = False,
+    threshold: EpsThreshold = 0.2,
     test_size: Annotated[float, typer.Option(help="Held-out share of the fixed split")] = 0.2,
-    seed: Annotated[int, typer.Option(help="Seed of the sample, the split and the probes")] = 0,
+    seed: described(SeedOpt, " of the sample, the split and the probes") = 0,
     c: Annotated[float, typer.Option("--c", help="Inverse L2 regularisation strength of the probes")] = 1.0,
     top: Annotated[int, typer.Option(help="Best heads to print")] = 10,
-    data_dir: Annotated[Path | None, typer.Option(help="Folder of the shared data (default ../shared/data)")
-                        ] = None,
-    batch_size: BatchOpt = 8,
+    data: described(DataOpt, ": the folder of the statement datasets (default: ../shared/data)") = None,
+    batch_size: BatchSizeOpt = 8,
     device: DeviceOpt = None,
     dtype: DtypeOpt = "float32",
+    trust_remote_code: TrustOpt = False,
+    allow_pickle: PickleOpt = False,
+    n: Annotated[int | None, typer.Option("--n", hidden=True)] = None,
+    eps: EpsAlias = None,
+    data_dir: Annotated[str | None, typer.Option("--data-dir", hidden=True)] = None,
 ) -> None:
     """Probes (seed 003 §4): logistic regression on the tag, the non-tag part and the full head output at the final
     token, per head; held-out accuracy and the best heads (high tag, low non-tag accuracy)."""
-    try:
-        from sinkscope.analyses.probes import best_heads, fit_probes, load_statements, probe_accuracy_table
-        from sinkscope.analyses.tags import final_token_parts
+    from sinkscope.analyses.probes import best_heads, fit_probes, load_statements, probe_accuracy_table
+    from sinkscope.analyses.tags import final_token_parts
 
-        if not 0 < test_size < 1:
-            raise SinkscopeError("--test-size must be in (0, 1)")
-        texts, labels = load_statements(dataset, n, seed=seed, data_dir=data_dir)
-        loaded = _load(model, device, dtype)
-        with console.status(f"capturing {len(texts)} statements"):
-            features = final_token_parts(loaded, texts, eps, batch_size=batch_size)
-        with console.status("fitting probes"):
-            results = fit_probes(features, labels, test_size=test_size, random_state=seed, C=c)
-        best = best_heads(results, top)
-        means = results.groupby("part")["test_accuracy"].agg(["mean", "max"])
-        console.print(f"{loaded.info.name}: {dataset}, {len(texts)} statements ({int(labels.sum())} positive), "
-                      f"test share {test_size}, ε = {eps}; chance {results['chance'].iloc[0]:.3f}")
-        console.print("held-out accuracy over heads: " + ", ".join(
-            f"{p} mean {means.loc[p, 'mean']:.3f} / max {means.loc[p, 'max']:.3f}" for p in means.index))
-        _print_table(f"best {top} heads (high tag, low non-tag accuracy)", best, limit=top)
-        if out is not None:
-            _save(out, {"probes": results, "probe_heads": probe_accuracy_table(results), "best_heads": best},
-                  "probe", loaded, {"dataset": dataset, "n": len(texts), "eps": eps, "test_size": test_size,
-                                    "seed": seed, "C": c})
-    except SinkscopeError as err:
-        _fail(err)
+    limit = renamed(limit, n)
+    threshold = renamed(threshold, eps)
+    data = renamed(data, data_dir)
+    if not 0 < test_size < 1:
+        raise SinkscopeError("--test-size must be in (0, 1)")
+    texts, labels = load_statements(dataset, limit, seed=seed, data_dir=data)
+    loaded = load(model, device, dtype, trust_remote_code, allow_pickle)
+    with console.status(f"capturing {len(texts)} statements"):
+        features = final_token_parts(loaded, texts, threshold, batch_size=batch_size)
+    with console.status("fitting probes"):
+        results = fit_probes(features, labels, test_size=test_size, random_state=seed, C=c)
+    best = best_heads(results, top)
+    means = results.groupby("part")["test_accuracy"].agg(["mean", "max"])
+    console.print(f"{loaded.info.name}: {dataset}, {len(texts)} statements ({int(labels.sum())} positive), "
+                  f"test share {test_size}, ε = {threshold}; chance {results['chance'].iloc[0]:.3f}")
+    console.print("held-out accuracy over heads: " + ", ".join(
+        f"{p} mean {means.loc[p, 'mean']:.3f} / max {means.loc[p, 'max']:.3f}" for p in means.index))
+    _print_table(f"best {top} heads (high tag, low non-tag accuracy)", best, limit=top)
+    if out is not None:
+        _save(out, {"probes": results, "probe_heads": probe_accuracy_table(results), "best_heads": best},
+              "probe", loaded, {"dataset": dataset, "n": len(texts), "eps": threshold, "test_size": test_size,
+                                "seed": seed, "C": c}, overwrite)

@@ -6,45 +6,33 @@ import json
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 import typer
 
-from sinkscope.toy.averaging import (
-    DEFAULT_THEOREM_C,
-    TaskConfig,
-    ToyConfig,
-    TrainConfig,
-    check_mechanism,
-    check_mechanism_sep2,
-    rebuttal_config,
-    theorem_losses,
-    train,
-)
-from sinkscope.toy.experiments import (
-    check_batch,
-    format_table,
-    sep2_experiment,
-    sep2_table,
-    success_rate,
-    success_table,
-)
+from sinkscope.cli.options import OutPathOpt, SeedOpt, described, renamed, user_errors
+
+if TYPE_CHECKING:
+    from sinkscope.toy.averaging import ToyConfig
 
 app = typer.Typer(help="The synthetic averaging task where catch-tag-release emerges (seed 003 §7).",
                   no_args_is_help=True)
 
 
-@app.callback()
 def _one_thread() -> None:
-    # The toy's tensors are tiny: one thread per process is fastest (and leaves cores for --jobs workers).
+    """The toy's tensors are tiny: one thread per process is fastest (and leaves cores for --jobs workers)."""
+    import torch
+
     torch.set_num_threads(1)
 
 
-Seed = Annotated[int, typer.Option(help="Random seed (model initialisation; first seed of a sweep).")]
-Out = Annotated[Path | None, typer.Option(help="Directory to write results into.")]
+Seed = described(SeedOpt, " (model initialisation; first seed of a sweep).")
+Out = described(OutPathOpt, ": a folder.")
 Epochs = Annotated[int, typer.Option(help="Training epochs over the 8,192 training sequences.")]
 Jobs = Annotated[int, typer.Option(help="Worker processes for the seed sweep.")]
+Heads = Annotated[int | None, typer.Option("--n-heads", help="Heads per layer (default: 1 for sep, 2 for sep2).")]
+HeadsAlias = Annotated[int | None, typer.Option("--heads", hidden=True)]
+THEOREM_C = "4,6,8,10,12,15,20,25,30"  # sinkscope.toy.averaging.DEFAULT_THEOREM_C, spelled out to keep --help fast
 
 
 def _floats(text: str) -> list[float]:
@@ -62,6 +50,8 @@ def _ints(text: str) -> list[int]:
 
 
 def _model_config(task: str, c: float, heads: int | None) -> ToyConfig:
+    from sinkscope.toy.averaging import ToyConfig, rebuttal_config
+
     if task == "sep":
         return ToyConfig(c_init=c) if heads in (None, 1) else ToyConfig(c_init=c, n_heads=heads, d_head=2,
                                                                         out_proj=True)
@@ -71,15 +61,19 @@ def _model_config(task: str, c: float, heads: int | None) -> ToyConfig:
 
 
 @app.command()
+@user_errors
 def theorem(
-    c_values: Annotated[str, typer.Option(help="Comma-separated tag values c.")] = ",".join(
-        f"{c:g}" for c in DEFAULT_THEOREM_C),
-    n: Annotated[int, typer.Option(help="Sequences to evaluate the loss on.")] = 4096,
+    c_values: Annotated[str, typer.Option(help="Comma-separated tag values c.")] = THEOREM_C,
+    n_sequences: Annotated[int, typer.Option("--n-sequences", help="Sequences to evaluate the loss on.")] = 4096,
     seed: Seed = 0,
     out: Out = None,
+    n: Annotated[int | None, typer.Option("--n", hidden=True)] = None,
 ) -> None:
     """Loss of the hand-built catch-tag-release solution as the tag value c grows: one 'c loss' pair per line."""
-    rows = theorem_losses(_floats(c_values), n=n, seed=seed)
+    from sinkscope.toy.averaging import theorem_losses
+
+    _one_thread()
+    rows = theorem_losses(_floats(c_values), n=renamed(n_sequences, n), seed=seed)
     lines = ["c loss", *(f"{c:g} {loss:.6e}" for c, loss in rows)]
     typer.echo("\n".join(lines))
     if out is not None:
@@ -88,16 +82,24 @@ def theorem(
 
 
 @app.command("train")
+@user_errors
 def train_cmd(
     task: Annotated[str, typer.Option(help="'sep' (one [SEP]) or 'sep2' (rebuttal variant).")] = "sep",
     c: Annotated[float, typer.Option(help="Initial tag value c of the [SEP] embedding.")] = 10.0,
-    heads: Annotated[int | None, typer.Option(help="Heads per layer (default: 1 for sep, 2 for sep2).")] = None,
+    n_heads: Heads = None,
     seed: Seed = 9,
     epochs: Epochs = 50,
     out: Out = None,
+    heads: HeadsAlias = None,
 ) -> None:
     """Train one model; print held-out R^2, loss, the final c and the mechanism check."""
-    cfg = _model_config(task, c, heads)
+    import torch
+
+    from sinkscope.toy.averaging import TaskConfig, TrainConfig, check_mechanism, check_mechanism_sep2, train
+    from sinkscope.toy.experiments import check_batch
+
+    _one_thread()
+    cfg = _model_config(task, c, renamed(n_heads, heads))
     tc = TrainConfig(seed=seed, epochs=epochs)
     res = train(cfg, tc)
     batch = check_batch(TaskConfig(sep2=cfg.sep2), tc.data_seed)
@@ -115,6 +117,7 @@ def train_cmd(
 
 
 @app.command("success-rate")
+@user_errors
 def success_rate_cmd(
     c_values: Annotated[str, typer.Option(help="Comma-separated initial tag values c.")] = "10,6,1",
     seeds: Annotated[int, typer.Option(help="Runs per c (seeds seed .. seed+seeds-1).")] = 10,
@@ -124,6 +127,10 @@ def success_rate_cmd(
     out: Out = None,
 ) -> None:
     """Success rate (R^2 >= 0.99 and mechanism present) per initial c, beside seed 003's table."""
+    from sinkscope.toy.averaging import TrainConfig
+    from sinkscope.toy.experiments import format_table, success_rate, success_table
+
+    _one_thread()
     start = time.perf_counter()
     runs = success_rate(_floats(c_values), range(seed, seed + seeds), TrainConfig(epochs=epochs), n_jobs=jobs)
     typer.echo(format_table(success_table(runs)))
@@ -134,18 +141,25 @@ def success_rate_cmd(
 
 
 @app.command()
+@user_errors
 def sep2(
-    heads: Annotated[str, typer.Option(help="Comma-separated heads per layer to compare.")] = "2,1",
+    n_heads: Annotated[str, typer.Option("--n-heads", help="Comma-separated heads per layer to compare.")] = "2,1",
     seeds: Annotated[int, typer.Option(help="Runs per head count (seeds seed .. seed+seeds-1).")] = 15,
     seed: Seed = 0,
     c: Annotated[float, typer.Option(help="Initial scale of the [SEP]/[SEP2] embeddings.")] = 10.0,
     epochs: Epochs = 50,
     jobs: Jobs = 1,
     out: Out = None,
+    heads: Annotated[str | None, typer.Option("--heads", hidden=True)] = None,
 ) -> None:
     """[SEP2] task: 2 vs 1 heads per layer (converged = R^2 >= 0.99), beside the rebuttal's result."""
+    from sinkscope.toy.averaging import TrainConfig
+    from sinkscope.toy.experiments import format_table, sep2_experiment, sep2_table
+
+    _one_thread()
     start = time.perf_counter()
-    runs = sep2_experiment(_ints(heads), range(seed, seed + seeds), c, TrainConfig(epochs=epochs), n_jobs=jobs)
+    runs = sep2_experiment(_ints(renamed(n_heads, heads)), range(seed, seed + seeds), c, TrainConfig(epochs=epochs),
+                           n_jobs=jobs)
     typer.echo(format_table(sep2_table(runs)))
     typer.echo(f"({len(runs)} runs in {time.perf_counter() - start:.0f} s)")
     if out is not None:
@@ -154,19 +168,24 @@ def sep2(
 
 
 @app.command()
+@user_errors
 def plot(
     task: Annotated[str, typer.Option(help="'sep' or 'sep2'.")] = "sep",
     c: Annotated[float, typer.Option(help="Initial tag value c.")] = 10.0,
-    heads: Annotated[int | None, typer.Option(help="Heads per layer (default: 1 for sep, 2 for sep2).")] = None,
+    n_heads: Heads = None,
     seed: Seed = 9,
     epochs: Epochs = 50,
     example: Annotated[int, typer.Option(help="Which held-out sequence to draw.")] = 0,
-    out: Annotated[Path, typer.Option(help="Directory to write the PNG into.")] = Path("toy_plots"),
+    out: described(OutPathOpt, ": the folder of the PNG.") = Path("toy_plots"),
+    heads: HeadsAlias = None,
 ) -> None:
     """Train one model and draw its layer-1 and layer-2 attention patterns (seed 003 Fig. 7 style)."""
     from sinkscope.report.figures.toy import plot_attention
+    from sinkscope.toy.averaging import TaskConfig, TrainConfig, train
+    from sinkscope.toy.experiments import check_batch
 
-    cfg = _model_config(task, c, heads)
+    _one_thread()
+    cfg = _model_config(task, c, renamed(n_heads, heads))
     res = train(cfg, TrainConfig(seed=seed, epochs=epochs))
     batch = check_batch(TaskConfig(sep2=cfg.sep2))
     path = plot_attention(res.model, batch, example, out / f"attention_{task}_c{c:g}_seed{seed}.png")

@@ -1,0 +1,241 @@
+"""Every option the commands share, declared once with one meaning; the one console, the one error handler, and the
+helpers commands share (loading a model, reading prompts and texts, parsing selections).
+
+Imports nothing heavy: a command imports the library it runs inside its function, so `--help` stays fast.
+A command that needs a detail in a shared option's help uses `described(Alias, "...")`: same names, same type,
+the shared help first. Old spellings stay for one release as hidden options (`renamed`).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import inspect
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_args
+
+import typer
+from rich.console import Console
+
+from sinkscope.errors import SinkscopeError
+
+if TYPE_CHECKING:
+    from sinkscope.models import LoadedModel
+
+# piped output (a log, a CI run) gets whole tables instead of rich's 80-column default
+_width = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200
+console = Console(emoji=False, highlight=False, width=_width)
+err_console = Console(stderr=True, emoji=False, highlight=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------------------------------------------- the options
+def described(alias: Any, detail: str) -> Any:
+    """The shared option `alias` with a command's `detail` appended to its help (same names, same type)."""
+    base, info = get_args(alias)
+    info = copy.copy(info)
+    info.help = f"{info.help}{detail}"
+    return Annotated[base, info]
+
+
+MODEL_HELP = "Hub id, local folder or built-in name (sinkscope models lists them)"
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
+ModelsOpt = Annotated[list[str], typer.Option("--model", "-m", help=MODEL_HELP)]  # repeatable
+DeviceOpt = Annotated[str | None, typer.Option(
+    "--device", help="Device: cpu, cuda, cuda:1, or auto (model parallel: the layers spread over every GPU, then CPU, "
+                     "via accelerate)")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="float32, bfloat16 or float16")]
+TrustOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow code from the model repository to run")]
+PickleOpt = Annotated[bool, typer.Option("--allow-pickle", help="Allow pickle (.bin) checkpoints; loading them can "
+                                                                "run code")]
+PromptOpt = Annotated[list[str] | None, typer.Option("--prompt", help="A prompt (repeat for several)")]
+PromptsOpt = Annotated[Path | None, typer.Option(
+    "--prompts", help="File of prompts: one per line (.txt), or JSONL with a text or prompt field")]
+
+# The shared options below take a command's detail after the shared help (see `described`).
+BatchOpt = Annotated[int, typer.Option("--batch-size", help="Batch size")]
+BatchSizeOpt = described(BatchOpt, ": prompts per forward pass")
+OutPathOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the results")]
+OutOpt = described(OutPathOpt, ": a run folder (Parquet tables + manifest.json)")
+LayersOpt = Annotated[str, typer.Option("--layers", help="Layers: -1 (last), 'all', '0,2' or '3-6'")]
+HeadsOpt = Annotated[str, typer.Option("--heads", help="Heads: 'all', '0,2' or '1-3'")]
+MethodOpt = Annotated[str, typer.Option("--method", help="Detector (sinkscope detectors lists them)")]
+MethodsOpt = Annotated[list[str] | None, typer.Option("--method", help="Detector (sinkscope detectors lists them)")]
+ThresholdOpt = Annotated[float | None, typer.Option(
+    "--threshold", help="The detector's threshold (θ, α, τ or ε; sinkscope detectors shows the defaults)")]
+LimitOpt = Annotated[int | None, typer.Option("--limit", help="At most this many")]
+DataOpt = Annotated[str | None, typer.Option("--data", help="Data")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed")]
+OverwriteOpt = Annotated[bool, typer.Option(
+    "--overwrite", help="Start over in an --out folder that holds another run, instead of refusing")]
+
+SHARED: dict[str, tuple[type, str, bool]] = {
+    # option: (element type, help, whether every command shows exactly this help (else it starts with it))
+    "--model": (str, MODEL_HELP, True),
+    "--device": (str, get_args(DeviceOpt)[1].help, True),
+    "--dtype": (str, get_args(DtypeOpt)[1].help, True),
+    "--trust-remote-code": (bool, get_args(TrustOpt)[1].help, True),
+    "--allow-pickle": (bool, get_args(PickleOpt)[1].help, True),
+    "--prompt": (str, get_args(PromptOpt)[1].help, True),
+    "--prompts": (Path, get_args(PromptsOpt)[1].help, True),
+    "--batch-size": (int, get_args(BatchOpt)[1].help, False),
+    "--out": (Path, get_args(OutPathOpt)[1].help, False),
+    "--layers": (str, get_args(LayersOpt)[1].help, False),
+    "--heads": (str, get_args(HeadsOpt)[1].help, False),
+    "--method": (str, get_args(MethodOpt)[1].help, False),
+    "--threshold": (float, get_args(ThresholdOpt)[1].help, False),
+    "--limit": (int, get_args(LimitOpt)[1].help, False),
+    "--data": (str, get_args(DataOpt)[1].help, False),
+    "--seed": (int, get_args(SeedOpt)[1].help, False),
+    "--overwrite": (bool, get_args(OverwriteOpt)[1].help, True),
+}
+"""The shared options: one meaning each. `tests/cli/test_front_door.py` checks every command against this table."""
+
+DATA_HELP = ": a JSONL/CSV file, a folder of <name>/test.jsonl, or 'hub' (default: ../shared/data, else the Hub)"
+CalibrationOpt = Annotated[Path | None, typer.Option(
+    "--calibration", help="An ACT calibration JSON written by sinkscope calibrate")]
+NoFiguresOpt = Annotated[bool, typer.Option("--no-figures", help="Write tables only")]
+
+
+def renamed(value: T, old: T | None) -> T:
+    """The value of a renamed option: the old spelling (a hidden option, kept for one release and listed in the
+    README) wins when it is given."""
+    return value if old is None else old
+
+
+# ------------------------------------------------------------------------------------------------ the error handler
+def fail(message: str) -> typer.Exit:
+    """Print one red line on stderr; return the exit (status 2) to raise."""
+    err_console.print(f"[red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(2)
+
+
+def user_errors(fn: F) -> F:
+    """Run a command: a `SinkscopeError`, or a file or folder that cannot be read or written, becomes one red line on
+    stderr and exit status 2, without a traceback. Called from Python rather than the command line, the function
+    raises as usual.
+
+    typer hands the wrapper the command-line context through an extra `typer.Context` parameter; a direct call has
+    none.
+    """
+    if getattr(fn, "__user_errors__", False):
+        return fn
+    signature = inspect.signature(fn, eval_str=True)
+
+    @functools.wraps(fn)
+    def command(*args: Any, _cli: typer.Context | None = None, **kwargs: Any) -> Any:
+        if _cli is None:
+            return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except SinkscopeError as err:
+            raise fail(str(err)) from None
+        except OSError as err:
+            if err.filename is None:
+                raise
+            raise fail(f"cannot use {err.filename}: {err.strerror or err}; check the path and its permissions, or "
+                       "pass another one") from None
+
+    context = inspect.Parameter("_cli", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=typer.Context)
+    command.__signature__ = signature.replace(parameters=[*signature.parameters.values(), context])  # type: ignore[attr-defined]
+    command.__user_errors__ = True  # type: ignore[attr-defined]
+    return command  # type: ignore[return-value]
+
+
+# ------------------------------------------------------------------------------------------------------ the helpers
+def load(model: str, device: str | None = None, dtype: str = "float32", trust_remote_code: bool = False,
+         allow_pickle: bool = False) -> LoadedModel:
+    """`sinkscope.models.load_model` with the shared options, behind a spinner."""
+    from sinkscope.models import load_model
+
+    with console.status(f"loading {model}"):
+        return load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                          allow_pickle=allow_pickle)
+
+
+def method_params(method: str, threshold: float | None) -> dict[str, Any]:
+    """{first parameter of the detector: threshold}, or {} without a threshold; an unknown detector is an error."""
+    from sinkscope.detect import get_detector
+
+    detector = get_detector(method)
+    if threshold is None:
+        return {}
+    first = next(iter(k for k in detector.params if k != "dims"))
+    return {first: threshold}
+
+
+def parse_selection(spec: str | None) -> list[int] | None:
+    """'all' or None → None; '-1' → [-1]; '0,2,5' → [0, 2, 5]; '3-6' → [3, 4, 5, 6]."""
+    if spec is None or spec == "all":
+        return None
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            part = part.strip()
+            if "-" in part[1:]:
+                lo, hi = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
+                out.extend(range(int(lo), int(hi) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise SinkscopeError(f"cannot read the selection '{spec}': use 'all', '-1', '0,2,5' or '3-6'") from None
+    return out
+
+
+def read_prompts(path: Path) -> tuple[list[str], list[tuple[int, str]]]:
+    """Prompts from a text file (one per line) or JSONL (a "text" or "prompt" field per line).
+
+    Returns the prompts (unreadable lines become "" so line numbers stay aligned) and (line index, reason) for
+    unreadable lines."""
+    if not path.exists():
+        raise SinkscopeError(f"prompt file {path} does not exist")
+    lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    if path.suffix != ".jsonl":
+        return lines, []
+    prompts, bad = [], []
+    for i, line in enumerate(lines):
+        try:
+            record = json.loads(line)
+            text = record.get("text", record.get("prompt")) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise ValueError("no 'text' or 'prompt' string field")
+            prompts.append(text)
+        except ValueError as err:
+            prompts.append("")
+            bad.append((i, f"not a JSON object with a text field ({err})"))
+    return prompts, bad
+
+
+def gather_prompts(prompt: list[str] | None, prompts: Path | None) -> tuple[list[str], list[tuple[int, str]]]:
+    """--prompt texts followed by the --prompts file's lines, and (index, reason) for unreadable lines."""
+    texts = list(prompt or [])
+    file_bad: list[tuple[int, str]] = []
+    if prompts is not None:
+        from_file, bad = read_prompts(prompts)
+        file_bad = [(len(texts) + i, why) for i, why in bad]
+        texts.extend(from_file)
+    if not texts:
+        raise SinkscopeError("no prompts: pass --prompt TEXT (repeatable) or --prompts FILE (one per line)")
+    return texts, file_bad
+
+
+def read_text(path: Path) -> str:
+    """A text file, or a JSONL file whose `text` fields are joined with blank lines."""
+    if not path.exists():
+        raise SinkscopeError(f"text file {path} does not exist")
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix != ".jsonl":
+        return raw
+    texts = []
+    for i, line in enumerate(raw.splitlines()):
+        try:
+            texts.append(json.loads(line)["text"])
+        except (ValueError, KeyError, TypeError):
+            raise SinkscopeError(f"{path} line {i + 1} is not a JSON object with a 'text' field") from None
+    return "\n\n".join(texts)

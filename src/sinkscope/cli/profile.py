@@ -1,0 +1,177 @@
+"""`sinkscope profile`, `explain` and `demo`: thin front ends over `sinkscope.analyses.profile` and `.explain`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from sinkscope.cli.options import (
+    BatchSizeOpt,
+    CalibrationOpt,
+    DeviceOpt,
+    DtypeOpt,
+    HeadsOpt,
+    LayersOpt,
+    MethodOpt,
+    ModelOpt,
+    OutOpt,
+    OverwriteOpt,
+    PickleOpt,
+    PromptOpt,
+    PromptsOpt,
+    ThresholdOpt,
+    TrustOpt,
+    console,
+    described,
+    err_console,
+    gather_prompts,
+    load,
+    method_params,
+    parse_selection,
+    user_errors,
+)
+from sinkscope.errors import SinkscopeError
+
+if TYPE_CHECKING:
+    from sinkscope.models import LoadedModel
+
+AVERAGED = "; their last-token attention is averaged"
+TopKOpt = Annotated[int, typer.Option("--top-k", help="How many top tokens to list")]
+
+
+def _calibrated(loaded: LoadedModel, calibration: Path | None) -> Any:
+    """A context that applies a saved ACT calibration to every forward pass (or does nothing)."""
+    from contextlib import nullcontext
+
+    if calibration is None:
+        return nullcontext()
+    from sinkscope.analyses.calibrate import Calibration
+    from sinkscope.capture import intervene
+
+    interventions = Calibration.load(calibration).interventions()
+    return intervene(loaded.model, *interventions) if interventions else nullcontext()
+
+
+@user_errors
+def profile_command(
+    model: ModelOpt,
+    prompt: PromptOpt = None,
+    prompts: PromptsOpt = None,
+    method: MethodOpt = "column_mass",
+    threshold: ThresholdOpt = None,
+    out: described(OutOpt, ", with report.html") = None,
+    overwrite: OverwriteOpt = False,
+    batch_size: BatchSizeOpt = 8,
+    calibration: CalibrationOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
+    trust_remote_code: TrustOpt = False,
+    allow_pickle: PickleOpt = False,
+) -> None:
+    """Sinks per layer: the share of heads with a sink, α at position 0, and the sink tokens with their mass."""
+    from sinkscope.analyses.profile import profile
+    from sinkscope.capture import CaptureConfig
+    from sinkscope.cli.render import layer_table
+    from sinkscope.detect import get_detector
+    from sinkscope.store import save_run
+
+    texts, file_bad = gather_prompts(prompt, prompts)
+    params = method_params(method, threshold)
+    loaded = load(model, device, dtype, trust_remote_code, allow_pickle)
+    with _calibrated(loaded, calibration):
+        result = profile(loaded, texts, method, params, capture=CaptureConfig(), batch_size=batch_size,
+                         progress=True)
+    skipped = dict(result.skipped)
+    skipped.update(dict(file_bad))
+    info = loaded.info
+    title = (f"{info.name}: {info.n_layers} layers × {info.n_heads} heads, {result.trace.n_prompts} prompt(s), "
+             f"method {method} {get_detector(method).params | params}")
+    console.print(layer_table(result.tables["layers"], title))
+    for i, why in sorted(skipped.items()):
+        err_console.print(f"[yellow]skipped[/] prompt {i + 1}: {why}", highlight=False)
+    if out is not None:
+        from sinkscope.report import write_report
+
+        folder = save_run(out, result.run(loaded), overwrite=overwrite)
+        console.print(f"wrote {folder}/ ({', '.join(result.tables)} + manifest.json)")
+        console.print(f"wrote {write_report(folder)}")
+
+
+@user_errors
+def explain_command(
+    model: ModelOpt,
+    text: Annotated[str, typer.Option("--text", help="The prompt to explain")],
+    method: MethodOpt = "zscore",
+    threshold: ThresholdOpt = None,
+    layers: described(LayersOpt, AVERAGED) = "-1",
+    heads: described(HeadsOpt, AVERAGED) = "all",
+    top_k: TopKOpt = 10,
+    out: OutOpt = None,
+    overwrite: OverwriteOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
+    trust_remote_code: TrustOpt = False,
+    allow_pickle: PickleOpt = False,
+) -> None:
+    """The prompt's tokens shaded by last-token attention before and after detect-mask-renormalise, with the top-K."""
+    from sinkscope.analyses.explain import explain
+    from sinkscope.cli.render import print_explanation
+    from sinkscope.store import Run, make_manifest, save_run
+
+    params = method_params(method, threshold)
+    layer_sel, head_sel = parse_selection(layers), parse_selection(heads)
+    loaded = load(model, device, dtype, trust_remote_code, allow_pickle)
+    ex = explain(loaded, text, method, params, layers=layer_sel, heads=head_sel)
+    print_explanation(console, ex, top_k)
+    if out is not None:
+        manifest = make_manifest("explain", {"name": loaded.info.name, "model_type": loaded.info.model_type},
+                                 {"method": method, **ex.params, "layers": ex.layers, "heads": ex.heads, "text": text})
+        folder = save_run(out, Run(tables={"tokens": ex.table()}, manifest=manifest), overwrite=overwrite)
+        console.print(f"wrote {folder}/ (tokens + manifest.json)")
+
+
+DEMO_PROMPTS = [
+    "Classify the sentiment of the sentence as positive or negative.\nSentence: the film is a charming, funny "
+    "delight from start to finish.\nSentiment:",
+    "The quick brown fox jumps over the lazy dog near the river bank.",
+    "Attention sinks are tokens that draw a large share of attention while carrying little meaning.",
+    "Question: what is the capital of France? Answer:",
+]
+
+
+@user_errors
+def demo_command(
+    models: Annotated[str, typer.Option("--models", help="Comma-separated model names")] = "smollm2,minilm",
+    out: described(OutOpt, " per model (OUT/NAME/), with report.html") = None,
+    overwrite: OverwriteOpt = False,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = "float32",
+    trust_remote_code: TrustOpt = False,
+    allow_pickle: PickleOpt = False,
+) -> None:
+    """Profile and explain a few prompts on real models that install offline (see README); skips missing ones."""
+    from sinkscope.analyses.explain import explain
+    from sinkscope.analyses.profile import profile
+    from sinkscope.cli.render import layer_table, print_explanation
+    from sinkscope.store import save_run
+
+    for name in [m.strip() for m in models.split(",") if m.strip()]:
+        try:
+            loaded = load(name, device, dtype, trust_remote_code, allow_pickle)
+        except SinkscopeError as err:
+            err_console.print(f"[yellow]skipping {name}:[/] {err}")
+            continue
+        result = profile(loaded, DEMO_PROMPTS, "column_mass")
+        info = loaded.info
+        console.rule(f"{name}: {info.n_layers} layers × {info.n_heads} heads ({info.n_kv_heads} KV heads)")
+        console.print(layer_table(result.tables["layers"], f"{name}: sinks per layer (column_mass, ε = 0.2)"))
+        print_explanation(console, explain(loaded, DEMO_PROMPTS[0], "zscore"), top_k=10)
+        if out is not None:
+            from sinkscope.analyses.maps import add_maps, capture_maps
+            from sinkscope.report import write_report
+
+            run = add_maps(result.run(loaded, command="demo"), capture_maps(loaded, DEMO_PROMPTS))
+            folder = save_run(out / name.replace(":", "-"), run, overwrite=overwrite)
+            console.print(f"wrote {folder}/ and {write_report(folder)}")
