@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.capture import CaptureConfig, Trace, run_capture, validate_prompts
+from sinkscope.capture import CaptureConfig, Trace, run_capture, tokenize
 from sinkscope.detect import detect, get_detector
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
@@ -82,12 +82,13 @@ def profile(
         prompts = [prompts]
     params = dict(params or {})
     get_detector(method)
-    good, bad = validate_prompts(loaded, prompts)
+    ids, bad = tokenize(loaded, prompts)  # each prompt is tokenised once, here
+    good = [i for i, seq in enumerate(ids) if seq is not None]
     if not good:
         reasons = "; ".join(f"prompt {i + 1}: {why}" for i, why in bad[:3])
         raise SinkscopeError(f"no usable prompt ({reasons})" if bad else "no prompts given")
-    usable = [prompts[i] for i in good]
-    trace = run_capture(loaded, usable, capture or CaptureConfig(), batch_size=batch_size, progress=progress)
+    trace = run_capture(loaded, [ids[i] for i in good], capture or CaptureConfig(), batch_size=batch_size,
+                        progress=progress, texts=[prompts[i] for i in good])
     sinks = sink_mask(trace, method, **params)
     result = ProfileResult(trace=trace, sinks=sinks, method=method, params=params, skipped=bad)
     result.tables = build_tables(trace, sinks, prompt_ids=good, method=method, params=params)

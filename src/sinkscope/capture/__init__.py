@@ -29,7 +29,7 @@ from sinkscope.capture.intervene import (
     Temperature,
     intervene,
 )
-from sinkscope.capture.trace import Trace, run_capture, validate_prompts
+from sinkscope.capture.trace import Trace, run_capture, tokenize, validate_prompts
 
 __all__ = [
     "ATTN_NAME",
@@ -53,6 +53,7 @@ __all__ = [
     "model_for",
     "pad_to",
     "run_capture",
+    "tokenize",
     "use_sinkscope_attention",
     "validate_prompts",
 ]

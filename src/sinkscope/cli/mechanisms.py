@@ -13,6 +13,7 @@ from sinkscope.cli.options import (
     ModelOpt,
     NoFiguresOpt,
     OutOpt,
+    OverwriteOpt,
     PickleOpt,
     PromptOpt,
     PromptsOpt,
@@ -48,6 +49,7 @@ def mechanisms_command(
     replace_with: Annotated[str, typer.Option(help="Text whose first token replaces BOS")] = "the",
     no_bos: Annotated[bool, typer.Option("--no-bos", help="Skip the BOS-removal runs")] = False,
     no_figures: NoFiguresOpt = False,
+    overwrite: OverwriteOpt = False,
     batch_size: BatchSizeOpt = 8,
     device: DeviceOpt = None,
     dtype: DtypeOpt = "float32",
@@ -77,7 +79,7 @@ def mechanisms_command(
     for i, why in sorted(skipped.items()):
         err_console.print(f"[yellow]skipped[/] prompt {i + 1}: {why}", highlight=False)
     if out is not None:
-        folder = write(result, loaded, out, figures=not no_figures)
+        folder = write(result, loaded, out, figures=not no_figures, overwrite=overwrite)
         figures = sorted(p.name for p in folder.glob("*.png"))
         console.print(f"wrote {folder}/ ({', '.join(result.tables)} + manifest.json"
                       + (f"; figures {', '.join(figures)}" if figures else "") + ")")

@@ -120,7 +120,8 @@ def tags_command(
 ) -> None:
     """Catch, tag, release: split every head output into its sink tag and the rest; variance explained per layer
     and head, sink-token taxonomy, tag cosines and the PCA view of one prompt (seed 003)."""
-    from sinkscope.analyses.tags import pca_view, plot_cosine_histogram, plot_pca, tag_statistics
+    from sinkscope.analyses.tags import pca_view, tag_statistics
+    from sinkscope.report.figures.tags import plot_cosine_histogram, plot_pca
 
     threshold = renamed(threshold, eps)
     limit = renamed(limit, max_prompts)
@@ -182,7 +183,8 @@ def tags_sensitivity_command(
     per model (repeat --model for several)."""
     import pandas as pd
 
-    from sinkscope.analyses.tags import DEFAULT_EPS_GRID, plot_sensitivity, tag_statistics
+    from sinkscope.analyses.tags import DEFAULT_EPS_GRID, tag_statistics
+    from sinkscope.report.figures.tags import plot_sensitivity
 
     thresholds = renamed(thresholds, eps)
     limit = renamed(limit, max_prompts)
