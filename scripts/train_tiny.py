@@ -40,6 +40,7 @@ from typing import Any
 
 import torch
 
+from sinkscope.report.figures.tinylm import draw_trace
 from sinkscope.toy import tinylm
 from sinkscope.toy.tinylm import TrainConfig
 
@@ -127,7 +128,7 @@ def ship(run: Path, cfg: TrainConfig, target: Path, command: str, info: dict) ->
         shutil.copyfile(f, target / f.name)
         (target / f.name).chmod(0o644)
     trace = tinylm.read_trace(run)
-    tinylm.draw_trace(trace, target / "trace.png", title="sinkscope-tiny: emergence during training")
+    draw_trace(trace, target / "trace.png", title="sinkscope-tiny: emergence during training")
     model, _ = tinylm.load_checkpoint(target)  # exactly what load_tiny() gives: float32, CPU
     data = tinylm.prepare_data(cfg, run / "tokenizer", with_pool=False)
     ids = tinylm.eval_batch(cfg, data)
@@ -268,7 +269,7 @@ def train_candidate(args: argparse.Namespace, candidate: str, out: Path) -> tupl
     result = tinylm.train(cfg, resume=args.resume, progress=sys.stderr.isatty() and not args.quiet,
                           time_limit_s=limit, log=lambda msg: print(f"[{candidate}] {msg}", flush=True))
     seconds = time.perf_counter() - t0
-    tinylm.draw_trace(result.trace, out / "trace.png", title=f"{args.preset} / {candidate}")
+    draw_trace(result.trace, out / "trace.png", title=f"{args.preset} / {candidate}")
     device = tinylm.resolve_device(cfg.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     info = {"candidate": candidate, "steps": result.steps_done, "planned_steps": cfg.steps, "device": name,

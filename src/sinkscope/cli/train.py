@@ -121,7 +121,8 @@ def plot_trace(
     title: Annotated[str | None, typer.Option(help="Figure title.")] = None,
 ) -> None:
     """Plot a train-lm trace: α₀ and share of sink heads per layer, ‖h₀‖/median‖h‖, and loss against the step."""
-    from sinkscope.toy.tinylm import draw_trace, read_trace
+    from sinkscope.report.figures.tinylm import draw_trace
+    from sinkscope.toy.tinylm import read_trace
 
     if not run.exists():
         raise SinkscopeError(f"{run} does not exist: pass a folder written by `sinkscope train-lm`")

@@ -70,7 +70,6 @@ from sinkscope.toy.tinylm.statistics import (
     TRACE_COLUMNS,
     AttentionStats,
     attention_stats,
-    draw_trace,
     read_trace,
     summarise,
     trace_rows,
@@ -80,7 +79,7 @@ from sinkscope.toy.tinylm.train import TrainResult, lr_at, make_optimizer, resol
 __all__ = [
     "ATTN_NAMES", "BOS", "EOS", "EPSILONS", "PAD", "SYNTHETIC", "TEXT_SUFFIXES", "TINY_DIR_NAME", "TRACE_COLUMNS",
     "UNK", "VARIANTS", "AttentionStats", "BigramBackcopy", "Data", "TrainConfig", "TrainResult", "apply_variant",
-    "attention_stats", "build_model", "check_synthetic", "check_variant", "corpus_files", "draw_trace",
+    "attention_stats", "build_model", "check_synthetic", "check_variant", "corpus_files",
     "encode_stream", "eval_batch", "llama_config", "load_checkpoint", "load_corpus", "load_tiny", "lr_at",
     "make_batch", "make_optimizer", "prepare_data", "read_documents", "read_trace", "resolve_device", "saved_config",
     "softmax_off_by_one", "softmax_with_sink", "split_documents", "summarise", "tiny_dir", "tiny_sinks",
