@@ -202,9 +202,59 @@ def test_cli_train_and_plot_write_their_files(tmp_path, one_thread) -> None:
     assert len(summary["history"]) == 1 and "passed" in summary["mechanism"]
     assert (tmp_path / "model.pt").exists()
     pytest.importorskip("matplotlib")
-    result = runner.invoke(app, ["plot", "--epochs", "1", "--seed", "0", "--out", str(tmp_path)])
+    result = runner.invoke(app, ["plot", "--epochs", "1", "--seed", "0", "--out", str(tmp_path / "plots")])
     assert result.exit_code == 0, result.output
-    assert list(tmp_path.glob("attention_sep_*.png"))
+    assert list((tmp_path / "plots").glob("attention_sep_*.png"))
+
+
+# each toy command that writes --out, with arguments that finish in a second or two, and a file it writes
+TOY_RUNS = {
+    "theorem": (["--c-values", "4,10", "--n-sequences", "64"], "theorem.txt"),
+    "train": (["--epochs", "1", "--seed", "0"], "model.pt"),
+    "success-rate": (["--c-values", "10", "--seeds", "1", "--epochs", "1"], "success_rate_runs.parquet"),
+    "sep2": (["--n-heads", "1", "--seeds", "1", "--epochs", "1"], "sep2_runs.parquet"),
+    "plot": (["--epochs", "1", "--seed", "0"], "attention_sep_c10_seed0.png"),
+}
+
+
+@pytest.mark.parametrize("command", list(TOY_RUNS))
+def test_cli_toy_out_is_a_run_folder(tmp_path, one_thread, command: str) -> None:
+    from sinkscope.store import file_record, load_run
+
+    if command == "plot":
+        pytest.importorskip("matplotlib")
+    args, written = TOY_RUNS[command]
+    out = tmp_path / command
+    runner = CliRunner()
+    result = runner.invoke(app, [command, *args, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    run = load_run(out)
+    assert run.manifest["command"] == f"toy {command}"
+    assert run.tables and all(len(table) for table in run.tables.values())
+    assert file_record(out / written).items() <= run.manifest["files"][written].items()
+    # the same command again replaces its run; another command's run folder is refused without --overwrite
+    assert runner.invoke(app, [command, *args, "--out", str(out)]).exit_code == 0
+    other = "theorem" if command != "theorem" else "train"
+    before = (out / "manifest.json").read_bytes()
+    refused = runner.invoke(app, [other, *TOY_RUNS[other][0], "--out", str(out)])
+    assert refused.exit_code == 2, refused.output
+    assert f"holds a `toy {command}` run" in refused.output and "--overwrite" in refused.output
+    assert (out / "manifest.json").read_bytes() == before
+    result = runner.invoke(app, [other, *TOY_RUNS[other][0], "--out", str(out), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert load_run(out).manifest["command"] == f"toy {other}"
+    assert not (out / written).exists()
+
+
+def test_cli_toy_refuses_another_commands_run_folder(tmp_path) -> None:
+    import pandas as pd
+
+    from sinkscope.store import Run, load_run, save_run
+
+    save_run(tmp_path, Run({"x": pd.DataFrame({"a": [1]})}, {"command": "profile"}))
+    result = CliRunner().invoke(app, ["theorem", "--c-values", "4", "--n-sequences", "64", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "holds a `profile` run" in result.output
+    assert load_run(tmp_path).manifest["command"] == "profile"
 
 
 @pytest.mark.parametrize("command", ["theorem", "train", "success-rate", "sep2", "plot"])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -10,9 +9,11 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from sinkscope.cli.options import OutPathOpt, SeedOpt, described, renamed, user_errors
+from sinkscope.cli.options import OutPathOpt, OverwriteOpt, SeedOpt, described, renamed, user_errors
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from sinkscope.toy.averaging import ToyConfig
 
 app = typer.Typer(help="The synthetic averaging task where catch-tag-release emerges (seed 003 §7).",
@@ -27,7 +28,7 @@ def _one_thread() -> None:
 
 
 Seed = described(SeedOpt, " (model initialisation; first seed of a sweep).")
-Out = described(OutPathOpt, ": a folder.")
+Out = described(OutPathOpt, ": a run folder (Parquet tables, other files + manifest.json).")
 Epochs = Annotated[int, typer.Option(help="Training epochs over the 8,192 training sequences.")]
 Jobs = Annotated[int, typer.Option(help="Worker processes for the seed sweep.")]
 Heads = Annotated[int | None, typer.Option("--n-heads", help="Heads per layer (default: 1 for sep, 2 for sep2).")]
@@ -49,6 +50,28 @@ def _ints(text: str) -> list[int]:
         raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
 
 
+def _history(losses: list[float]) -> pd.DataFrame:
+    """The training loss per epoch as a table."""
+    import pandas as pd
+
+    return pd.DataFrame({"epoch": range(1, len(losses) + 1), "loss": losses})
+
+
+def _check_out(out: Path | None, command: str, overwrite: bool) -> None:
+    """Refuse, before any training, an --out that `save_toy` would refuse afterwards: a file, or the run folder of
+    another command (without --overwrite). Reads only; the folder is created and written by `save_toy`."""
+    if out is None or overwrite:
+        return
+    from sinkscope.errors import SinkscopeError
+    from sinkscope.store import RunFolder
+
+    if out.exists() and not out.is_dir():
+        raise SinkscopeError(f"--out {out} is a file; pass a folder")
+    found = RunFolder(out, f"toy {command}").recorded() if out.is_dir() else None
+    if found is not None and found.get("command") != f"toy {command}":
+        raise SinkscopeError(f"{out} holds a `{found.get('command')}` run; pass another --out or --overwrite")
+
+
 def _model_config(task: str, c: float, heads: int | None) -> ToyConfig:
     from sinkscope.toy.averaging import ToyConfig, rebuttal_config
 
@@ -67,18 +90,25 @@ def theorem(
     n_sequences: Annotated[int, typer.Option("--n-sequences", help="Sequences to evaluate the loss on.")] = 4096,
     seed: Seed = 0,
     out: Out = None,
+    overwrite: OverwriteOpt = False,
     n: Annotated[int | None, typer.Option("--n", hidden=True)] = None,
 ) -> None:
     """Loss of the hand-built catch-tag-release solution as the tag value c grows: one 'c loss' pair per line."""
-    from sinkscope.toy.averaging import theorem_losses
+    import pandas as pd
 
+    from sinkscope.toy.averaging import theorem_losses
+    from sinkscope.toy.experiments import save_toy
+
+    _check_out(out, "theorem", overwrite)
     _one_thread()
-    rows = theorem_losses(_floats(c_values), n=renamed(n_sequences, n), seed=seed)
+    values, n_sequences = _floats(c_values), renamed(n_sequences, n)
+    rows = theorem_losses(values, n=n_sequences, seed=seed)
     lines = ["c loss", *(f"{c:g} {loss:.6e}" for c, loss in rows)]
     typer.echo("\n".join(lines))
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "theorem.txt").write_text("\n".join(lines) + "\n")
+        table = pd.DataFrame(rows, columns=["c", "loss"])
+        save_toy(out, "theorem", {"theorem": table}, {"c_values": values, "n_sequences": n_sequences},
+                 {"theorem.txt": "\n".join(lines) + "\n"}, seed=seed, overwrite=overwrite)
 
 
 @app.command("train")
@@ -90,14 +120,14 @@ def train_cmd(
     seed: Seed = 9,
     epochs: Epochs = 50,
     out: Out = None,
+    overwrite: OverwriteOpt = False,
     heads: HeadsAlias = None,
 ) -> None:
     """Train one model; print held-out R^2, loss, the final c and the mechanism check."""
-    import torch
-
     from sinkscope.toy.averaging import TaskConfig, TrainConfig, check_mechanism, check_mechanism_sep2, train
-    from sinkscope.toy.experiments import check_batch
+    from sinkscope.toy.experiments import check_batch, save_toy, trained_files
 
+    _check_out(out, "train", overwrite)
     _one_thread()
     cfg = _model_config(task, c, renamed(n_heads, heads))
     tc = TrainConfig(seed=seed, epochs=epochs)
@@ -109,11 +139,9 @@ def train_cmd(
     for key, value in asdict(report).items():
         typer.echo(f"{key} {value}")
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        torch.save({"config": asdict(cfg), "state_dict": res.model.state_dict()}, out / "model.pt")
-        summary = {"model": asdict(cfg), "train": asdict(tc), "r2": res.r2, "loss": res.loss, "c": res.c,
-                   "history": res.history, "mechanism": asdict(report)}
-        (out / "result.json").write_text(json.dumps(summary, indent=2))
+        save_toy(out, "train", {"history": _history(res.history)},
+                 {"task": task, "model": asdict(cfg), "train": asdict(tc)}, trained_files(res, cfg, tc, report),
+                 seed=seed, overwrite=overwrite)
 
 
 @app.command("success-rate")
@@ -125,19 +153,23 @@ def success_rate_cmd(
     epochs: Epochs = 50,
     jobs: Jobs = 1,
     out: Out = None,
+    overwrite: OverwriteOpt = False,
 ) -> None:
     """Success rate (R^2 >= 0.99 and mechanism present) per initial c, beside seed 003's table."""
     from sinkscope.toy.averaging import TrainConfig
-    from sinkscope.toy.experiments import format_table, success_rate, success_table
+    from sinkscope.toy.experiments import format_table, save_toy, success_rate, success_table
 
+    _check_out(out, "success-rate", overwrite)
     _one_thread()
     start = time.perf_counter()
-    runs = success_rate(_floats(c_values), range(seed, seed + seeds), TrainConfig(epochs=epochs), n_jobs=jobs)
-    typer.echo(format_table(success_table(runs)))
+    values, tc = _floats(c_values), TrainConfig(epochs=epochs)
+    runs = success_rate(values, range(seed, seed + seeds), tc, n_jobs=jobs)
+    table = success_table(runs)
+    typer.echo(format_table(table))
     typer.echo(f"({len(runs)} runs in {time.perf_counter() - start:.0f} s)")
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        runs.to_csv(out / "success_rate_runs.csv", index=False)
+        save_toy(out, "success-rate", {"success_rate_runs": runs, "success_rate": table},
+                 {"c_values": values, "seeds": seeds, "train": asdict(tc)}, seed=seed, overwrite=overwrite)
 
 
 @app.command()
@@ -150,21 +182,25 @@ def sep2(
     epochs: Epochs = 50,
     jobs: Jobs = 1,
     out: Out = None,
+    overwrite: OverwriteOpt = False,
     heads: Annotated[str | None, typer.Option("--heads", hidden=True)] = None,
 ) -> None:
     """[SEP2] task: 2 vs 1 heads per layer (converged = R^2 >= 0.99), beside the rebuttal's result."""
     from sinkscope.toy.averaging import TrainConfig
-    from sinkscope.toy.experiments import format_table, sep2_experiment, sep2_table
+    from sinkscope.toy.experiments import format_table, save_toy, sep2_experiment, sep2_table
 
+    _check_out(out, "sep2", overwrite)
     _one_thread()
     start = time.perf_counter()
-    runs = sep2_experiment(_ints(renamed(n_heads, heads)), range(seed, seed + seeds), c, TrainConfig(epochs=epochs),
-                           n_jobs=jobs)
-    typer.echo(format_table(sep2_table(runs)))
+    head_counts, tc = _ints(renamed(n_heads, heads)), TrainConfig(epochs=epochs)
+    runs = sep2_experiment(head_counts, range(seed, seed + seeds), c, tc, n_jobs=jobs)
+    table = sep2_table(runs)
+    typer.echo(format_table(table))
     typer.echo(f"({len(runs)} runs in {time.perf_counter() - start:.0f} s)")
     if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        runs.to_csv(out / "sep2_runs.csv", index=False)
+        save_toy(out, "sep2", {"sep2_runs": runs, "sep2": table},
+                 {"n_heads": head_counts, "seeds": seeds, "c": c, "train": asdict(tc)}, seed=seed,
+                 overwrite=overwrite)
 
 
 @app.command()
@@ -176,17 +212,27 @@ def plot(
     seed: Seed = 9,
     epochs: Epochs = 50,
     example: Annotated[int, typer.Option(help="Which held-out sequence to draw.")] = 0,
-    out: described(OutPathOpt, ": the folder of the PNG.") = Path("toy_plots"),
+    out: described(OutPathOpt, ": the run folder of the PNG (+ manifest.json).") = Path("toy_plots"),
+    overwrite: OverwriteOpt = False,
     heads: HeadsAlias = None,
 ) -> None:
     """Train one model and draw its layer-1 and layer-2 attention patterns (seed 003 Fig. 7 style)."""
+    import tempfile
+
     from sinkscope.report.figures.toy import plot_attention
     from sinkscope.toy.averaging import TaskConfig, TrainConfig, train
-    from sinkscope.toy.experiments import check_batch
+    from sinkscope.toy.experiments import check_batch, save_toy
 
+    _check_out(out, "plot", overwrite)
     _one_thread()
     cfg = _model_config(task, c, renamed(n_heads, heads))
-    res = train(cfg, TrainConfig(seed=seed, epochs=epochs))
+    tc = TrainConfig(seed=seed, epochs=epochs)
+    res = train(cfg, tc)
     batch = check_batch(TaskConfig(sep2=cfg.sep2))
-    path = plot_attention(res.model, batch, example, out / f"attention_{task}_c{c:g}_seed{seed}.png")
-    typer.echo(f"r2 {res.r2:.4f}\nwrote {path}")
+    name = f"attention_{task}_c{c:g}_seed{seed}.png"
+    with tempfile.TemporaryDirectory() as tmp:
+        png = plot_attention(res.model, batch, example, Path(tmp) / name)
+        folder = save_toy(out, "plot", {"history": _history(res.history)},
+                          {"task": task, "model": asdict(cfg), "train": asdict(tc), "example": example},
+                          {name: png.read_bytes()}, seed=seed, overwrite=overwrite)
+    typer.echo(f"r2 {res.r2:.4f}\nwrote {folder / name}")
