@@ -127,3 +127,14 @@ def test_bad_parameters():
         Calibrate(beta=2.0)
     with pytest.raises(SinkscopeError):
         Temperature(t=0.0)
+
+
+def test_interventions_refuse_layers_and_heads_the_model_lacks():
+    lm = tiny_model("llama")  # 2 layers × 4 heads
+    too_deep = MaskKeys(positions=[0], layers=[3, 4])
+    with pytest.raises(SinkscopeError, match=r"layers \[3, 4\] do not exist; the model has layers 0-1"), \
+            intervene(lm.model, too_deep):
+        pass
+    with pytest.raises(SinkscopeError, match=r"heads \[7\] do not exist"), \
+            intervene(lm.model, Temperature(t=2.0, heads=[7])):
+        pass

@@ -162,3 +162,24 @@ def test_builtin_tiny_loads_without_the_toy_trainer():
     assert ids[0].tolist() == lm.tokenizer("The cat sat on the mat.")["input_ids"]
     with torch.no_grad():
         torch.testing.assert_close(lm.model(ids).logits, ref.model(ids).logits, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize(("device", "message"), [
+    ("gpu", "unknown device 'gpu'"),
+    ("cuda", "no CUDA GPU"),
+    ("cuda:3", "no CUDA GPU"),
+])
+def test_bad_devices_are_one_line_before_loading(device, message):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SinkscopeError, match=message):
+        load_model("tiny:llama", device=device)
+
+
+def test_model_name_typos_and_missing_folders_say_what_to_do():
+    with pytest.raises(SinkscopeError, match="did you mean 'smollm2'"):
+        load_model("smollm")
+    with pytest.raises(SinkscopeError, match=r"no such folder: '\./no/such/model'"):
+        load_model("./no/such/model")
+    with pytest.raises(SinkscopeError, match="hf download"):
+        load_model("someone/no-such-model-here")

@@ -229,11 +229,29 @@ class Calibrate(Intervention):
         return torch.where(rest_total > 0, scaled + rest * removed / rest_total.clamp(min=1e-30), probs)
 
 
+def _check_scope(model: transformers.PreTrainedModel, interventions: Sequence[Intervention]) -> None:
+    """Layers and heads an intervention names must exist in the model (one line naming the valid range)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    n_layers = getattr(config, "num_hidden_layers", None)
+    n_heads = getattr(config, "num_attention_heads", None)
+    for iv in interventions:
+        name = type(iv).__name__
+        if n_layers is not None and iv.layers is not None:
+            bad = [layer for layer in iv.layers if not 0 <= layer < n_layers]
+            if bad:
+                raise SinkscopeError(f"{name}: layers {bad} do not exist; the model has layers 0-{n_layers - 1}")
+        if n_heads is not None and iv.heads is not None:
+            bad = [head for head in iv.heads if not 0 <= head < n_heads]
+            if bad:
+                raise SinkscopeError(f"{name}: heads {bad} do not exist; the model has heads 0-{n_heads - 1}")
+
+
 @contextmanager
 def intervene(model: transformers.PreTrainedModel, *interventions: Intervention) -> Iterator[None]:
     """Apply interventions to every forward pass of `model` inside the block (nested blocks compose)."""
     if not interventions:
         raise SinkscopeError("no intervention given")
+    _check_scope(model, interventions)
     with use_sinkscope_attention(model):
         token = _HOOKS.set((*_HOOKS.get(), *interventions))
         try:

@@ -170,6 +170,9 @@ def method_params(method: str, threshold: float | None) -> dict[str, Any]:
     return {first: threshold}
 
 
+_MAX_SELECTION = 100_000
+
+
 def parse_selection(spec: str | None) -> list[int] | None:
     """'all' or None → None; '-1' → [-1]; '0,2,5' → [0, 2, 5]; '3-6' → [3, 4, 5, 6]."""
     if spec is None or spec == "all":
@@ -180,6 +183,9 @@ def parse_selection(spec: str | None) -> list[int] | None:
             part = part.strip()
             if "-" in part[1:]:
                 lo, hi = part[0] + part[1:].split("-", 1)[0], part[1:].split("-", 1)[1]
+                if int(hi) - int(lo) >= _MAX_SELECTION:  # checked before the range is expanded
+                    raise SinkscopeError(f"the selection '{part}' names more than {_MAX_SELECTION:,} layers or "
+                                         "heads; no model has that many")
                 out.extend(range(int(lo), int(hi) + 1))
             else:
                 out.append(int(part))

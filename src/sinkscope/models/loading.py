@@ -7,6 +7,7 @@ from a model repository never runs unless `trust_remote_code=True`.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import socket
@@ -182,6 +183,7 @@ def load_model(
     torch_dtype = parse_dtype(dtype)
     if device is not None and str(device) == "auto":
         device, device_map = None, device_map or "auto"
+    check_device(device)  # before anything is loaded
     if device_map is not None:
         if device is not None:
             raise SinkscopeError("pass either a device or a device map (--device auto), not both")
@@ -256,9 +258,31 @@ def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return table[dtype]
 
 
+def check_device(device: str | torch.device | None) -> torch.device | None:
+    """The device, or a one-line SinkscopeError naming the fix: an unknown name (`gpu`), or CUDA/MPS that this
+    machine does not have."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise SinkscopeError(f"unknown device '{device}': use cpu, cuda, cuda:1, mps or auto (model parallel)"
+                             ) from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise SinkscopeError(f"--device {device}: this machine has no CUDA GPU visible to torch "
+                                 f"(torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise SinkscopeError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                                 f"numbered from 0")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise SinkscopeError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    return dev
+
+
 def _place(loaded: LoadedModel, device: str | torch.device | None) -> LoadedModel:
     if device is not None:
-        loaded.model.to(device)
+        loaded.model.to(check_device(device))
     return loaded
 
 
@@ -275,11 +299,21 @@ def _load_error(name: str, local: bool, err: Exception) -> SinkscopeError:
         )
     if local:
         return SinkscopeError(f"could not load the model in '{name}': {text.splitlines()[0] if text else err!r}")
-    builtins = ", ".join(list_builtins())
+    names = list_builtins()
+    close = difflib.get_close_matches(name, names, n=1, cutoff=0.8)
+    if close:
+        return SinkscopeError(f"could not load '{name}': no such local folder or built-in name; did you mean "
+                              f"'{close[0]}'? (`sinkscope models` lists them)")
+    if name.startswith((".", "/", "~")) or name.endswith("/"):
+        return SinkscopeError(f"no such folder: '{name}' (a local model is a folder saved with save_pretrained)")
+    if "/" not in name:
+        where = "a Hub id looks like owner/name"
+    else:
+        where = "the HuggingFace Hub is unreachable or has no such model"
     return SinkscopeError(
-        f"could not load '{name}': it is not a local folder or built-in name, and the HuggingFace Hub is "
-        f"unreachable or has no such model. Check the id, download it with `huggingface-cli download {name}` "
-        f"and pass the local folder, or use a built-in name ({builtins})"
+        f"could not load '{name}': it is not a local folder or built-in name, and {where}. Check the id, "
+        f"download it with `hf download {name} --local-dir DIR` and pass DIR, or use a built-in name "
+        f"({', '.join(names)})"
     )
 
 
