@@ -127,7 +127,7 @@ def test_spelled_out_choices_match_their_registries():
     ("args", "message"),
     [
         (["profile", "-m", "tiny:llama", "--prompts", "{tmp}/missing.txt"], "does not exist"),
-        (["profile", "-m", "tiny:llama", "--prompts", "{tmp}"], "cannot use"),
+        (["profile", "-m", "tiny:llama", "--prompts", "{tmp}"], "is a folder; pass a text or JSONL file"),
         (["profile", "-m", "tiny:nope", "--prompt", "hi"], "tiny"),
         (["explain", "-m", "no-org/no-model", "--text", "hi"], "Hub"),
         (["calibrate", "-m", "no-org/no-model"], "Hub"),
@@ -157,7 +157,7 @@ def test_unwritable_out_is_one_line(tmp_path):
     result = runner.invoke(app, ["profile", "-m", "tiny:llama", "--prompt", "hi there", "--out",
                                  str(tmp_path / "file" / "run")])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert f"error: cannot use {tmp_path / 'file'}" in result.output
+    assert f"error: cannot write to --out {tmp_path / 'file' / 'run'}" in result.output  # checked before any work
 
 
 def test_commands_called_from_python_raise():

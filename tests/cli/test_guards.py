@@ -12,3 +12,37 @@ def test_huge_selection_is_refused_before_it_is_expanded():
     with pytest.raises(SinkscopeError, match="more than 100,000"):
         parse_selection("0-99999999")
     assert parse_selection("3-6") == [3, 4, 5, 6] and parse_selection("all") is None
+
+
+def test_json_lines_are_found_by_content_and_a_file_of_bad_lines_is_one_message(tmp_path):
+    from sinkscope.cli.options import read_prompts
+
+    saved_as_json = tmp_path / "prompts.json"
+    saved_as_json.write_text('{"text": "first prompt"}\n{"prompt": "second"}\n')
+    as_txt = tmp_path / "prompts.txt"
+    as_txt.write_text('{"text": "first prompt"}\n')
+    plain = tmp_path / "plain.txt"
+    plain.write_text("a {braced} prompt\nanother\n")
+    assert read_prompts(saved_as_json) == (["first prompt", "second"], [])
+    assert read_prompts(as_txt)[0] == ["first prompt"]
+    assert read_prompts(plain)[0] == ["a {braced} prompt", "another"]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"title": "no text"}\n[1, 2]\n')
+    with pytest.raises(SinkscopeError, match=r"no line of .*broken\.jsonl is a JSON object with a \"text\""):
+        read_prompts(broken)
+    with pytest.raises(SinkscopeError, match="is a folder"):
+        read_prompts(tmp_path)
+
+
+def test_unusable_out_is_refused_before_the_model_is_loaded(tmp_path):
+    from typer.testing import CliRunner
+
+    from sinkscope.cli import app
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    result = CliRunner().invoke(app, ["profile", "--model", "no-such-model-anywhere", "--prompt", "hi",
+                                      "--out", str(blocker / "run")])
+    assert result.exit_code == 2
+    assert "not writable" in result.output and "no-such-model" not in result.output
+    assert "Traceback" not in result.output

@@ -133,6 +133,8 @@ def user_errors(fn: F) -> F:
         if _cli is None:
             return fn(*args, **kwargs)
         try:
+            if isinstance(kwargs.get("out"), Path):
+                check_out(kwargs["out"])  # before any work: an unusable --out must not cost a computation
             return fn(*args, **kwargs)
         except SinkscopeError as err:
             raise fail(str(err)) from None
@@ -149,6 +151,21 @@ def user_errors(fn: F) -> F:
 
 
 # ------------------------------------------------------------------------------------------------------ the helpers
+def check_out(out: Path) -> None:
+    """--out must be a folder this process can create and write into; checked before a command computes anything.
+    Creates nothing: it probes the nearest existing ancestor."""
+    if out.exists() and not out.is_dir():
+        raise SinkscopeError(f"--out {out} is a file; pass a folder")
+    probe = out
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise SinkscopeError(f"cannot write to --out {out}: {probe} is not writable; check its permissions or "
+                             "pass another folder")
+
+
 def load(model: str, device: str | None = None, dtype: str = "float32", trust_remote_code: bool = False,
          allow_pickle: bool = False) -> LoadedModel:
     """`sinkscope.models.load_model` with the shared options, behind a spinner."""
@@ -201,8 +218,10 @@ def read_prompts(path: Path) -> tuple[list[str], list[tuple[int, str]]]:
     unreadable lines."""
     if not path.exists():
         raise SinkscopeError(f"prompt file {path} does not exist")
+    if path.is_dir():
+        raise SinkscopeError(f"prompt file {path} is a folder; pass a text or JSONL file")
     lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    if path.suffix != ".jsonl":
+    if not _json_lines(path, lines):
         return lines, []
     prompts, bad = [], []
     for i, line in enumerate(lines):
@@ -215,7 +234,24 @@ def read_prompts(path: Path) -> tuple[list[str], list[tuple[int, str]]]:
         except ValueError as err:
             prompts.append("")
             bad.append((i, f"not a JSON object with a text field ({err})"))
+    if lines and len(bad) == len(lines):
+        raise SinkscopeError(f"no line of {path} is a JSON object with a \"text\" or \"prompt\" string field "
+                             f"(line 1: {bad[0][1]}); use one such object per line, or plain text with one prompt "
+                             "per line in a .txt file")
     return prompts, bad
+
+
+def _json_lines(path: Path, lines: list[str]) -> bool:
+    """JSONL by suffix (.jsonl, .json) or by content: the first non-empty line is a JSON object."""
+    if path.suffix in (".jsonl", ".json"):
+        return True
+    first = next((line for line in lines if line.strip()), "")
+    if not first.lstrip().startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(first), dict)
+    except ValueError:
+        return False
 
 
 def gather_prompts(prompt: list[str] | None, prompts: Path | None) -> tuple[list[str], list[tuple[int, str]]]:
