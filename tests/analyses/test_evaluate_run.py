@@ -200,3 +200,10 @@ def test_smollm2_on_sst2():
         got = scores[(scores["example_id"] == first["example_id"]) & (scores["label"] == label)]["logprob"].item()
         assert got == pytest.approx(float(logprobs[tid]), abs=1e-3)
     assert set(result.summary["variant"]) == {"before", "zscore", "entropy_delta"}
+
+
+def test_no_usable_row_is_an_error_not_an_empty_table(tiny_llama, tmp_path):
+    path = tmp_path / "unlabelled.jsonl"
+    path.write_text("".join(json.dumps({"id": str(i), "text": "words", "label": "maybe"}) + "\n" for i in range(3)))
+    with pytest.raises(SinkscopeError, match=r"no usable example in tiny: every row was skipped \(.*label"):
+        evaluate(tiny_llama, SPEC, data=path)

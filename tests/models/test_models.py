@@ -183,3 +183,19 @@ def test_model_name_typos_and_missing_folders_say_what_to_do():
         load_model("./no/such/model")
     with pytest.raises(SinkscopeError, match="hf download"):
         load_model("someone/no-such-model-here")
+
+
+def test_damaged_or_mismatched_weights_are_one_line(tmp_path, tiny_llama):
+    folder = tmp_path / "model"
+    tiny_llama.model.save_pretrained(folder)
+    tiny_llama.tokenizer.save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])  # truncated
+    with pytest.raises(SinkscopeError, match="damaged or not safetensors"):
+        load_model(folder)
+    other = tmp_path / "other"
+    tiny_model("llama", hidden_size=48).model.save_pretrained(other)  # weights of another shape
+    tiny_llama.model.config.save_pretrained(other)
+    tiny_llama.tokenizer.save_pretrained(other)
+    with pytest.raises(SinkscopeError, match=r"do not fit its config\.json"):
+        load_model(other)

@@ -373,13 +373,23 @@ def _from_pretrained(
         _refuse_pickle_shards(name, revision, local)
     text_config = _text_config(config)
     auto = AutoModel if text_config.model_type in ENCODER_TYPES else AutoModelForCausalLM
-    model = auto.from_pretrained(
-        name,
-        revision=revision,
-        dtype=dtype,
-        trust_remote_code=trust_remote_code,
-        use_safetensors=None if allow_pickle else True,
-    )
+    try:
+        model = auto.from_pretrained(
+            name,
+            revision=revision,
+            dtype=dtype,
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_pickle else True,
+        )
+    except Exception as err:  # a damaged weights file or weights that do not fit config.json: one line
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if type(err).__name__ == "SafetensorError" or "deserializ" in text.lower():
+            raise SinkscopeError(f"the weights of '{name}' are damaged or not safetensors ({text[:160]}); "
+                                 "download or save them again") from None
+        if "size mismatch" in str(err) or "ignore_mismatched_sizes" in text or "shape" in text.lower():
+            raise SinkscopeError(f"the weights of '{name}' do not fit its config.json ({text[:160]}); the folder "
+                                 "mixes files of two models: save it again") from None
+        raise
     tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

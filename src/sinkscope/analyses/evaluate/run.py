@@ -441,6 +441,11 @@ def evaluate(
     finally:
         if folder is not None:
             folder.close()
+    if not records:
+        reasons = sorted({str(s["reason"]) for s in skipped})
+        why = f": every row was skipped ({'; '.join(reasons[:3])})" if reasons else ": the data has no rows"
+        raise SinkscopeError(f"no usable example in {', '.join(s.name for s in specs)}{why}; check --data and the "
+                             "dataset's label and text fields")
     info = {"limit": limit, "data": sources}
     return EvalResult(tables=_tables(records, skipped, config), config=config, datasets=[s.name for s in specs],
                       info=info)
