@@ -125,3 +125,24 @@ def test_shared_copies_load_cleanly(name):
     line = next(ln for ln in readme.splitlines() if ln.startswith("- Label distribution"))
     for label, count in counts.items():
         assert f"'{label}': {count}" in line
+
+
+def test_falling_back_to_the_hub_says_where_it_looked(monkeypatch):
+    import builtins
+    import sys
+
+    import sinkscope.analyses.evaluate.datasets as ds
+
+    monkeypatch.setattr(ds, "default_data_dir", lambda: None)
+    monkeypatch.delenv("SINKSCOPE_DATA", raising=False)
+    real_import = builtins.__import__
+
+    def no_datasets(name, *args, **kwargs):
+        if name == "datasets":
+            raise ImportError("no datasets here")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.delitem(sys.modules, "datasets", raising=False)
+    monkeypatch.setattr(builtins, "__import__", no_datasets)
+    with pytest.raises(SinkscopeError, match=r"SINKSCOPE_DATA.*looked for local copies in --data \(not given\)"):
+        ds.load_examples("sst2")

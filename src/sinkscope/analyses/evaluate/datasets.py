@@ -278,7 +278,17 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | No
             yield i, {k: v for k, v in record.items() if k is not None and v is not None}, None
 
 
-def _read_hub(spec: DatasetSpec) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
+def _where_looked() -> str:
+    """Where a local copy was looked for, for messages that fall back to the Hub."""
+    src = next((p for p in Path(__file__).resolve().parents if p.name == "src"), None)
+    beside = src.parent.parent / "shared" / "data" if src is not None else None
+    places = ["--data (not given)", "$SINKSCOPE_DATA (not set)"]
+    if beside is not None:
+        places.append(f"{beside} (not found)")
+    return "; looked for local copies in " + ", ".join(places)
+
+
+def _read_hub(spec: DatasetSpec, fallback: bool = False) -> Iterator[tuple[int, dict[str, Any] | None, str | None]]:
     """Rows from the Hub, renamed to the template fields, with the label as its verbaliser."""
     hub = spec.hub
     if hub is None:
@@ -287,13 +297,15 @@ def _read_hub(spec: DatasetSpec) -> Iterator[tuple[int, dict[str, Any] | None, s
         import datasets
     except ImportError:
         raise SinkscopeError(f"loading {spec.name} from the Hub needs the `datasets` package: pip install datasets "
-                             "(or pass --data DIR with JSONL/CSV copies)") from None
+                             "(or pass --data DIR with JSONL/CSV copies, or set $SINKSCOPE_DATA)"
+                             + (_where_looked() if fallback else "")) from None
     try:
         table = datasets.load_dataset(hub.path, hub.name, split=hub.split)
     except Exception as err:  # offline, renamed, gated: every failure of the download is the user's to fix
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise SinkscopeError(f"could not load {hub.path} ({hub.name or 'default'}, {hub.split}) from the Hub: {first}; "
-                             "pass --data DIR with local JSONL/CSV copies when offline") from None
+                             "pass --data DIR with local JSONL/CSV copies when offline"
+                             + (_where_looked() if fallback else "")) from None
     for i, record in enumerate(table, start=1):
         row: dict[str, Any] = {"id": f"{spec.name}-{hub.split}-{i - 1:05d}"}
         for target, column in hub.fields.items():
@@ -349,10 +361,11 @@ def load_examples(dataset: str | DatasetSpec, data: str | Path | None = None) ->
     `premise`/`hypothesis` for CB, `passage`/`question` for BoolQ) and `label`; `id` is optional.
     """
     spec = get_spec(dataset)
+    fallback = data is None and default_data_dir() is None  # nothing local was found: the Hub is the last resort
     if data is None:
         data = default_data_dir() or "hub"
     if str(data) == "hub":
-        result = _validate(spec, _read_hub(spec))
+        result = _validate(spec, _read_hub(spec, fallback))
         result.source = f"hub:{spec.hub.path if spec.hub else '?'}"
         return result
     path = Path(data)
