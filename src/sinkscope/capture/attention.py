@@ -187,7 +187,7 @@ def sinkscope_attention(
     session = _ACTIVE.get()
     probs = None
     if hooks:
-        bias = _additive_bias(attention_mask, query, key, is_causal, position_bias)
+        bias = additive_bias(attention_mask, query, key, is_causal, position_bias)
         probs = attention_probs(query, key, bias, scaling, softcap, s_aux)  # [b, h, q, k]
         for hook in hooks:
             probs = hook(probs, layer, bias)
@@ -287,7 +287,7 @@ def _native_output(
     learned sink logits (which SDPA does not support). Sink logits the module declares itself (`module_sink_logits`)
     have no kernel sinkscope knows: softmax with the sink, in float32, times V."""
     if s_aux is not None and kwargs.get("s_aux") is None:
-        bias = _additive_bias(attention_mask, query, key, is_causal, kwargs.get("position_bias"))
+        bias = additive_bias(attention_mask, query, key, is_causal, kwargs.get("position_bias"))
         probs = attention_probs(query, key, bias, scaling, kwargs.get("softcap"), s_aux)  # [b, h, q, k]
         return _weighted_values(probs, value).to(query.dtype)
     if kwargs.get("softcap") is not None or kwargs.get("s_aux") is not None:
@@ -297,7 +297,7 @@ def _native_output(
                 f"{type(module).__name__} uses soft-capping or sink logits but its module has no eager attention "
                 "function; sinkscope cannot reproduce its output"
             )
-        bias = _additive_bias(attention_mask, query, key, is_causal, kwargs.get("position_bias"))
+        bias = additive_bias(attention_mask, query, key, is_causal, kwargs.get("position_bias"))
         mask = bias.clamp(min=torch.finfo(query.dtype).min).to(query.dtype)
         out, _ = eager(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
         return out
@@ -307,14 +307,15 @@ def _native_output(
     return out
 
 
-def _additive_bias(
+def additive_bias(
     mask: torch.Tensor | None,
     query: torch.Tensor,
     key: torch.Tensor,
     is_causal: bool,
     position_bias: torch.Tensor | None,
 ) -> torch.Tensor:
-    """The mask as a float32 additive bias with -inf at invisible keys. Returns [batch|1, 1|head, q, k]."""
+    """The mask as a float32 additive bias with -inf at invisible keys (with no mask and `is_causal`, query i sees the
+    keys up to i + k − q: the cache holds k − q earlier keys). Returns [batch|1, 1|head, q, k]."""
     nq, nk = query.shape[2], key.shape[2]
     if mask is None:
         visible = torch.ones(nq, nk, dtype=torch.bool, device=query.device)

@@ -268,6 +268,21 @@ def forward_args(model: torch.nn.Module) -> set[str]:
     return set(inspect.signature(model.forward).parameters)
 
 
+def logits_only_at(model: torch.nn.Module, inputs: dict[str, Any], last: torch.Tensor | None,
+                   device: torch.device | str) -> torch.Tensor | None:
+    """Ask for logits only at the positions `last` [b] (padded coordinates; None: only the final position, whose
+    logits nobody reads) where the model allows it (`logits_to_keep`). Returns each prompt's index into the returned
+    logits' position axis: `last` itself when the model computes every position."""
+    if "logits_to_keep" not in forward_args(model):
+        return last
+    if last is None:
+        inputs["logits_to_keep"] = 1
+        return None
+    keep, at = torch.unique(last, return_inverse=True)  # the distinct last positions; each prompt's among them
+    inputs["logits_to_keep"] = keep.to(device)
+    return at
+
+
 def _capture_batch(loaded: LoadedModel, batch: list[list[int]], config: CaptureConfig, side: str) -> dict[str, Any]:
     model = loaded.model
     ids, mask, offsets = pad_batch(batch, padding_id(loaded.tokenizer), side)  # [b, n], [b, n], [b]
@@ -276,11 +291,9 @@ def _capture_batch(loaded: LoadedModel, batch: list[list[int]], config: CaptureC
     columns = _row_positions(list(config.columns), offsets, lengths) if config.columns is not None else None
     inputs = forward_inputs(model, ids, mask, loaded.device)
     last = offsets + lengths - 1  # [b] each prompt's last real token, padded coordinates
-    keep, at = torch.unique(last, return_inverse=True)  # the distinct last positions; each prompt's among them
-    if config.loss or "logits_to_keep" not in forward_args(model):  # the LM head at every position
-        at = last
-    else:  # only where it is read: [b, n, V] logits would cost more than the capture
-        inputs["logits_to_keep"] = keep.to(loaded.device) if config.logprobs else 1
+    at = last  # the loss needs the LM head at every position; otherwise it runs only where it is read ([b, n, V]
+    if not config.loss:  # logits would cost more than the capture)
+        at = logits_only_at(model, inputs, last if config.logprobs else None, loaded.device)
     recorder = HiddenRecorder(model, config.hidden, norms=config.hidden_norms) if config.hidden else None
     with ExitStack() as stack:
         stack.enter_context(torch.inference_mode())

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from sinkscope.capture import CaptureConfig, run_capture
-from sinkscope.capture.trace import forward_args, forward_inputs, pad_batch, padding_id
+from sinkscope.capture.trace import forward_inputs, logits_only_at, pad_batch, padding_id
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
 
@@ -79,11 +79,8 @@ def next_token_logprobs(loaded: LoadedModel, prompt_ids: Sequence[Sequence[int]]
     ids, mask, offsets = pad_batch(prompt_ids, padding_id(loaded.tokenizer), padding_side)
     last = offsets + mask.sum(-1) - 1  # [P] in padded coordinates
     inputs = forward_inputs(model, ids, mask, loaded.device)
-    keep, at = torch.unique(last, return_inverse=True)  # the distinct last positions, and each prompt's among them
-    if "logits_to_keep" in forward_args(model):
-        inputs["logits_to_keep"] = keep.to(loaded.device)
-    else:
-        at = last
+    at = logits_only_at(model, inputs, last, loaded.device)
+    assert at is not None
     with torch.inference_mode():
         logits = model(**inputs).logits  # [P, len(keep) or n, V]
     return torch.log_softmax(logits[torch.arange(len(prompt_ids)), at.to(logits.device)].float(), -1).cpu()

@@ -239,9 +239,14 @@ def default_data_dir() -> Path | None:
     env = os.environ.get("SINKSCOPE_DATA")
     if env:
         return Path(env)
-    src = next((p for p in Path(__file__).resolve().parents if p.name == "src"), None)  # an editable checkout
-    beside = src.parent.parent / "shared" / "data" if src is not None else None
+    beside = _beside_checkout()
     return beside if beside is not None and beside.is_dir() else None
+
+
+def _beside_checkout() -> Path | None:
+    """`shared/data` beside the source checkout this module runs from (None when installed without one)."""
+    src = next((p for p in Path(__file__).resolve().parents if p.name == "src"), None)
+    return src.parent.parent / "shared" / "data" if src is not None else None
 
 
 def _find_file(spec: DatasetSpec, data: Path) -> Path:
@@ -280,8 +285,7 @@ def _read_csv(path: Path) -> Iterator[tuple[int, dict[str, Any] | None, str | No
 
 def _where_looked() -> str:
     """Where a local copy was looked for, for messages that fall back to the Hub."""
-    src = next((p for p in Path(__file__).resolve().parents if p.name == "src"), None)
-    beside = src.parent.parent / "shared" / "data" if src is not None else None
+    beside = _beside_checkout()
     places = ["--data (not given)", "$SINKSCOPE_DATA (not set)"]
     if beside is not None:
         places.append(f"{beside} (not found)")

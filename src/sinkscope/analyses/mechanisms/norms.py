@@ -29,11 +29,6 @@ def site_frame(sites: Sequence[Site]) -> pd.DataFrame:
                          "sublayer": [s.sublayer for s in sites], "depth": [s.depth for s in sites]})
 
 
-def hidden_norms(hidden: torch.Tensor) -> torch.Tensor:
-    """‖h‖₂ over the model dimension: [P, S, N, d] → [P, S, N]."""
-    return torch.linalg.vector_norm(hidden.float(), dim=-1)
-
-
 def median_other(norms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """m_{p,s} = median over positions 1 … n_p − 1 of the norms [P, S, N] → [P, S] (NaN for one-token prompts)."""
     out = torch.full(norms.shape[:2], float("nan"))

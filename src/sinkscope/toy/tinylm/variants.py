@@ -23,7 +23,6 @@ registered here serve training and plain inference.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +33,7 @@ from transformers import AttentionInterface, LlamaForCausalLM
 from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from sinkscope.capture.attention import SINK_LOGITS_ATTR
+from sinkscope.capture.attention import SINK_LOGITS_ATTR, additive_bias
 from sinkscope.errors import SinkscopeError
 
 VARIANTS: tuple[str, ...] = ("softmax", "off_by_one", "sink_logit", "gated")
@@ -60,19 +59,6 @@ def softmax_with_sink(scores: torch.Tensor, sink: torch.Tensor) -> torch.Tensor:
     b, h, q, _ = scores.shape
     extra = sink.to(scores.dtype).reshape(1, h, 1, 1).expand(b, h, q, 1)
     return torch.softmax(torch.cat([scores, extra], dim=-1), dim=-1)[..., :-1]
-
-
-def _bias(mask: torch.Tensor | None, nq: int, nk: int, device: torch.device, is_causal: bool) -> torch.Tensor:
-    """The attention mask as a float32 additive bias (0 visible, −inf hidden). Returns [batch|1, 1|head, q, k]."""
-    if mask is None:
-        visible = torch.ones(nq, nk, dtype=torch.bool, device=device)
-        if is_causal and nq > 1:
-            visible = torch.arange(nq, device=device)[:, None] + (nk - nq) >= torch.arange(nk, device=device)
-        return torch.zeros(1, 1, nq, nk, device=device).masked_fill(~visible, -math.inf)
-    if mask.dtype == torch.bool:
-        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, -math.inf)[..., -nk:]
-    bias = mask.float()
-    return bias.masked_fill(bias <= torch.finfo(mask.dtype).min / 2, -math.inf)[..., -nk:]
 
 
 def variant_probs(
@@ -115,7 +101,7 @@ def _make_attention(variant: str) -> Callable[..., tuple[torch.Tensor, None]]:
         key, value = repeat_kv(key, groups), repeat_kv(value, groups)
         is_causal = kwargs.get("is_causal")
         is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-        bias = _bias(attention_mask, query.shape[2], key.shape[2], query.device, bool(is_causal))
+        bias = additive_bias(attention_mask, query, key, bool(is_causal), None)
         probs = variant_probs(variant, module, query, key, bias, scaling)
         if dropout and module.training:
             probs = nn.functional.dropout(probs, p=dropout)
