@@ -23,12 +23,12 @@ from sinkscope.analyses.mechanisms import (
     analyze,
     bos_variants,
     capture_ids,
+    cosine_from_unit_sum,
     cross_input_similarity,
     formation,
     implicit_bias,
     massive_activations,
     massive_dims,
-    mean_pairwise_cosine,
     norm_profile,
     norm_table,
     pos0_dims,
@@ -253,10 +253,11 @@ def test_bias_decomposition_against_full_maps(lm):
     assert ((heads["bias_r2"] <= 1 + 1e-6) & (heads["share_mean"] >= 0)).all()
 
 
-def test_mean_pairwise_cosine_by_brute_force():
+def test_cosine_from_unit_sum_by_brute_force():
     x = torch.randn(6, 3, 5, dtype=torch.float64)
     keep = torch.tensor([[True, True, False]] * 5 + [[True, False, False]])
-    got = mean_pairwise_cosine(x, keep, dim=0)
+    units = (x / x.norm(dim=-1, keepdim=True) * keep[..., None]).sum(0)  # [3, 5]
+    got = cosine_from_unit_sum(units, keep.sum(0))
     for c in range(3):
         vecs = [x[i, c] for i in range(6) if keep[i, c]]
         pairs = [torch.cosine_similarity(a, b, dim=0) for a, b in itertools.permutations(vecs, 2)]
@@ -264,6 +265,25 @@ def test_mean_pairwise_cosine_by_brute_force():
             assert float(got[c]) == pytest.approx(float(torch.stack(pairs).mean()), rel=1e-9)
         else:
             assert torch.isnan(got[c])
+
+
+def test_reductions_in_the_capture_equal_the_tables_from_the_vectors(lm):
+    """analyze reads the residual stream and the bias inputs as reductions inside the capture (norms, top entries,
+    medians, position 0's vector, unit sums; head-output and value norms, v at position 0); each table equals the
+    one computed from the full vectors, head outputs and values of the same prompts."""
+    ids = _ids(lm)
+    full_cfg = CaptureConfig(rows=None, entropy=False, fused=False, head_outputs=True, values=True)
+    full = capture_ids(lm, ids, full_cfg, sink_position=0, batch_size=2)
+    slim_cfg = CaptureConfig(rows=None, entropy=False, fused=False, head_output_norms=True, value_norms=True,
+                             columns=[0], column_values=True)
+    slim = capture_ids(lm, ids, slim_cfg, sink_position=0, hidden="norms", top=3,
+                       leading=min(len(x) for x in ids), batch_size=2)
+    assert slim.hidden.numel() == 0 and slim.trace.head_outputs is None and slim.trace.values is None
+    for a, b in [(massive_activations(full, top_k=3), massive_activations(slim, top_k=3)),
+                 (pos0_dims(full), pos0_dims(slim)),
+                 (cross_input_similarity(full), cross_input_similarity(slim)),
+                 *zip(implicit_bias(full), implicit_bias(slim), strict=True)]:
+        pd.testing.assert_frame_equal(a, b, check_exact=False, rtol=1e-4, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -196,3 +196,49 @@ def test_smollm2_tags():
     assert len(heads) == 3 * 30 * 9
     assert heads["n_sinks"].mean() > 0.5
     assert 0 < heads["var_explained"].mean() < 1
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("project", [False, True])
+def test_in_capture_moments_equal_the_per_token_decomposition(family, project):
+    """tag_statistics reduces the split inside the capture (tag moments); the per-token route — head outputs,
+    values and columns kept, then `variance_explained` on them (projected by W_O^h when asked) — must agree."""
+    from sinkscope.analyses.tags import _head_slices, capture_tags, output_projections
+
+    lm = tiny_model(family)
+    eps = 0.1
+    heads = tag_statistics(lm, PROMPTS, eps=eps, project=project, batch_size=2).tables["heads"]
+    w = output_projections(lm) if project else None
+    rows = []
+    p0 = 0
+    for trace, layers_of, _ in capture_tags(lm, PROMPTS, eps, batch_size=2):
+        for p, layers in enumerate(layers_of):
+            for layer, pl in enumerate(layers):
+                valid, alpha, vals = pl.candidates()
+                o = pl.outputs.double()
+                if w is not None:
+                    wh = _head_slices(w[layer], trace.n_heads).double()
+                    o, vals = o @ wh.transpose(1, 2), vals.double() @ wh.transpose(1, 2)
+                ref = variance_explained(o, pl.columns, vals, valid & (alpha > eps))
+                for h in range(trace.n_heads):
+                    rows.append([p0 + p, layer, h] + [float(ref[k][h]) for k in
+                                                       ("var_explained", "var_ratio", "var_projected")])
+        p0 += trace.n_prompts
+    got = heads[["prompt_id", "layer", "head", "var_explained", "var_ratio", "var_projected"]].to_numpy()
+    expected = torch.tensor(rows, dtype=torch.float64).numpy()
+    assert got.shape == expected.shape and (heads["n_sinks"] > 0).any()
+    import numpy as np
+
+    assert np.allclose(got, expected, atol=1e-8, equal_nan=True)
+
+
+def test_final_token_parts_equal_the_decomposition_at_the_last_token():
+    from sinkscope.analyses.tags import final_token_parts
+
+    lm = tiny_model("llama")
+    parts = final_token_parts(lm, PROMPTS, eps=0.1, batch_size=2)
+    dec = decompose(lm, PROMPTS, eps=0.1, batch_size=2)
+    last = dec.trace.lengths - 1
+    for p in range(len(PROMPTS)):
+        assert torch.allclose(torch.from_numpy(parts["tag"][p]), dec.tag[p, :, :, last[p]], atol=1e-6)
+        assert torch.allclose(torch.from_numpy(parts["full"][p]), dec.output[p, :, :, last[p]], atol=1e-6)

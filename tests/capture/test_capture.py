@@ -337,6 +337,34 @@ def test_read_columns_equal_eager(loaded, padding_side):
 
 
 @pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_tag_moments_equal_moments_of_the_eager_outputs(loaded, padding_side):
+    """The tag moments reduced inside the capture equal the same reduction of the eager maps' head outputs
+    (A·V) and candidate columns, over each prompt's real tokens only."""
+    from sinkscope.capture.moments import tag_moments
+
+    ref, offsets, lengths = _eager_reference(loaded, PROMPTS, padding_side)
+    trace = run_capture(loaded, PROMPTS, CaptureConfig(sink_columns=0.15, tag_moments=True, values=True,
+                                                       chunk_size=4), padding_side=padding_side)
+    assert trace.columns is None and trace.head_outputs is None
+    h = loaded.info.n_heads
+    for p in range(len(PROMPTS)):
+        o, n = int(offsets[p]), int(lengths[p])
+        sl = slice(o, o + n)
+        for layer, r in enumerate(ref):
+            maps = r["maps"][p, :, sl, sl].double()  # [h, n, n]
+            v = trace.values[p, layer, :, :n].double()  # [kvh, n, d]
+            v = v.repeat_interleave(h // v.shape[0], dim=0)  # [h, n, d]
+            index = trace.column_index[p, layer]  # [h, K]
+            idx = index.clamp(min=0)
+            cols = maps.gather(-1, idx[:, None, :].expand(h, n, idx.shape[-1])) * (index >= 0)[:, None, :]
+            vals = v.gather(1, idx[..., None].expand(*idx.shape, v.shape[-1])) * (index >= 0)[..., None]
+            expected = tag_moments(maps @ v, cols, vals)
+            for name, value in expected.items():
+                torch.testing.assert_close(trace.tag_moments[name][p, layer], value, atol=1e-4, rtol=1e-4,
+                                           msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("padding_side", ["right", "left"])
 def test_hidden_sites_and_logprobs_equal_the_model(loaded, padding_side):
     """Residual-stream sites (embeddings and block outputs) equal output_hidden_states, and the last-token
     log-probabilities equal the model's own, in prompt coordinates."""

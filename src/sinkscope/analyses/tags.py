@@ -40,6 +40,7 @@ import pandas as pd
 import torch
 
 from sinkscope.capture import CaptureConfig, Trace, model_for, run_capture
+from sinkscope.capture.moments import tag_moments
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
 
@@ -139,6 +140,12 @@ class PromptLayer:
         vals = self.values.gather(1, idx[:, :, None].expand(-1, -1, self.values.shape[-1]))
         return valid, alpha, vals
 
+    def moments(self) -> LayerMoments:
+        """The tag moments of every head (the same reduction the capture does with `tag_moments`)."""
+        valid, alpha, vals = self.candidates()
+        return LayerMoments(tag_moments(self.outputs, self.columns, vals * valid[..., None]), self.index, alpha,
+                            self.outputs.shape[1])
+
 
 def capture_tags(
     loaded: LoadedModel,
@@ -157,18 +164,10 @@ def capture_tags(
     if not 0 < floor < 1:
         raise SinkscopeError(f"the sink threshold must be in (0, 1), got {floor}")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-        raise SinkscopeError("no prompts given: pass --prompt TEXT or --prompts FILE with one prompt per line")
     out = []
-    batches = [prompts[i: i + batch_size] for i in range(0, len(prompts), max(1, batch_size))]
-    iterator: Any = batches
-    if progress and len(batches) > 1:
-        from rich.progress import track
-
-        iterator = track(batches, description="capturing tags", transient=True)
     config = CaptureConfig(rows=None, entropy=False, head_outputs=True, values=True, sink_columns=floor,
                            hidden=("embed", "block") if hidden_states else None)
-    for batch in iterator:
+    for batch in _batches(prompts, batch_size, progress):
         trace = run_capture(loaded, batch, config, batch_size=len(batch))
         hidden = None
         if hidden_states:
@@ -176,6 +175,18 @@ def capture_tags(
             hidden = [trace.hidden[p, :, : int(trace.lengths[p])] for p in range(trace.n_prompts)]
         out.append((trace, _prompt_layers(trace), hidden))
     return out
+
+
+def _batches(prompts: Sequence[str], batch_size: int, progress: bool) -> Any:
+    """The prompts in batches (one string is one prompt), with a progress bar when asked and there are several."""
+    if not prompts:
+        raise SinkscopeError("no prompts given: pass --prompt TEXT or --prompts FILE with one prompt per line")
+    batches = [prompts[i: i + batch_size] for i in range(0, len(prompts), max(1, batch_size))]
+    if progress and len(batches) > 1:
+        from rich.progress import track
+
+        return track(batches, description="capturing tags", transient=True)
+    return batches
 
 
 def _prompt_layers(trace: Trace) -> list[list[PromptLayer]]:
@@ -305,20 +316,87 @@ def _merge(traces: list[Trace]) -> Trace:
                  info=traces[0].info)
 
 
+@dataclass
+class LayerMoments:
+    """One prompt × layer reduced to the tag moments of every head (`sinkscope.capture.moments`)."""
+
+    moments: dict[str, torch.Tensor]  # name → [H, ...]
+    index: torch.Tensor  # [H, K]  candidate sink positions, −1 = none
+    alpha: torch.Tensor  # [H, K]  α of each candidate (0 where none)
+    n_tokens: int
+
+
+def moment_statistics(
+    moments: dict[str, torch.Tensor],  # name → [..., ...] (capture.moments.tag_moments)
+    selected: torch.Tensor | None = None,  # [..., K] bool: which candidates are sinks (None: all)
+    r: torch.Tensor | None = None,  # [..., d_v, d_v]: map head space isometrically to W_O^h's image (W = U·r)
+) -> dict[str, torch.Tensor]:
+    """`variance_explained` computed from the moments instead of the per-token outputs and columns: the same
+    quantities (`var_explained`, `share`, `var_ratio`, `var_projected`, `total`) for any selection of the
+    candidates. With `r` (the R of W_O^h = U R, U orthonormal) they are those of the projected outputs W_O^h o."""
+    cov, moment, vals, mean = moments["cov"], moments["moment"], moments["values"], moments["mean"]
+    if r is not None:
+        r = r.double()
+        rt = r.transpose(-1, -2)
+        cov, moment, vals, mean = r @ cov @ rt, moment @ rt, vals @ rt, (r @ mean[..., None])[..., 0]
+    if selected is not None:
+        vals = vals * selected.to(vals.dtype)[..., None]
+    total = cov.diagonal(dim1=-2, dim2=-1).sum(-1)  # Σ‖õ‖²
+    safe = total.clamp(min=1e-300)
+    share = (moment * vals).sum(-1) / safe[..., None]  # [..., K]
+    ratio = (moments["gram"] * (vals @ vals.transpose(-1, -2))).sum((-2, -1)) / safe  # Σ‖t̃‖² / Σ‖õ‖²
+    proj = torch.linalg.pinv(vals) @ vals  # [..., d_v, d_v] projection onto span{v_s}
+    projected = (proj.transpose(-1, -2) @ cov @ proj).diagonal(dim1=-2, dim2=-1).sum(-1) / safe
+    squares = total + moments["count"] * (mean * mean).sum(-1)  # Σ‖o‖²
+    flat = total <= 1e-24 * squares.clamp(min=1e-300)
+    nan = torch.tensor(float("nan"), dtype=total.dtype)
+    return {
+        "var_explained": torch.where(flat, nan, share.sum(-1)),
+        "share": torch.where(flat[..., None], nan, share),
+        "var_ratio": torch.where(flat, nan, ratio),
+        "var_projected": torch.where(flat, nan, projected),
+        "total": total,
+    }
+
+
 def head_statistics(
-    pl: PromptLayer,
+    unit: LayerMoments,
     eps: float,
-    w_heads: torch.Tensor | None = None,  # [H, d_model, d_v]
-) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    r: torch.Tensor | None = None,  # [H, d_v, d_v]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Variance explained for every head of one prompt × layer at threshold eps.
-    Returns (variance_explained's dict with [H] / [H, K] entries, selected [H, K], α of the candidates [H, K])."""
-    valid, alpha, vals = pl.candidates()
-    sel = valid & (alpha > eps)
-    o = pl.outputs
-    if w_heads is not None:
-        o = o @ w_heads.transpose(1, 2)
-        vals = vals @ w_heads.transpose(1, 2)
-    return variance_explained(o, pl.columns, vals, sel), sel, alpha
+    Returns (moment_statistics' dict with [H] / [H, K] entries, selected [H, K])."""
+    sel = (unit.index >= 0) & (unit.alpha > eps)
+    return moment_statistics(unit.moments, sel, r), sel
+
+
+def projection_factors(w_o: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Per head the R of the thin QR W_O^h = U R: [H, d_v, d_v]. ‖W_O^h x‖ = ‖R x‖ for every x, so statistics of the
+    projected outputs are those of R·o, computed in d_v dimensions."""
+    return torch.linalg.qr(_head_slices(w_o, n_heads).double(), mode="reduced").R
+
+
+def _moment_batches(
+    loaded: LoadedModel, prompts: Sequence[str], floor: float, batch_size: int, progress: bool
+) -> list[tuple[Trace, list[list[LayerMoments]]]]:
+    """One capture per batch with the tag moments reduced inside it (`CaptureConfig.tag_moments`): per prompt and
+    layer a LayerMoments; no head outputs, values or columns are kept."""
+    config = CaptureConfig(rows=None, entropy=False, sink_columns=floor, tag_moments=True)
+    out = []
+    for batch in _batches(prompts, batch_size, progress):
+        trace = run_capture(loaded, batch, config, batch_size=len(batch))
+        assert trace.tag_moments is not None and trace.column_index is not None
+        units = []
+        for p in range(trace.n_prompts):
+            n = int(trace.lengths[p])
+            layers = []
+            for layer in range(trace.n_layers):
+                index = trace.column_index[p, layer]
+                alpha = trace.key_mass[p, layer, :, :n].gather(-1, index.clamp(min=0)) * (index >= 0)
+                layers.append(LayerMoments({k: v[p, layer] for k, v in trace.tag_moments.items()}, index, alpha, n))
+            units.append(layers)
+        out.append((trace, units))
+    return out
 
 
 @dataclass
@@ -355,41 +433,49 @@ def tag_statistics(
     if any(not 0 < e < 1 for e in grid):
         raise SinkscopeError("every threshold of the sensitivity grid must be in (0, 1)")
     floor = min([eps, *grid])
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     w = output_projections(loaded) if (project or geometry) else None
     heads_rows: list[dict[str, Any]] = []
     sink_rows: list[dict[str, Any]] = []
     sens_rows: list[dict[str, Any]] = []
     cos_rows: list[dict[str, Any]] = []
     align_rows: list[dict[str, Any]] = []
+    if geometry:  # the alignment needs each token's columns and residual: keep them, reduce in Python
+        batches: Any = ((trace, [[pl.moments() for pl in layers] for layers in layers_of], layers_of, hidden)
+                        for trace, layers_of, hidden in capture_tags(loaded, prompts, floor, batch_size=batch_size,
+                                                                     hidden_states=True, progress=progress))
+    else:  # reduced inside the capture: memory does not grow with the prompt's length
+        batches = ((trace, units, None, None)
+                   for trace, units in _moment_batches(loaded, prompts, floor, batch_size, progress))
     p0 = 0
-    for trace, layers_of, hidden in capture_tags(loaded, prompts, floor, batch_size=batch_size,
-                                                 hidden_states=geometry, progress=progress):
+    for trace, units, layers_of, hidden in batches:
         n_heads = trace.n_heads
-        for p, layers in enumerate(layers_of):
+        for p, layers in enumerate(units):
             pid, tokens = p0 + p, trace.tokens[p]
-            for layer, pl in enumerate(layers):
-                wh = _head_slices(w[layer], n_heads) if w is not None else None
-                stats, sel, alpha = head_statistics(pl, eps, wh if project else None)
+            for layer, unit in enumerate(layers):
+                r = projection_factors(w[layer], n_heads) if (w is not None and project) else None
+                stats, sel = head_statistics(unit, eps, r)
                 for h in range(n_heads):
                     heads_rows.append({"prompt_id": pid, "layer": layer, "head": h, "n_sinks": int(sel[h].sum()),
-                                       "n_tokens": pl.outputs.shape[1],
+                                       "n_tokens": unit.n_tokens,
                                        "var_explained": float(stats["var_explained"][h]),
                                        "var_ratio": float(stats["var_ratio"][h]),
                                        "var_projected": float(stats["var_projected"][h])})
                     for k in sel[h].nonzero().flatten().tolist():
-                        pos = int(pl.index[h, k])
+                        pos = int(unit.index[h, k])
                         sink_rows.append({"prompt_id": pid, "layer": layer, "head": h, "position": pos,
-                                          "token": tokens[pos], "alpha": float(alpha[h, k]),
+                                          "token": tokens[pos], "alpha": float(unit.alpha[h, k]),
                                           "share": float(stats["share"][h, k]),
                                           "var_explained": float(stats["var_explained"][h])})
                 for e in grid:
-                    s_e, sel_e, _ = head_statistics(pl, e, wh if project else None)
+                    s_e, sel_e = head_statistics(unit, e, r)
                     for h in range(n_heads):
                         sens_rows.append({"eps": e, "prompt_id": pid, "layer": layer, "head": h,
                                           "n_sinks": int(sel_e[h].sum()),
                                           "var_explained": float(s_e["var_explained"][h])})
-                if geometry and wh is not None and hidden is not None:
-                    c, a = _geometry(pl, sel, wh, hidden[p][layer], tokens, pid, layer)
+                if layers_of is not None and w is not None and hidden is not None:
+                    wh = _head_slices(w[layer], n_heads)
+                    c, a = _geometry(layers_of[p][layer], sel, wh, hidden[p][layer], tokens, pid, layer)
                     cos_rows.extend(c)
                     align_rows.extend(a)
         p0 += trace.n_prompts
@@ -519,15 +605,14 @@ def final_token_parts(
     """Tag, non-tag and full head output at each text's last token: arrays [S, L, H, d_v] (float32) under the keys
     "tag", "nontag", "full"; sinks per prompt and head from its column mass (α > eps)."""
     tags, fulls = [], []
-    for _, layers_of, _ in capture_tags(loaded, texts, eps, batch_size=batch_size, progress=progress):
-        for layers in layers_of:
+    for _, units in _moment_batches(loaded, list(texts), eps, batch_size, progress):
+        for layers in units:
             t_rows, o_rows = [], []
-            for pl in layers:
-                valid, alpha, vals = pl.candidates()
-                sel = valid & (alpha > eps)
-                last = pl.columns[:, -1:, :] * sel[:, None, :]  # [H, 1, K]
-                t_rows.append(tag_part(last, vals)[:, 0])  # [H, d_v]
-                o_rows.append(pl.outputs[:, -1])  # [H, d_v]
+            for unit in layers:
+                sel = ((unit.index >= 0) & (unit.alpha > eps)).double()  # [H, K]
+                m = unit.moments
+                t_rows.append(((m["last_columns"] * sel)[:, None, :] @ m["values"])[:, 0])  # [H, d_v]
+                o_rows.append(m["last_output"])  # [H, d_v]
             tags.append(torch.stack(t_rows))
             fulls.append(torch.stack(o_rows))
     tag = torch.stack(tags).numpy().astype(np.float32)

@@ -28,6 +28,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from sinkscope.capture.moments import candidate_values, tag_moments
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
 
@@ -55,15 +56,26 @@ class CaptureConfig:
     entropy: per-query entropy of each head's attention row.
     maps: full [query, key] maps — only for prompts up to `max_map_tokens` tokens.
     head_outputs: per-head outputs o_i = Σ_j A_ij v_j (before the output projection).
+    head_output_norms: only ‖o_i‖ per head and query (`Trace.head_output_norms`), at 1/d_v of the memory.
     values: per-KV-head value vectors v_j.
+    value_norms: only ‖v_j‖ per KV head and key (`Trace.value_norms`).
     columns: key positions (prompt coordinates; negative counts from the end of each prompt) whose attention columns
         A[:, k] are kept for every query — e.g. [0] for the attention each query pays to the first token.
     sink_columns: a floor ε: per head, keep the columns of the keys whose column mass α_k exceeds ε (the candidate
         sinks, for the tag decomposition). `columns` and `sink_columns` are computed from the chunks' row maxima and
         normalisers after the key mass is known — never as a [query, key] matrix — and exclude each other.
+    column_values: with `columns` or `sink_columns`, also the value vectors of the kept keys, per head
+        (`Trace.column_values`): what a column contributes to a head's output, A_ik v_k, without every value.
+    tag_moments: reduce the head outputs and the kept columns of each layer to the moments of the tag / non-tag
+        split (`sinkscope.capture.moments`: O(d_v² + K·d_v) per head, `Trace.tag_moments`) instead of storing them;
+        needs `columns` or `sink_columns`. The columns are then not kept (ask for `head_outputs` to keep those).
     hidden: residual-stream sites to record ("embed", "attn", "block"; see `sinkscope.capture.hidden`), or None.
     hidden_norms: record only the L2 norm ‖h‖ of each site's vector per position (`Trace.hidden_norms`) instead of
         the vectors — what norm profiles need, at 1/d of the memory.
+    hidden_top: k > 0 also reduces each site, per prompt, to its k largest |h| entries with position and dimension,
+        the median |h| and the first token's vector (`Trace.hidden_summary`; `capture.hidden.hidden_summary`).
+    hidden_leading: J > 0 also sums h_j / ‖h_j‖ over the prompts at each site and position j < J
+        (`Trace.hidden_units`, `Trace.hidden_unit_count`): the cross-prompt cosine without keeping the vectors.
     logprobs: keep log p(next token) at each prompt's last real token (a causal LM head is needed).
     loss: per prompt, Σ −log p(x_{t+1} | x_≤t) over the positions t where x_t and x_{t+1} are real tokens
         (`Trace.nll_sum`, nats) and the number of those positions (`Trace.nll_count`). The LM head then runs at
@@ -80,11 +92,17 @@ class CaptureConfig:
     maps: bool = False
     max_map_tokens: int = 512
     head_outputs: bool = False
+    head_output_norms: bool = False
     values: bool = False
+    value_norms: bool = False
     columns: Sequence[int] | None = None
     sink_columns: float | None = None
+    column_values: bool = False
+    tag_moments: bool = False
     hidden: Sequence[str] | None = None
     hidden_norms: bool = False
+    hidden_top: int = 0
+    hidden_leading: int = 0
     logprobs: bool = False
     loss: bool = False
     chunk_size: int | None = None
@@ -99,6 +117,12 @@ class CaptureConfig:
             raise SinkscopeError("ask for fixed `columns` or for `sink_columns`, not both")
         if self.sink_columns is not None and not 0 < self.sink_columns < 1:
             raise SinkscopeError(f"the sink-column floor must be in (0, 1), got {self.sink_columns}")
+        if (self.tag_moments or self.column_values) and self.columns is None and self.sink_columns is None:
+            raise SinkscopeError("tag_moments and column_values need columns: set `sink_columns` or `columns`")
+        if (self.hidden_top or self.hidden_leading) and self.hidden is None:
+            raise SinkscopeError("hidden_top and hidden_leading reduce residual-stream sites: set `hidden` too")
+        if self.hidden_top < 0 or self.hidden_leading < 0:
+            raise SinkscopeError("hidden_top and hidden_leading must be ≥ 0")
         if self.hidden is not None:
             unknown = set(self.hidden) - {"embed", "attn", "block"}
             if unknown:
@@ -117,8 +141,12 @@ class LayerRecord:
     maps: torch.Tensor | None  # [batch, head, query, key]
     head_outputs: torch.Tensor | None  # [batch, head, query, d_v]
     values: torch.Tensor | None  # [batch, kv_head, key, d_v]
+    head_output_norms: torch.Tensor | None = None  # [batch, head, query]
+    value_norms: torch.Tensor | None = None  # [batch, kv_head, key]
+    column_values: torch.Tensor | None = None  # [batch, head, K, d_v]  v of each kept column's key
     column_index: torch.Tensor | None = None  # [batch, head, K] key of each kept column (padded coordinates, −1: none)
     columns: torch.Tensor | None = None  # [batch, head, query, K]  A_ik for the kept keys k
+    tag_moments: dict[str, torch.Tensor] | None = None  # name → [batch, head, ...] (capture.moments)
 
 
 @dataclass
@@ -499,7 +527,9 @@ def _statistics(
     sink_share = torch.zeros(b, h, nq, device=dev) if s_aux is not None else None
     rows = torch.zeros(b, h, sel.shape[1], nk, device=dev) if sel is not None else None
     maps = torch.zeros(b, h, nq, nk, device=dev) if want_maps else None
-    outs = torch.zeros(b, h, nq, value.shape[-1], device=dev) if cfg.head_outputs else None
+    reads_o = cfg.tag_moments or cfg.head_output_norms  # these read o from the fused output when there is one
+    need_outs = cfg.head_outputs or (reads_o and not want_output)
+    outs = torch.zeros(b, h, nq, value.shape[-1], device=dev) if need_outs else None
     layer_out = torch.zeros(b, nq, h, value.shape[-1], device=dev) if want_output else None
     need_av = outs is not None or layer_out is not None
     want_columns = cfg.columns is not None or cfg.sink_columns is not None
@@ -563,6 +593,20 @@ def _statistics(
         source = probs_full if probs_full is not None else None
         columns = _columns_at(query, key, column_index, row_max, row_rz, mask, is_causal, scaling, softcap,
                               position_bias, source) * qvalid[:, None, :, None]
+    moments = column_values = out_norms = None
+    if cfg.tag_moments or cfg.head_output_norms:
+        o = outs if outs is not None else layer_out.transpose(1, 2)  # type: ignore[union-attr]  # [b, h, q, dv]
+        if cfg.head_output_norms:
+            out_norms = torch.linalg.vector_norm(o, dim=-1) * qvalid[:, None, :]  # [b, h, q]
+        if cfg.tag_moments:
+            assert columns is not None and column_index is not None
+            moments = tag_moments(o, columns, candidate_values(value, column_index),
+                                  qvalid[:, None, :].expand(b, h, nq))
+            columns = None
+        outs = outs if cfg.head_outputs else None
+    if cfg.column_values:
+        assert column_index is not None
+        column_values = candidate_values(value, column_index)  # [b, h, K, dv]
     record = LayerRecord(
         key_mass_sum=key_mass_sum[:, :, 0],
         key_count=key_count[:, 0],
@@ -574,6 +618,10 @@ def _statistics(
         values=value.float().clone() if cfg.values else None,
         column_index=column_index,
         columns=columns,
+        tag_moments=moments,
+        head_output_norms=out_norms,
+        value_norms=torch.linalg.vector_norm(value.float(), dim=-1) if cfg.value_norms else None,
+        column_values=column_values,
     )
     return record, layer_out
 

@@ -114,16 +114,53 @@ def _first_tensor(value: Any) -> torch.Tensor:
     return value[0] if isinstance(value, tuple | list) else value
 
 
+def hidden_summary(h: torch.Tensor, top_k: int) -> dict[str, torch.Tensor]:
+    """What the massive-activation analyses read from one prompt's hidden state at one site, h [n, d] (real tokens):
+    the `top_k` largest |h_jc| as signed `value` [k], `position` [k] and `dim` [k] (largest first), the `median`
+    |h| over all n·d entries (torch's lower median), and `first`, the first token's vector [d]. k = min(top_k, n·d);
+    the rest of [top_k] is NaN / −1."""
+    a = h.abs().flatten()
+    k = min(top_k, a.numel())
+    _, idx = a.topk(k)
+    value = torch.full((top_k,), float("nan"))
+    position = torch.full((top_k,), -1, dtype=torch.long)
+    dim = torch.full((top_k,), -1, dtype=torch.long)
+    value[:k] = h.flatten()[idx].cpu()
+    position[:k] = (idx // h.shape[-1]).cpu()
+    dim[:k] = (idx % h.shape[-1]).cpu()
+    return {"value": value, "position": position, "dim": dim, "median": a.median().cpu(), "first": h[0].cpu()}
+
+
+def unit_sum(h: torch.Tensor, leading: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ of h_j / ‖h_j‖ over j < leading for one prompt, h [n, d] (real tokens): (units [leading, d], count
+    [leading] — 1 where a non-zero vector was added). Summed over prompts, they give the mean pairwise cosine
+    across prompts at each position ((‖Σu‖² − c) / (c(c − 1)))."""
+    j = min(leading, h.shape[0])
+    x = h[:j].double()
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+    ok = norm > 0
+    units = torch.zeros(leading, h.shape[-1], dtype=torch.float64)
+    count = torch.zeros(leading, dtype=torch.float64)
+    units[:j] = torch.where(ok, x / norm.clamp(min=1e-30), 0.0).cpu()
+    count[:j] = ok[:, 0].double().cpu()
+    return units, count
+
+
 class HiddenRecorder:
     """Forward hooks that record the residual stream at the requested `Site`s, for every forward pass inside the
     block. Used by `run_capture` (CaptureConfig.hidden); nothing else installs hooks on a model.
 
     sublayers: which of "embed", "attn", "block" to read ("attn" needs a family whose half-layer site is known).
     `forwards[f]` is a list of tensors [batch, n, d] (float32, on the CPU) in `sites` order ([batch, n] norms with
-    `norms=True`).
+    `norms=True`). With `real` ([batch, n] bool, the real tokens of the batch), each site is also reduced as it is
+    read: `top` > 0 keeps `hidden_summary` per prompt (`summary()`), `leading` > 0 adds `unit_sum` over the
+    prompts (`units`, `unit_count`: [S, leading, d], [S, leading]).
     """
 
-    def __init__(self, model: torch.nn.Module, sublayers: Sequence[str] = SUBLAYERS, norms: bool = False) -> None:
+    def __init__(self, model: torch.nn.Module, sublayers: Sequence[str] = SUBLAYERS, norms: bool = False, *,
+                 top: int = 0, leading: int = 0, real: torch.Tensor | None = None) -> None:
+        if (top or leading) and real is None:
+            raise SinkscopeError("reducing the residual stream needs the batch's real-token mask")
         self.model = model
         self.layers = decoder_layers(model)
         self.rule = half_site_rule(model) if "attn" in sublayers else None
@@ -133,13 +170,45 @@ class HiddenRecorder:
         self.forwards: list[list[torch.Tensor | None]] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._inputs: dict[int, torch.Tensor] = {}
+        self.top, self.leading = top, leading
+        self.real = real.bool().cpu() if real is not None else None
+        self._summaries: list[dict[str, torch.Tensor] | None] = [None] * len(self.sites)
+        self.units = torch.zeros(len(self.sites), leading, 0, dtype=torch.float64)
+        self.unit_count = torch.zeros(len(self.sites), leading, dtype=torch.float64)
 
     def _slot(self, layer: int, sublayer: str, value: torch.Tensor) -> None:
         index = self._slot_of.get((layer, sublayer))
         if index is None:
             return
-        value = value.detach().float()
+        value = value.detach().float()  # [b, n, d]
+        if self.top or self.leading:
+            self._reduce(index, value)
         self.forwards[-1][index] = value.norm(dim=-1).cpu() if self.norms else value.cpu().clone()
+
+    def _reduce(self, index: int, value: torch.Tensor) -> None:
+        """The per-prompt summaries and the cross-prompt unit sums of one site (value [b, n, d])."""
+        assert self.real is not None
+        per_prompt = []
+        for p in range(value.shape[0]):
+            h = value[p, self.real[p].to(value.device)]  # [n_p, d] the prompt's real tokens
+            if self.top:
+                per_prompt.append(hidden_summary(h, self.top))
+            if self.leading:
+                units, count = unit_sum(h, self.leading)
+                if self.units.shape[-1] == 0:
+                    self.units = torch.zeros(len(self.sites), self.leading, units.shape[-1], dtype=torch.float64)
+                self.units[index] += units
+                self.unit_count[index] += count
+        if self.top:
+            self._summaries[index] = {k: torch.stack([s[k] for s in per_prompt]) for k in per_prompt[0]}
+
+    def summary(self) -> dict[str, torch.Tensor]:
+        """The last forward pass's `hidden_summary` per prompt and site: value, position, dim [b, S, k], median
+        [b, S], first [b, S, d]."""
+        if any(s is None for s in self._summaries):
+            raise SinkscopeError("the residual-stream hooks missed a site: the model's blocks did not run as expected")
+        return {k: torch.stack([s[k] for s in self._summaries], dim=1)  # type: ignore[index]
+                for k in self._summaries[0]}  # type: ignore[union-attr]
 
     def __enter__(self) -> HiddenRecorder:
         kind, child = self.rule.split(":", 1) if self.rule is not None else ("", "")

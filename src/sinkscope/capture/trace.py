@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from sinkscope.capture.attention import CaptureConfig, LayerRecord, capture_session, pad_to
 from sinkscope.capture.hidden import HiddenRecorder, Site
+from sinkscope.capture.moments import pad_moments
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
 
@@ -43,8 +44,15 @@ class Trace:
     values: torch.Tensor | None = None  # [P, L, KVH, N, d_v]
     column_index: torch.Tensor | None = None  # [P, L, H, K]  key of each kept column, −1 = none
     columns: torch.Tensor | None = None  # [P, L, H, N, K]  A_ik: attention of query i to the kept key k
+    column_values: torch.Tensor | None = None  # [P, L, H, K, d_v]  value vector of each kept column's key
+    head_output_norms: torch.Tensor | None = None  # [P, L, H, N]  ‖o_i‖
+    value_norms: torch.Tensor | None = None  # [P, L, KVH, N]  ‖v_j‖
+    tag_moments: dict[str, torch.Tensor] | None = None  # name → [P, L, H, ...] (CaptureConfig.tag_moments)
     hidden: torch.Tensor | None = None  # [P, S, N, d]  residual stream at the sites `sites`
     hidden_norms: torch.Tensor | None = None  # [P, S, N]  ‖h‖ at the sites (CaptureConfig.hidden_norms)
+    hidden_summary: dict[str, torch.Tensor] | None = None  # value/position/dim [P,S,k], median [P,S], first [P,S,d]
+    hidden_units: torch.Tensor | None = None  # [S, J, d]  Σ over prompts of h_j/‖h_j‖ (CaptureConfig.hidden_leading)
+    hidden_unit_count: torch.Tensor | None = None  # [S, J]  the number of non-zero vectors in that sum
     sites: list[Site] | None = None
     logprobs: torch.Tensor | None = None  # [P, V]  log p(next token) at each prompt's last token
     nll_sum: torch.Tensor | None = None  # [P]  Σ next-token cross-entropy (nats) over each prompt's real tokens
@@ -294,7 +302,8 @@ def _capture_batch(loaded: LoadedModel, batch: list[list[int]], config: CaptureC
     at = last  # the loss needs the LM head at every position; otherwise it runs only where it is read ([b, n, V]
     if not config.loss:  # logits would cost more than the capture)
         at = logits_only_at(model, inputs, last if config.logprobs else None, loaded.device)
-    recorder = HiddenRecorder(model, config.hidden, norms=config.hidden_norms) if config.hidden else None
+    recorder = HiddenRecorder(model, config.hidden, norms=config.hidden_norms, top=config.hidden_top,
+                              leading=config.hidden_leading, real=mask) if config.hidden else None
     with ExitStack() as stack:
         stack.enter_context(torch.inference_mode())
         if recorder is not None:
@@ -311,6 +320,10 @@ def _capture_batch(loaded: LoadedModel, batch: list[list[int]], config: CaptureC
     if recorder is not None:
         part["hidden_norms" if config.hidden_norms else "hidden"] = recorder.stacked()  # [b, S, n(, d)]
         part["sites"] = recorder.sites
+        if config.hidden_top:
+            part["hidden_summary"] = recorder.summary()
+        if config.hidden_leading:
+            part["hidden_units"], part["hidden_unit_count"] = recorder.units, recorder.unit_count
     if config.logprobs or config.loss:
         logits = getattr(output, "logits", None)
         if logits is None:
@@ -371,29 +384,45 @@ def _left_align(x: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor, d
 # Trace field → the dims (after stacking layers as dim 1) that index token positions.
 _TOKEN_DIMS: dict[str, list[int]] = {
     "key_mass_sum": [3], "key_count": [2], "rows": [4], "entropy": [3], "sink_share": [3], "maps": [3, 4],
-    "head_outputs": [3], "values": [3], "columns": [3],
+    "head_outputs": [3], "values": [3], "columns": [3], "head_output_norms": [3], "value_norms": [3],
 }
+
+
+# Trace field → its dim (from the end) that indexes the kept columns, which differ in number between layers/batches.
+_K_DIM: dict[str, int] = {"columns": -1, "column_index": -1, "column_values": -2}
 
 
 def _stack(records: list[LayerRecord], name: str) -> torch.Tensor | None:
     values = [getattr(r, name) for r in records]
     if values[0] is None:
         return None
-    if name in ("columns", "column_index"):  # the number of kept columns differs between layers
-        k = max(v.shape[-1] for v in values)
+    if name in _K_DIM:  # the number of kept columns differs between layers
+        k = max(v.shape[_K_DIM[name]] for v in values)
         fill = -1 if name == "column_index" else 0.0
-        values = [pad_to(v, k, [v.dim() - 1], value=fill) for v in values]
+        values = [pad_to(v, k, [v.dim() + _K_DIM[name]], value=fill) for v in values]
     return torch.stack([v.cpu() for v in values], dim=1)  # layer becomes dim 1
+
+
+def _stack_moments(records: list[LayerRecord]) -> dict[str, torch.Tensor] | None:
+    """Per-layer tag moments [b, H, ...] → [b, L, H, ...], candidates padded to the layers' largest K."""
+    if records[0].tag_moments is None:
+        return None
+    k = max(r.tag_moments["values"].shape[-2] for r in records)  # type: ignore[index]
+    layers = [pad_moments(r.tag_moments, k) for r in records]  # type: ignore[arg-type]
+    return {name: torch.stack([m[name].cpu() for m in layers], dim=1) for name in layers[0]}
 
 
 def _assemble(loaded: LoadedModel, prompts: list[str], parts: list[dict[str, Any]], config: CaptureConfig) -> Trace:
     n_max = max(int(p["lengths"].max()) for p in parts)
     fields: dict[str, list[torch.Tensor]] = {}
+    moment_parts: list[dict[str, torch.Tensor]] = []
     ids: list[list[int]] = []
     for part in parts:
         off, lens = part["offsets"], part["lengths"]
         stacked = {name: _stack(part["records"], name) for name in _TOKEN_DIMS}
         index = _stack(part["records"], "column_index")  # [b, L, H, K] padded coordinates
+        column_values = _stack(part["records"], "column_values")  # [b, L, H, K, d_v]
+        moments = _stack_moments(part["records"])
         part["records"] = None  # the per-layer tensors are stacked: free them before aligning
         aligned: dict[str, torch.Tensor] = {}
         for name, dims in _TOKEN_DIMS.items():
@@ -404,6 +433,8 @@ def _assemble(loaded: LoadedModel, prompts: list[str], parts: list[dict[str, Any
         if index is not None:
             shift = off.view(-1, 1, 1, 1)
             aligned["column_index"] = torch.where(index >= 0, index - shift, -1)
+        if column_values is not None:
+            aligned["column_values"] = column_values
         for name in ("hidden", "hidden_norms"):
             if name in part:
                 aligned[name] = pad_to(_left_align(part[name], off, lens, [2]), n_max, [2])
@@ -412,14 +443,24 @@ def _assemble(loaded: LoadedModel, prompts: list[str], parts: list[dict[str, Any
                 aligned[name] = part[name]
         for name, tensor in aligned.items():
             fields.setdefault(name, []).append(tensor)
+        if moments is not None:
+            moment_parts.append(moments)
         for row, o, n in zip(part["ids"].tolist(), off.tolist(), lens.tolist(), strict=True):
             ids.append(row[o : o + n])
-    for name in ("columns", "column_index"):  # batches may keep different numbers of columns
+    for name, dim in _K_DIM.items():  # batches may keep different numbers of columns
         if name in fields:
-            k = max(x.shape[-1] for x in fields[name])
-            fields[name] = [pad_to(x, k, [x.dim() - 1], value=-1 if name == "column_index" else 0.0)
+            k = max(x.shape[dim] for x in fields[name])
+            fields[name] = [pad_to(x, k, [x.dim() + dim], value=-1 if name == "column_index" else 0.0)
                             for x in fields[name]]
     merged = {name: parts_[0] if len(parts_) == 1 else torch.cat(parts_, dim=0) for name, parts_ in fields.items()}
+    summaries = [p["hidden_summary"] for p in parts if "hidden_summary" in p]
+    hidden_summary = {k: torch.cat([s[k] for s in summaries]) for k in summaries[0]} if summaries else None
+    leading = [p for p in parts if "hidden_units" in p]
+    tag_moments = None
+    if moment_parts:
+        k = max(m["values"].shape[-2] for m in moment_parts)
+        padded = [pad_moments(m, k) for m in moment_parts]
+        tag_moments = {name: torch.cat([m[name] for m in padded]) for name in padded[0]}
     key_mass = merged["key_mass_sum"] / merged["key_count"][:, :, None].clamp(min=1)
     tokens = [_token_strings(loaded.tokenizer, row) for row in ids]
     info = {
@@ -448,6 +489,13 @@ def _assemble(loaded: LoadedModel, prompts: list[str], parts: list[dict[str, Any
         values=merged.get("values"),
         column_index=merged.get("column_index"),
         columns=merged.get("columns"),
+        column_values=merged.get("column_values"),
+        head_output_norms=merged.get("head_output_norms"),
+        value_norms=merged.get("value_norms"),
+        tag_moments=tag_moments,
+        hidden_summary=hidden_summary,
+        hidden_units=sum(p["hidden_units"] for p in leading) if leading else None,
+        hidden_unit_count=sum(p["hidden_unit_count"] for p in leading) if leading else None,
         hidden=merged.get("hidden"),
         hidden_norms=merged.get("hidden_norms"),
         sites=parts[0].get("sites"),

@@ -18,13 +18,13 @@
 
 from sinkscope.analyses.mechanisms.ablation import AblateHeads, ablation_sweep, ablation_table
 from sinkscope.analyses.mechanisms.analysis import MechanismsResult, analyze, summary_lines, write
-from sinkscope.analyses.mechanisms.bias import implicit_bias, sink_contribution
+from sinkscope.analyses.mechanisms.bias import implicit_bias, sink_inputs
 from sinkscope.analyses.mechanisms.bos import bos_layers, bos_summary, bos_variants, bos_verdict, resolve_bos
 from sinkscope.analyses.mechanisms.massive import massive_activations, massive_dims, pos0_dims
 from sinkscope.analyses.mechanisms.norms import (
+    cosine_from_unit_sum,
     cross_input_similarity,
     formation,
-    mean_pairwise_cosine,
     norm_profile,
     norm_table,
     sink_share_table,
@@ -53,6 +53,7 @@ __all__ = [
     "bos_variants",
     "bos_verdict",
     "capture_ids",
+    "cosine_from_unit_sum",
     "cross_input_similarity",
     "decoder_layers",
     "formation",
@@ -60,12 +61,11 @@ __all__ = [
     "implicit_bias",
     "massive_activations",
     "massive_dims",
-    "mean_pairwise_cosine",
     "norm_profile",
     "norm_table",
     "pos0_dims",
     "resolve_bos",
-    "sink_contribution",
+    "sink_inputs",
     "sink_share_table",
     "sites_for",
     "summary_lines",

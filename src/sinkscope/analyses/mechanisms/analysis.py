@@ -53,8 +53,8 @@ from sinkscope.store import Run, make_manifest
 
 @dataclass
 class MechanismsResult:
-    """Tables, the summary and the parameters of one `analyze` run (`traces` holds the captures per variant; the BOS
-    variants keep only the norms of their residual stream)."""
+    """Tables, the summary and the parameters of one `analyze` run (`traces` holds the captures per variant: the
+    norms of their residual stream and its reductions, never the vectors)."""
 
     tables: dict[str, pd.DataFrame]
     summary: dict[str, Any]
@@ -126,11 +126,13 @@ def analyze(
                               "massive_ratio": massive_ratio, "massive_min_value": massive_min_value, "top_k": top_k,
                               "bos": bos, "replace_with": replace_with, "bias": bias, "n_prompts": len(texts)}
     config = CaptureConfig(rows=None, entropy=False, fused=False)
-    # one pass over the native prompts gives the residual stream and, for the bias decomposition, each head's
-    # output, the values and the attention column of position 0
-    main_cfg = replace(config, head_outputs=bias, values=bias)
-    main = capture_ids(loaded, native, main_cfg, sink_position=0 if bias else None, batch_size=batch_size,
-                       prompts=texts)
+    # one pass over the native prompts gives the residual stream reduced as it is read (norms, the top entries and
+    # median per site, position 0's vector, the cross-prompt unit sums) and, for the bias decomposition, each head's
+    # output norms, the value norms, position 0's value and its attention column: nothing of size n × d is kept
+    main_cfg = replace(config, head_output_norms=bias, value_norms=bias, column_values=bias,
+                       columns=[0] if bias else None)
+    main = capture_ids(loaded, native, main_cfg, sink_position=0 if bias else None, hidden="norms",
+                       top=max(1, top_k), leading=_leading(native), batch_size=batch_size, prompts=texts)
     traces: dict[str, MechTrace] = {"native": main}
     tables: dict[str, pd.DataFrame] = {
         "prompts": pd.DataFrame({"prompt_id": kept, "text": texts, "n_tokens": main.lengths.tolist()}),
@@ -165,9 +167,11 @@ def analyze(
             if v == variants.native:
                 by_variant[v] = main
                 continue
-            mt = capture_ids(loaded, variants.get(v), config, batch_size=batch_size, prompts=texts)
-            sims.append(cross_input_similarity(mt, v))  # the one use of its vectors: keep only norms after it
-            by_variant[v] = mt.without_vectors()
+            ids = variants.get(v)
+            mt = capture_ids(loaded, ids, config, hidden="norms", leading=_leading(ids), batch_size=batch_size,
+                             prompts=texts)
+            sims.append(cross_input_similarity(mt, v))
+            by_variant[v] = mt
         traces.update({v: mt for v, mt in by_variant.items() if v != variants.native})
         tables["bos_layers"] = bos_layers(by_variant, eps)
         tables["bos_summary"] = bos_summary(by_variant, tables["bos_layers"], min_share=min_share, ratio=norm_ratio)
@@ -207,6 +211,11 @@ def analyze(
         tables["bias_queries"] = queries
         summary["bias"] = _bias_digest(heads)
     return MechanismsResult(tables=tables, summary=summary, params=params, traces=traces, skipped=bad)
+
+
+def _leading(ids: Sequence[Sequence[int]]) -> int:
+    """The positions the cross-input similarity compares (those every prompt has); 0 (none) for one prompt."""
+    return min(len(x) for x in ids) if len(ids) > 1 else 0
 
 
 def _plain(value: Any) -> Any:

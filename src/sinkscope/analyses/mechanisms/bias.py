@@ -22,17 +22,17 @@ import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.analyses.mechanisms.norms import mean_pairwise_cosine
+from sinkscope.analyses.mechanisms.norms import cosine_from_unit_sum
 from sinkscope.analyses.mechanisms.residual import MechTrace
 from sinkscope.errors import SinkscopeError
 
 
-def sink_contribution(mt: MechTrace, sink: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """t_i = A_{i,s} v_s per head. Returns (t [P, L, H, N, dv], o [P, L, H, N, dv], A_{·,s} [P, L, H, N],
-    v [P, L, H, N, dv] expanded from the KV heads). Needs head_outputs, values and the sink column (or maps)."""
+def sink_inputs(mt: MechTrace, sink: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the decomposition reads: (A_{·,s} [P, L, H, N], ‖o_i‖ [P, L, H, N], ‖v_j‖ [P, L, H, N] and v_s
+    [P, L, H, dv], the values expanded from the KV heads). From the capture's reductions (`head_output_norms`,
+    `value_norms`, `column_values` with `columns=[s]`) or, when it kept them, from the full head outputs and values.
+    t_i = A_{i,s} v_s needs nothing more: within a prompt every t_i is a non-negative multiple of v_s."""
     tr = mt.trace
-    if tr.head_outputs is None or tr.values is None:
-        raise SinkscopeError("the bias decomposition needs CaptureConfig(head_outputs=True, values=True)")
     if mt.sink_column is not None:
         a = mt.sink_column  # [P, L, H, N]
     elif tr.maps is not None:
@@ -40,10 +40,24 @@ def sink_contribution(mt: MechTrace, sink: int = 0) -> tuple[torch.Tensor, torch
     else:
         raise SinkscopeError("the bias decomposition needs the sink's attention column: capture with "
                              "sink_position=0 (or maps=True)")
-    heads, kv = tr.head_outputs.shape[2], tr.values.shape[2]
-    v = tr.values.repeat_interleave(heads // kv, dim=2)  # [P, L, H, N, dv]
-    t = a[..., None] * v[:, :, :, sink, None, :]  # [P, L, H, N, dv]
-    return t, tr.head_outputs, a, v
+    heads = a.shape[2]
+    if tr.head_output_norms is not None:
+        o_norm = tr.head_output_norms
+    elif tr.head_outputs is not None:
+        o_norm = torch.linalg.vector_norm(tr.head_outputs, dim=-1)
+    else:
+        raise SinkscopeError("the bias decomposition needs CaptureConfig(head_output_norms=True) (or head_outputs)")
+    if tr.value_norms is not None and tr.column_values is not None and tr.column_index is not None:
+        slot = int((tr.column_index[0, 0, 0] == sink).nonzero()[0, 0])
+        v_norm = tr.value_norms.repeat_interleave(heads // tr.value_norms.shape[2], dim=2)
+        v_sink = tr.column_values[..., slot, :]  # [P, L, H, dv]
+    elif tr.values is not None:
+        v = tr.values.repeat_interleave(heads // tr.values.shape[2], dim=2)  # [P, L, H, N, dv]
+        v_norm, v_sink = torch.linalg.vector_norm(v, dim=-1), v[:, :, :, sink]
+    else:
+        raise SinkscopeError("the bias decomposition needs CaptureConfig(value_norms=True, column_values=True) "
+                             "(or values)")
+    return a, o_norm, v_norm, v_sink
 
 
 def implicit_bias(mt: MechTrace, prompt_ids: Sequence[int] | None = None, *, sink: int = 0, eps: float = 0.2
@@ -53,14 +67,20 @@ def implicit_bias(mt: MechTrace, prompt_ids: Sequence[int] | None = None, *, sin
     Returns (heads, queries). heads: layer, head, alpha0 (column mass of s), is_sink (alpha0 > ε), attn_to_sink
     (mean A_{i,s}), share_mean, share_median, constancy, bias_r2, magnitude_cv, v_sink_ratio.
     queries: prompt_id, layer, head, position, token, attn_to_sink, sink_norm ‖t_i‖, out_norm ‖o_i‖, share.
+
+    With t_{p,i} = A_{p,i} v_p (v_p = prompt p's v_s, A ≥ 0) the pair and sum statistics over queries reduce to
+    per-prompt sums: constancy = (‖Σ_p c_p û_p‖² − c)/(c(c − 1)) with c_p the kept queries with A > 0 and
+    û_p = v_p/‖v_p‖; bias_r2 = 1 − Σ‖t − t̄‖²/Σ‖t‖² = K‖t̄‖² / Σ‖t‖² with t̄ = Σ_p (Σ_i A_{p,i}) v_p / K over
+    the K kept queries.
     """
     ids = list(prompt_ids) if prompt_ids is not None else list(range(mt.trace.n_prompts))
-    t, o, a, v = sink_contribution(mt, sink)
-    P, L, H, N, _ = t.shape
+    a, o_norm, v_norm_all, v_sink = sink_inputs(mt, sink)
+    P, L, H, N = a.shape
     keep = mt.valid().clone()  # [P, N]
     keep[:, : sink + 1] = False
-    t_norm = torch.linalg.vector_norm(t, dim=-1)  # [P, L, H, N]
-    o_norm = torch.linalg.vector_norm(o, dim=-1)
+    vs = v_sink.double()  # [P, L, H, dv]
+    vs_norm = torch.linalg.vector_norm(vs, dim=-1)  # [P, L, H]
+    t_norm = (a.double() * vs_norm[..., None]).float()  # [P, L, H, N]  ‖t_i‖ = A_{i,s}‖v_s‖
     share = torch.where(o_norm > 0, t_norm / o_norm.clamp(min=1e-30), torch.full_like(o_norm, float("nan")))
     k = keep[:, None, None, :].expand(P, L, H, N)  # [P, L, H, N]
     count = k.sum(dim=(0, 3)).clamp(min=1)  # [L, H]
@@ -68,20 +88,24 @@ def implicit_bias(mt: MechTrace, prompt_ids: Sequence[int] | None = None, *, sin
     def masked_mean(x: torch.Tensor) -> torch.Tensor:
         return torch.where(k, x, torch.zeros_like(x)).nansum(dim=(0, 3)) / count
 
-    flat_t = t.permute(0, 3, 1, 2, 4).reshape(P * N, L, H, -1).double()  # [P·N, L, H, dv]
-    flat_k = keep.reshape(P * N)[:, None, None]
-    constancy = mean_pairwise_cosine(flat_t, flat_k, dim=0)  # [L, H]
-    kd = flat_k[..., None].double()
-    mean_t = (flat_t * kd).sum(0) / kd.sum(0).clamp(min=1)  # [L, H, dv]
-    resid = (((flat_t - mean_t) ** 2).sum(-1) * flat_k).sum(0)
-    total = ((flat_t**2).sum(-1) * flat_k).sum(0)
-    bias_r2 = torch.where(total > 0, 1 - resid / total.clamp(min=1e-30), torch.full_like(total, float("nan")))
+    kd = k.double()
+    nonzero = ((a.double() > 0) & k).double().sum(-1) * (vs_norm > 0)  # [P, L, H]  c_p
+    unit = vs / vs_norm[..., None].clamp(min=1e-300)
+    summed = (nonzero[..., None] * unit).sum(0)  # [L, H, dv]
+    constancy = cosine_from_unit_sum(summed, nonzero.sum(0))  # [L, H]
+    s1 = (a.double() * kd).sum(-1)  # [P, L, H]  Σ_i A
+    s2 = (a.double() ** 2 * kd).sum(-1)  # [P, L, H]  Σ_i A²
+    n_kept = kd.sum(dim=(0, 3))  # [L, H]
+    mean_t = (s1[..., None] * vs).sum(0) / n_kept.clamp(min=1)[..., None]  # [L, H, dv]
+    total = (s2 * vs_norm**2).sum(0)  # [L, H]  Σ‖t‖²
+    bias_r2 = torch.where(total > 0, n_kept * (mean_t**2).sum(-1) / total.clamp(min=1e-300),
+                          torch.full_like(total, float("nan")))
     mag_mean = masked_mean(t_norm)
     mag_sq = masked_mean(t_norm**2)
     mag_cv = (mag_sq - mag_mean**2).clamp(min=0).sqrt() / mag_mean.clamp(min=1e-30)
     shares_sorted = torch.where(k, share, torch.full_like(share, float("nan"))).permute(1, 2, 0, 3).reshape(L, H, -1)
     share_median = torch.nanmedian(shares_sorted, dim=-1).values
-    v_norm = torch.linalg.vector_norm(v, dim=-1)  # [P, L, H, N]
+    v_norm = v_norm_all  # [P, L, H, N]
     v_other = torch.stack([v_norm[p, :, :, [j for j in range(n) if j != sink]].median(-1).values
                            if n > 1 else torch.full((L, H), float("nan")) for p, n in enumerate(mt.lengths.tolist())])
     v_ratio = torch.nanmean(v_norm[..., sink] / v_other, dim=0)

@@ -24,25 +24,24 @@ from sinkscope.analyses.mechanisms.residual import MechTrace
 
 def massive_activations(mt: MechTrace, prompt_ids: Sequence[int] | None = None, *, top_k: int = 5,
                         ratio: float = 100.0, min_value: float = 0.0) -> pd.DataFrame:
-    """The `top_k` largest-magnitude entries of every prompt × site (including the embeddings).
+    """The `top_k` largest-magnitude entries of every prompt × site (including the embeddings), from the capture's
+    residual summary (`MechTrace.summary`).
 
     Columns: prompt_id, layer, sublayer, depth, rank, position, token, dim, value, median_abs, ratio, massive.
     """
-    ids = list(prompt_ids) if prompt_ids is not None else list(range(mt.hidden.shape[0]))
+    summary = mt.summary(top_k)
+    ids = list(prompt_ids) if prompt_ids is not None else list(range(mt.trace.n_prompts))
     rows = []
-    d = mt.hidden.shape[-1]
-    for p, n in enumerate(mt.lengths.tolist()):
-        a = mt.hidden[p, :, :n].abs().flatten(1)  # [S, n·d]
-        med = a.median(dim=-1).values  # [S]
-        k = min(top_k, a.shape[1])
-        vals, idx = a.topk(k, dim=-1)  # [S, k]
-        signed = mt.hidden[p, :, :n].flatten(1).gather(1, idx)
+    for p in range(summary["value"].shape[0]):
         for s, site in enumerate(mt.sites):
-            for r in range(k):
-                flat = int(idx[s, r])
-                pos, dim = divmod(flat, d)
-                rows.append((ids[p], site.layer, site.sublayer, site.depth, r, pos, mt.trace.tokens[p][pos], dim,
-                             float(signed[s, r]), float(med[s]), float(vals[s, r] / med[s].clamp(min=1e-30))))
+            med = float(summary["median"][p, s])
+            for r in range(top_k):
+                pos = int(summary["position"][p, s, r])
+                if pos < 0:
+                    continue
+                value = float(summary["value"][p, s, r])
+                rows.append((ids[p], site.layer, site.sublayer, site.depth, r, pos, mt.trace.tokens[p][pos],
+                             int(summary["dim"][p, s, r]), value, med, abs(value) / max(med, 1e-30)))
     cols = ["prompt_id", "layer", "sublayer", "depth", "rank", "position", "token", "dim", "value", "median_abs",
             "ratio"]
     frame = pd.DataFrame(rows, columns=cols)
@@ -52,7 +51,7 @@ def massive_activations(mt: MechTrace, prompt_ids: Sequence[int] | None = None, 
 
 def pos0_energy(mt: MechTrace) -> torch.Tensor:
     """e_{s,c} = mean over prompts of H_{p,s,0,c}² / ‖H_{p,s,0}‖²: [S, d] (each row sums to 1)."""
-    h0 = mt.hidden[:, :, 0].double()  # [P, S, d]
+    h0 = mt.summary(1)["first"].double()  # [P, S, d]
     e = h0**2 / (h0**2).sum(-1, keepdim=True).clamp(min=1e-30)
     return e.mean(0).float()
 
@@ -63,10 +62,10 @@ def pos0_dims(mt: MechTrace, top_k: int = 4) -> pd.DataFrame:
     Columns: layer, sublayer, depth, rank, dim, energy_share (e_c), value (mean H_{0,c}), ratio (mean over prompts
     of |H_{0,c}| / median |H| at that site).
     """
+    summary = mt.summary(1)
     energy = pos0_energy(mt)  # [S, d]
-    h0 = mt.hidden[:, :, 0]  # [P, S, d]
-    med = torch.stack([mt.hidden[p, :, :n].abs().flatten(1).median(-1).values
-                       for p, n in enumerate(mt.lengths.tolist())])  # [P, S]
+    h0 = summary["first"]  # [P, S, d]
+    med = summary["median"]  # [P, S]
     ratio = (h0.abs() / med[..., None].clamp(min=1e-30)).mean(0)  # [S, d]
     k = min(top_k, energy.shape[-1])
     share, dims = energy.topk(k, dim=-1)

@@ -10,7 +10,7 @@ Definitions (p prompt, s site, j position, h_{p,s,j} ∈ R^d the residual stream
 - α₀ = the column mass of key 0 (mean attention it receives from the queries that see it, `Trace.key_mass`);
   the sink share of layer l = mean over prompts and heads of 1[α₀ > ε].
 - cross-input similarity at (s, j): mean over prompt pairs p < q of cos(h_{p,s,j}, h_{q,s,j}), computed as
-  (‖Σ_p u_p‖² − P) / (P(P − 1)) with u_p = h_{p,s,j} / ‖h_{p,s,j}‖.
+  (‖Σ_p u_p‖² − P) / (P(P − 1)) with u_p = h_{p,s,j} / ‖h_{p,s,j}‖ (the capture sums the u_p, `hidden_leading`).
 """
 
 from __future__ import annotations
@@ -144,28 +144,24 @@ def formation(profile: pd.DataFrame, shares: pd.DataFrame, *, min_share: float =
     return pd.DataFrame([row]).astype({"sink_layer": "Int64", "norm_layer": "Int64"})
 
 
-def mean_pairwise_cosine(x: torch.Tensor, keep: torch.Tensor | None = None, dim: int = 0) -> torch.Tensor:
-    """Mean of cos(x_a, x_b) over pairs a ≠ b along `dim` (vectors in the last dim), skipping zero vectors and
-    entries where `keep` is False: (‖Σ u‖² − n) / (n (n − 1)), u = x/‖x‖. NaN where fewer than 2 vectors."""
-    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-    ok = norm > 0
-    if keep is not None:
-        ok = ok & keep.unsqueeze(-1)
-    u = torch.where(ok, x / norm.clamp(min=1e-30), torch.zeros_like(x))
-    n = ok.squeeze(-1).float().sum(dim)
-    total = (u.sum(dim) ** 2).sum(-1)
-    return torch.where(n > 1, (total - n) / (n * (n - 1)).clamp(min=1), torch.full_like(n, float("nan")))
+def cosine_from_unit_sum(summed: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """Mean of cos(x_a, x_b) over ordered pairs a ≠ b of c vectors, from u = Σ x/‖x‖ [..., d] and c [...]:
+    (‖u‖² − c) / (c(c − 1)); NaN where c < 2."""
+    total = (summed.double() ** 2).sum(-1)
+    c = count.double()
+    return torch.where(c > 1, (total - c) / (c * (c - 1)).clamp(min=1), torch.full_like(c, float("nan")))
 
 
 def cross_input_similarity(mt: MechTrace, variant: str = "native") -> pd.DataFrame:
     """Per site and position j < the shortest prompt: mean pairwise cosine of h_{·,s,j} across prompts
-    (seed 001 Fig. 4). Empty with fewer than two prompts."""
-    P = mt.hidden.shape[0]
+    (seed 001 Fig. 4), from the sums of unit vectors (`MechTrace.units`). Empty with fewer than two prompts."""
+    P = mt.trace.n_prompts
     cols = ["variant", "layer", "sublayer", "depth", "position", "cos_sim", "n_prompts"]
     if P < 2:
         return pd.DataFrame(columns=cols)
-    n = int(mt.lengths.min())
-    sim = mean_pairwise_cosine(mt.hidden[:, :, :n].double(), dim=0)  # [S, n]
+    units, count = mt.units()  # [S, n, d], [S, n]
+    sim = cosine_from_unit_sum(units, count)  # [S, n]
+    n = sim.shape[1]
     sites = site_frame(mt.sites)
     s_idx, j_idx = np.meshgrid(np.arange(len(mt.sites)), np.arange(n), indexing="ij")
     frame = pd.DataFrame({"site": s_idx.ravel(), "position": j_idx.ravel(), "cos_sim": sim.numpy().ravel()})
