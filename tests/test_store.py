@@ -1,9 +1,11 @@
 """sinkscope.store: atomic writes keep the old file on failure; the manifest records files with checksums; units
 verify (a deleted, truncated or corrupted file makes a unit not done); a folder of another command or other settings
-is refused unless overwrite; corrupt JSON and a second process are one-line errors."""
+is refused unless overwrite; corrupt JSON and a second process are one-line errors; streamed tables are written a row
+group at a time and saved like the others."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -11,7 +13,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 
 from sinkscope import store
@@ -253,3 +257,41 @@ def test_attached_folder_takes_no_lock(tmp_path):
 def test_write_json_is_atomic_and_readable(tmp_path):
     write_json(tmp_path / "a.json", {"t": (1, 2)})
     assert json.loads((tmp_path / "a.json").read_text()) == {"t": [1, 2]}
+
+
+STREAMED = pd.DataFrame({"prompt_id": np.arange(10), "token": [f"t{i}" for i in range(10)],
+                         "alpha": np.linspace(0, 1, 10, dtype=np.float32), "sink": np.arange(10) % 3 == 0})
+
+
+def test_streamed_table_is_written_in_row_groups_and_saved(tmp_path):
+    manifest = make_manifest("profile", {"name": "m"}, {})
+    with open_run(tmp_path / "run", "profile") as folder, folder.table_stream(row_group_rows=4) as stream:
+        for start in range(0, 10, 3):  # pieces of 3, 3, 3, 1 rows: row groups of 6 and 4
+            stream.append("keys", STREAMED.iloc[start : start + 3])
+        assert [p.name.startswith(".tmp-keys.parquet") for p in (tmp_path / "run").iterdir() if p.name != ".lock"] \
+            == [True]
+        folder.save(Run({"layers": TABLE}, manifest), streams=stream, order=["keys", "layers"])
+    run = load_run(tmp_path / "run")  # checks every file's sha256
+    assert list(run.tables) == ["keys", "layers"] and run.manifest["tables"] == {"keys": 10, "layers": 3}
+    assert run.manifest["files"]["keys.parquet"]["rows"] == 10
+    whole = pd.read_parquet(io.BytesIO(STREAMED.to_parquet(index=False)))  # as `save` writes a whole table
+    pd.testing.assert_frame_equal(run["keys"], whole, check_exact=True)
+    assert pq.ParquetFile(tmp_path / "run" / "keys.parquet").num_row_groups == 2
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock", "keys.parquet", "layers.parquet",
+                                                                       MANIFEST]
+
+
+def test_streamed_table_not_saved_leaves_nothing(tmp_path):
+    with open_run(tmp_path / "run", "profile") as folder, pytest.raises(RuntimeError), \
+            folder.table_stream(row_group_rows=2) as stream:
+        stream.append("keys", STREAMED)  # one row group on disk
+        stream.append("heads", STREAMED.head(1))  # pending only
+        raise RuntimeError("the analysis failed")
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [".lock"]
+
+
+def test_streamed_pieces_must_match_the_first(tmp_path):
+    with open_run(tmp_path / "run", "profile") as folder, folder.table_stream() as stream:
+        stream.append("keys", STREAMED)
+        with pytest.raises(ValueError, match="alpha"):
+            stream.append("keys", STREAMED.assign(alpha=["x"] * 10))

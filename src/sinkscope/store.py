@@ -12,6 +12,9 @@ every file it lists is there and matches.
     folder.save(Run(tables, manifest))             # tables + manifest, atomically
     folder.close()                                 # releases the lock (a killed process releases it too)
 
+A table too large to hold whole is written a piece at a time through `folder.table_stream()` (a `TableStream`: row
+groups appended to a temporary Parquet file) and handed to `folder.save(run, streams=stream)` with the rest.
+
 Every file is written to a temporary name in its folder, flushed, fsynced and renamed over the target with
 `os.replace`, then the folder is fsynced: a crash leaves the old file or the new one, never a mix. A unit is written
 to a temporary folder and renamed into `units/`. The lock is `fcntl.flock` on `.lock`: a second process opening the
@@ -103,6 +106,12 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
+
+
+def _move_into_place(tmp: Path, path: Path) -> None:
+    """fsync a finished temporary file and rename it over `path` (the caller fsyncs the folder)."""
+    fsync_path(tmp)
+    os.replace(tmp, path)
 
 
 def _write_content(path: Path, content: Content) -> None:
@@ -204,6 +213,75 @@ def read_json(path: Path, what: str = "") -> Any:
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         hint = what or "delete it, or pass --overwrite to start the run over"
         raise SinkscopeError(f"{path} is corrupt ({err.__class__.__name__}: {err}); {hint}") from None
+
+
+class TableStream:
+    """Tables written a piece at a time, for tables too large to hold whole; get one from `RunFolder.table_stream`.
+
+    `append(name, frame)` adds rows to table `name`. Pieces are gathered into row groups of at least `row_group_rows`
+    rows (or what is left at the end) and written with pyarrow's `ParquetWriter` to a temporary file in the run
+    folder, so memory holds at most one row group per table. The first piece fixes a table's schema (as
+    `DataFrame.to_parquet(index=False)` would write it); later pieces must have the same columns and types.
+    `RunFolder.save(run, streams=stream)` finishes the files and renames them into place with the rest of the run;
+    leaving the `with` block without saving removes them (and after a crash, the next `open_run` does).
+    """
+
+    def __init__(self, folder: str | Path, row_group_rows: int = 65_536) -> None:
+        self.folder = Path(folder)
+        self.row_group_rows = row_group_rows
+        self.rows: dict[str, int] = {}  # rows appended per table, in the order the tables were started
+        self._paths: dict[str, Path] = {}
+        self._schemas: dict[str, Any] = {}  # name → pyarrow.Schema of the first piece
+        self._pending: dict[str, list[Any]] = {}  # name → pyarrow tables not written yet
+        self._writers: dict[str, Any] = {}  # name → pyarrow.parquet.ParquetWriter
+
+    def __enter__(self) -> TableStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.discard()
+
+    def append(self, name: str, frame: pd.DataFrame) -> None:
+        """Add `frame`'s rows to table `name` (started by its first piece)."""
+        import pyarrow as pa
+
+        if name not in self.rows:
+            table = pa.Table.from_pandas(frame, preserve_index=False)
+            self._schemas[name], self._pending[name], self.rows[name] = table.schema, [], 0
+            self._paths[name] = self.folder / _tmp_name(f"{name}.parquet")
+        else:
+            table = pa.Table.from_pandas(frame, schema=self._schemas[name], preserve_index=False)
+        self._pending[name].append(table)
+        self.rows[name] += len(frame)
+        if sum(len(t) for t in self._pending[name]) >= self.row_group_rows:
+            self._flush(name)
+
+    def _flush(self, name: str) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        writer = self._writers.get(name)
+        if writer is None:
+            writer = self._writers[name] = pq.ParquetWriter(self._paths[name], self._schemas[name])
+        if self._pending[name]:
+            writer.write_table(pa.concat_tables(self._pending[name]))
+            self._pending[name] = []
+
+    def finish(self) -> dict[str, Path]:
+        """Write what is pending and close every file. Returns {table: its temporary file}."""
+        for name in self.rows:
+            self._flush(name)
+            self._writers.pop(name).close()
+        return dict(self._paths)
+
+    def discard(self) -> None:
+        """Close and remove the temporary files (those not yet renamed into place)."""
+        for writer in self._writers.values():
+            with contextlib.suppress(Exception):
+                writer.close()
+        self._writers.clear()
+        for path in self._paths.values():
+            path.unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -563,24 +641,41 @@ class RunFolder:
 
     # -- tables and manifest -------------------------------------------------------------------------------------
 
-    def save(self, run: Run, files: Mapping[str, Content] | None = None) -> Path:
+    def table_stream(self, row_group_rows: int = 65_536) -> TableStream:
+        """A `TableStream` writing into this folder (use it as a context manager; pass it to `save`)."""
+        return TableStream(self.path, row_group_rows)
+
+    def save(self, run: Run, files: Mapping[str, Content] | None = None, *, streams: TableStream | None = None,
+             order: Sequence[str] | None = None) -> Path:
         """Write each table to `<name>.parquet` and each extra file atomically, then the manifest (with the run's
-        settings fingerprint and every file's rows, size and sha256). Tables an earlier manifest listed and this
-        run lacks are removed after the new manifest is in place."""
+        settings fingerprint and every file's rows, size and sha256). `streams`' tables are finished and renamed
+        into place as `<name>.parquet` too. The manifest lists the tables in `order` (default: the streamed ones,
+        then `run.tables`). Tables an earlier manifest listed and this run lacks are removed after the new manifest
+        is in place."""
         manifest_path = self.path / MANIFEST
         old: dict[str, Any] = {}
         if manifest_path.is_file():
             with contextlib.suppress(Exception):
                 old = json.loads(manifest_path.read_text())
         listed: dict[str, dict[str, Any]] = {}
+        rows: dict[str, int] = {}
+        if streams is not None:
+            for name, tmp in streams.finish().items():
+                path = self.path / f"{name}.parquet"
+                _move_into_place(tmp, path)
+                rows[name] = streams.rows[name]
+                listed[path.name] = {"rows": rows[name], **file_record(path)}
+            fsync_path(self.path)
         for name, table in run.tables.items():
             path = self.path / f"{name}.parquet"
             write_file(path, table)
-            listed[path.name] = {"rows": len(table), **file_record(path)}
+            rows[name] = len(table)
+            listed[path.name] = {"rows": rows[name], **file_record(path)}
         for name, content in (files or {}).items():
             write_file(self.path / name, content)
             listed[name] = file_record(self.path / name)
-        manifest = {**run.manifest, "tables": {name: len(t) for name, t in run.tables.items()}, "files": listed}
+        names = [*(order or ()), *(name for name in rows if name not in (order or ()))]
+        manifest = {**run.manifest, "tables": {name: rows[name] for name in names if name in rows}, "files": listed}
         if self.fingerprint is not None:
             manifest["settings_sha256"] = self.fingerprint
         write_json(manifest_path, manifest)
