@@ -1,20 +1,26 @@
-"""profile/explain tables against independent computations from eager output_attentions; run folders."""
+"""profile/explain tables against independent computations from eager output_attentions; run folders; the batched
+profile (what the CLI runs) writes exactly the tables `profile` holds in memory."""
 
 from __future__ import annotations
 
 import copy
+from fractions import Fraction
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
 
 from sinkscope.analyses.explain import explain
 from sinkscope.analyses.mitigate import detect_mask_renormalise
-from sinkscope.analyses.profile import profile
+from sinkscope.analyses.profile import ExactSums, LayerSummary, profile, profile_in_batches
 from sinkscope.errors import SinkscopeError
 from sinkscope.store import load_run, save_run
 
 PROMPTS = ["The cat sat on the mat.", "Sinks, sinks everywhere!"]
+# Eleven usable prompts of different lengths (four batches of three) and two unusable ones.
+MANY = [f"Prompt {i}: the quick brown fox jumps over the lazy dog." + " again" * (i % 7) for i in range(11)] + \
+    ["", "x" * 900]
 
 
 def _eager_attentions(lm, text):
@@ -107,3 +113,66 @@ def test_explain_matches_eager(tiny_llama):
     torch.testing.assert_close(ex2.before, a2, atol=1e-5, rtol=0)
     with pytest.raises(SinkscopeError, match="empty"):
         explain(tiny_llama, "  ")
+
+
+@pytest.mark.parametrize("method", ["column_mass", "sink_rate", "zscore", "entropy_delta"])
+def test_batched_run_folder_equals_in_memory(tmp_path, tiny_llama, method):
+    """profile_in_batches appends each batch's tables to the run folder; they equal profile's, bit for bit."""
+    result = profile(tiny_llama, MANY, method, batch_size=3)
+    want = load_run(save_run(tmp_path / "memory", result.run(tiny_llama)))
+    summary = profile_in_batches(tiny_llama, MANY, method, batch_size=3, out=tmp_path / "batched")
+    got = load_run(tmp_path / "batched")
+    assert list(got.tables) == list(want.tables) and got.manifest["tables"] == want.manifest["tables"]
+    for name, table in want.tables.items():
+        pd.testing.assert_frame_equal(got[name], table, check_exact=True, obj=name)
+    for key in ("command", "model", "parameters", "settings_sha256"):
+        assert got.manifest[key] == want.manifest[key]
+    pd.testing.assert_frame_equal(summary.layers, result.tables["layers"], check_exact=True)
+    assert summary.skipped == result.skipped and summary.rows == got.manifest["tables"]
+    assert summary.n_prompts == 11 and not list((tmp_path / "batched").glob(".tmp-*"))
+    alone = profile_in_batches(tiny_llama, MANY, method, batch_size=3)  # no folder: the summary only
+    assert alone.folder is None and alone.rows == summary.rows
+    pd.testing.assert_frame_equal(alone.layers, summary.layers, check_exact=True)
+
+
+def _pandas_layer_summary(heads: pd.DataFrame, keys: pd.DataFrame, top: int = 3) -> pd.DataFrame:
+    """The pandas formula LayerSummary replaced (it needs every prompt's tables at once)."""
+    by_layer = heads.groupby("layer")
+    frame = pd.DataFrame({
+        "head_share": by_layer["n_sinks"].apply(lambda s: float((s > 0).mean())),
+        "mean_sinks": by_layer["n_sinks"].mean(),
+        "pos0_alpha": keys[keys["position"] == 0].groupby("layer")["alpha"].mean(),
+    })
+    described = {}
+    for layer, group in keys[keys["sink"]].groupby("layer"):
+        stats = group.groupby(["position", "token"])["alpha"].agg(["size", "mean"]).sort_values("size", ascending=False)
+        described[layer] = ", ".join(f"{tok!r}@{pos} ({mean:.2f})"
+                                     for (pos, tok), (_, mean) in stats.head(top).iterrows())
+    frame["sink_tokens"] = pd.Series(described, dtype="object")
+    frame["sink_tokens"] = frame["sink_tokens"].fillna("")
+    return frame.reset_index()
+
+
+def test_layer_summary_matches_pandas_for_any_batching(tiny_llama):
+    tables = profile(tiny_llama, MANY, "zscore").tables
+    heads, keys, layers = tables["heads"], tables["keys"], tables["layers"]
+    want = _pandas_layer_summary(heads, keys)
+    assert (layers["sink_tokens"] != "").all()
+    pd.testing.assert_frame_equal(layers.drop(columns="pos0_alpha"), want.drop(columns="pos0_alpha"), check_exact=True)
+    # pandas 3 averages float32 α with a compensated float32 sum; LayerSummary's mean is exact, in float64
+    np.testing.assert_allclose(layers["pos0_alpha"], want["pos0_alpha"].astype("float64"), rtol=2e-7, atol=0)
+    summary = LayerSummary()
+    for pid in heads["prompt_id"].unique()[::-1]:  # a prompt at a time, last first: the same bits
+        summary.add(heads[heads["prompt_id"] == pid], keys[keys["prompt_id"] == pid])
+    pd.testing.assert_frame_equal(summary.table(), layers, check_exact=True)
+
+
+def test_exact_sums_do_not_round():
+    sums = ExactSums(["g"])
+    values = [1e16, 1.0, -1e16, 3.0, 2.0**-60]  # a float64 running sum loses the 1.0 and the 2^-60
+    for v in values:
+        sums.add(pd.DataFrame({"g": [7], "x": [v]}), "x")
+    assert sums.means() == {7: (5, float((Fraction(4) + Fraction(2) ** -60) / 5))}
+    whole = ExactSums(["g"])
+    whole.add(pd.DataFrame({"g": [7] * 5, "x": values}), "x")
+    assert whole.means() == sums.means()

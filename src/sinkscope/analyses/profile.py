@@ -1,21 +1,32 @@
-"""`profile`: sinks per prompt, layer and head with any registered detector, as tidy tables."""
+"""`profile`: sinks per prompt, layer and head with any registered detector, as tidy tables.
+
+`profile` holds the whole trace and every table in memory; `profile_in_batches` (what the CLI runs) builds the same
+tables a batch at a time and appends them to a run folder, so its memory does not grow with the number of prompts.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import html
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import torch
 
-from sinkscope.capture import CaptureConfig, Trace, run_capture, tokenize
+from sinkscope.capture import CaptureConfig, Trace, pad_to, run_capture, tokenize
 from sinkscope.detect import detect, get_detector
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
-from sinkscope.store import Run, make_manifest
+from sinkscope.store import Run, make_manifest, open_run
+
+# The order of `profile`'s tables (in `ProfileResult.tables` and in the manifest).
+TABLES = ("keys", "heads", "prompts", "layers", "sink_rate", "skipped")
 
 
 @dataclass
@@ -30,13 +41,35 @@ class ProfileResult:
     skipped: list[tuple[int, str]] = field(default_factory=list)
 
     def run(self, loaded: LoadedModel, command: str = "profile") -> Run:
-        params = {"method": self.method, **self.params, "capture": self.trace.info.get("capture")}
-        manifest = make_manifest(command, model_manifest(loaded), params)
-        return Run(tables=self.tables, manifest=manifest)
+        return Run(tables=self.tables, manifest=profile_manifest(loaded, command, self.method, self.params,
+                                                                 self.trace.info.get("capture")))
 
     def _repr_html_(self) -> str:
         """A notebook view: the per-layer table and a layer × head grid of the mass on sinks (mean over prompts)."""
         return profile_html(self)
+
+
+@dataclass
+class ProfileSummary:
+    """What `profile_in_batches` keeps in memory: the per-layer table, the skipped prompts and the tables' row counts
+    (the long tables themselves are in the run folder `folder`, if one was given)."""
+
+    layers: pd.DataFrame
+    skipped: list[tuple[int, str]]
+    rows: dict[str, int]  # table name → rows, in `TABLES` order
+    method: str
+    params: dict[str, Any]
+    folder: Path | None = None
+
+    @property
+    def n_prompts(self) -> int:
+        return self.rows["prompts"]
+
+
+def profile_manifest(loaded: LoadedModel, command: str, method: str, params: Mapping[str, Any],
+                     capture: Any) -> dict[str, Any]:
+    """The manifest of a profile run: model, detector and its parameters, capture settings (`Trace.info`)."""
+    return make_manifest(command, model_manifest(loaded), {"method": method, **params, "capture": capture})
 
 
 def model_manifest(loaded: LoadedModel) -> dict[str, Any]:
@@ -85,17 +118,119 @@ def profile(
     ids, bad = tokenize(loaded, prompts)  # each prompt is tokenised once, here
     good = [i for i, seq in enumerate(ids) if seq is not None]
     if not good:
-        reasons = "; ".join(f"prompt {i + 1}: {why}" for i, why in bad[:3])
-        raise SinkscopeError(f"no usable prompt ({reasons})" if bad else "no prompts given")
+        raise _no_usable_prompt(bad)
     trace = run_capture(loaded, [ids[i] for i in good], capture or CaptureConfig(), batch_size=batch_size,
                         progress=progress, texts=[prompts[i] for i in good])
     sinks = sink_mask(trace, method, **params)
     result = ProfileResult(trace=trace, sinks=sinks, method=method, params=params, skipped=bad)
     result.tables = build_tables(trace, sinks, prompt_ids=good, method=method, params=params)
-    result.tables["skipped"] = pd.DataFrame(
-        {"prompt_id": [i for i, _ in bad], "reason": [why for _, why in bad]}
-    ).astype({"prompt_id": "int64", "reason": "object"})
+    result.tables["skipped"] = skipped_table(bad)
     return result
+
+
+def _no_usable_prompt(bad: Sequence[tuple[int, str]]) -> SinkscopeError:
+    reasons = "; ".join(f"prompt {i + 1}: {why}" for i, why in bad[:3])
+    return SinkscopeError(f"no usable prompt ({reasons})" if bad else "no prompts given")
+
+
+def _token_ids(loaded: LoadedModel, prompts: Sequence[str], chunk: int = 1024
+               ) -> tuple[list[np.ndarray | None], list[tuple[int, str]]]:
+    """`tokenize` a chunk of prompts at a time, keeping each prompt's ids as an int32 array (a list of Python ints
+    takes about eight times the memory). None for an unusable prompt, with (index, reason) for it."""
+    ids: list[np.ndarray | None] = []
+    bad: list[tuple[int, str]] = []
+    for start in range(0, len(prompts), chunk):
+        seqs, why = tokenize(loaded, prompts[start : start + chunk])
+        ids.extend(None if seq is None else np.asarray(seq, dtype=np.int32) for seq in seqs)
+        bad.extend((start + i, reason) for i, reason in why)
+    return ids, bad
+
+
+# Trace fields the tables read → the dims that index key positions.
+_KEY_DIMS: dict[str, list[int]] = {"key_mass": [3], "key_mass_sum": [3], "key_count": [2], "rows": [4],
+                                   "entropy": [3], "sink_share": [3]}
+
+
+def _widened(trace: Trace, n: int) -> Trace:
+    """The trace with the statistics the tables read zero-padded to n keys: [b, L, H, N_batch] → [b, L, H, n]. With n
+    the longest prompt of the whole run, a batch's tensors are its rows of the whole run's trace, so detectors and
+    table builders (row-wise over the key axis) give the same bits."""
+    return dataclasses.replace(trace, **{name: pad_to(getattr(trace, name), n, dims)
+                                         for name, dims in _KEY_DIMS.items() if getattr(trace, name) is not None})
+
+
+def profile_in_batches(
+    loaded: LoadedModel,
+    prompts: str | Sequence[str],
+    method: str = "column_mass",
+    params: Mapping[str, Any] | None = None,
+    *,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    capture: CaptureConfig | None = None,
+    batch_size: int = 8,
+    progress: bool = False,
+    command: str = "profile",
+) -> ProfileSummary:
+    """`profile` a batch at a time, holding one batch's tables: memory does not grow with the number of prompts.
+
+    Each batch of `batch_size` usable prompts is captured, detected and turned into `profile`'s long tables (`keys`,
+    `heads`, `prompts`, and `sink_rate` for that method). With `out`, they are appended to the run folder's Parquet
+    files (`TableStream`) and saved there with `layers`, `skipped` and the manifest when every batch is done; the
+    folder is opened (checked and locked, `open_run`, refusing another command's run unless `overwrite`) after the
+    prompts are tokenised and before any capture. Without `out`, only the summary is kept. `layers` comes from
+    running totals (`LayerSummary`).
+
+    The tables equal `profile(...).run(loaded)`'s, row for row and bit for bit: the batches are the ones
+    `run_capture` forms, and each batch's statistics are padded to the longest prompt of the run (`_widened`).
+    """
+    if isinstance(prompts, str):
+        prompts = [prompts]
+    params = dict(params or {})
+    get_detector(method)
+    ids, bad = _token_ids(loaded, prompts)
+    good = [i for i, seq in enumerate(ids) if seq is not None]
+    if not good:
+        raise _no_usable_prompt(bad)
+    n_max = max(len(ids[i]) for i in good)
+    config = capture or CaptureConfig()
+    batches: Iterable[list[int]] = [good[i : i + batch_size] for i in range(0, len(good), batch_size)]
+    if progress and len(good) > batch_size:
+        from rich.progress import track
+
+        batches = track(batches, description="profiling", transient=True)
+    summary = LayerSummary()
+    rows: dict[str, int] = {}
+    captured: Any = None
+    with ExitStack() as stack:
+        folder = stack.enter_context(open_run(out, command, overwrite=overwrite, restart=False)) \
+            if out is not None else None
+        stream = stack.enter_context(folder.table_stream()) if folder is not None else None
+        for batch in batches:
+            trace = run_capture(loaded, [ids[i].tolist() for i in batch], config, batch_size=batch_size,
+                                texts=[prompts[i] for i in batch])
+            trace = _widened(trace, n_max)  # [b, L, H, n_max]
+            sinks = sink_mask(trace, method, **params)  # [b, L, H, n_max] bool
+            tables = long_tables(trace, sinks, batch, method, params)
+            summary.add(tables["heads"], tables["keys"])
+            for name, table in tables.items():
+                rows[name] = rows.get(name, 0) + len(table)
+                if stream is not None:
+                    stream.append(name, table)
+            captured = trace.info.get("capture")
+        small = {"layers": summary.table(), "skipped": skipped_table(bad)}
+        rows.update({name: len(table) for name, table in small.items()})
+        if folder is not None:
+            run = Run(small, profile_manifest(loaded, command, method, params, captured))
+            folder.save(run, streams=stream, order=TABLES)
+    return ProfileSummary(layers=small["layers"], skipped=bad, rows={t: rows[t] for t in TABLES if t in rows},
+                          method=method, params=params, folder=None if out is None else Path(out))
+
+
+def skipped_table(bad: Sequence[tuple[int, str]]) -> pd.DataFrame:
+    """One row per unusable prompt: its id and why it was skipped."""
+    return pd.DataFrame({"prompt_id": [i for i, _ in bad], "reason": [why for _, why in bad]}
+                        ).astype({"prompt_id": "int64", "reason": "object"})
 
 
 def build_tables(
@@ -106,13 +241,27 @@ def build_tables(
     params: Mapping[str, Any] | None = None,
 ) -> dict[str, pd.DataFrame]:
     """Tidy tables: `keys` (prompt × layer × head × key), `heads`, `layers`, `prompts`; for sink_rate, `sink_rate`."""
+    tables = long_tables(trace, sinks, prompt_ids, method, params)
+    tables["layers"] = layer_summary(tables["heads"], tables["keys"])
+    return {name: tables[name] for name in TABLES if name in tables}
+
+
+def long_tables(
+    trace: Trace,
+    sinks: torch.Tensor,
+    prompt_ids: Sequence[int] | None = None,
+    method: str = "column_mass",
+    params: Mapping[str, Any] | None = None,
+) -> dict[str, pd.DataFrame]:
+    """The tables with rows per prompt: `keys`, `heads`, `prompts`, and for sink_rate `sink_rate` (trace: [P, L, H,
+    N] statistics, sinks: [P, L, H, N] bool). Built for a batch of prompts, they are that batch's rows of the whole
+    run's tables."""
     ids = list(prompt_ids) if prompt_ids is not None else list(range(trace.n_prompts))
     tables = {
         "keys": key_table(trace, sinks, ids),
         "heads": head_table(trace, sinks, ids),
         "prompts": pd.DataFrame({"prompt_id": ids, "text": trace.prompts, "n_tokens": trace.lengths.tolist()}),
     }
-    tables["layers"] = layer_summary(tables["heads"], tables["keys"])
     if method == "sink_rate":
         tables["sink_rate"] = sink_rate_table(trace, ids, **dict(params or {}))
     return tables
@@ -185,23 +334,98 @@ def head_table(trace: Trace, sinks: torch.Tensor, ids: Sequence[int]) -> pd.Data
 
 def layer_summary(heads: pd.DataFrame, keys: pd.DataFrame, top: int = 3) -> pd.DataFrame:
     """Per layer: share of (prompt, head) pairs with a sink, mean α at position 0, and the most frequent sink tokens
-    with their mean α."""
-    by_layer = heads.groupby("layer")
-    frame = pd.DataFrame({
-        "head_share": by_layer["n_sinks"].apply(lambda s: float((s > 0).mean())),
-        "mean_sinks": by_layer["n_sinks"].mean(),
-        "pos0_alpha": keys[keys["position"] == 0].groupby("layer")["alpha"].mean(),
-    })
-    flagged = keys[keys["sink"]]
-    described = {}
-    for layer, group in flagged.groupby("layer"):
-        stats = group.groupby(["position", "token"])["alpha"].agg(["size", "mean"]).sort_values("size", ascending=False)
-        described[layer] = ", ".join(
-            f"{tok!r}@{pos} ({mean:.2f})" for (pos, tok), (_, mean) in stats.head(top).iterrows()
-        )
-    frame["sink_tokens"] = pd.Series(described, dtype="object")
-    frame["sink_tokens"] = frame["sink_tokens"].fillna("")
-    return frame.reset_index()
+    with their mean α (see `LayerSummary`, which builds it a batch at a time)."""
+    return LayerSummary(top).add(heads, keys).table()
+
+
+class ExactSums:
+    """Exact running sums and counts of float values per group (the columns `by`), whatever the batching.
+
+    Each value is x = m·2^(e−53) with an integer |m| < 2^53 (np.frexp); m is split as hi·2^26 + lo, and the his and
+    los of one group and exponent e are added as int64 (exact up to 2^36 values), so `means` is the exact mean
+    rounded once to float64.
+    """
+
+    def __init__(self, by: Sequence[str]) -> None:
+        self.by = list(by)
+        self.parts: pd.DataFrame | None = None  # index (*by, exp) → hi, lo, n (int64)
+
+    def add(self, frame: pd.DataFrame, column: str) -> None:
+        """Add `frame[column]`, grouped by `frame[by]`."""
+        mantissa, exp = np.frexp(frame[column].to_numpy(dtype=np.float64))
+        m = (mantissa * 2.0**53).astype(np.int64)  # exact: x = m · 2^(exp − 53)
+        part = pd.DataFrame({**{c: frame[c].to_numpy() for c in self.by}, "exp": exp, "hi": m >> 26,
+                             "lo": m & (2**26 - 1), "n": np.ones(len(m), dtype=np.int64)})
+        part = part.groupby([*self.by, "exp"], sort=False).sum()
+        self.parts = part if self.parts is None else pd.concat([self.parts, part]).groupby(level=[*self.by, "exp"],
+                                                                                           sort=False).sum()
+
+    def means(self) -> dict[Any, tuple[int, float]]:
+        """{group (a scalar for one column, else a tuple): (count, exact mean)}."""
+        out: dict[Any, tuple[int, float]] = {}
+        if self.parts is None:
+            return out
+        for key, group in self.parts.groupby(level=self.by if len(self.by) > 1 else self.by[0], sort=False):
+            total = sum((Fraction((int(hi) << 26) + int(lo)) * Fraction(2) ** (int(e) - 53)
+                         for e, hi, lo in zip(group.index.get_level_values("exp"), group["hi"], group["lo"],
+                                              strict=True)), Fraction(0))
+            n = int(group["n"].sum())
+            out[key] = (n, float(total / n))
+        return out
+
+
+class LayerSummary:
+    """The `layers` table from running totals, so that it can be built a batch at a time: `add` each batch's `heads`
+    and `keys` tables (any batching, any order), then read `table()`.
+
+    Per layer: `head_share` (share of (prompt, head) pairs with a sink), `mean_sinks` (sinks per pair), `pos0_alpha`
+    (mean α at position 0) and `sink_tokens`: the `top` most frequent (position, token) among the detector's sinks,
+    with their mean α. Counts are integers and the α means exact (`ExactSums`), so the table does not depend on the
+    batching.
+    """
+
+    def __init__(self, top: int = 3) -> None:
+        self.top = top
+        self.pairs: pd.DataFrame | None = None  # index layer → pairs, with_sink, n_sinks (int64)
+        self.pos0 = ExactSums(["layer"])
+        self.sinks = ExactSums(["layer", "position", "token"])
+
+    def add(self, heads: pd.DataFrame, keys: pd.DataFrame) -> LayerSummary:
+        n_sinks = heads["n_sinks"].to_numpy(dtype=np.int64)
+        part = pd.DataFrame({"layer": heads["layer"].to_numpy(), "pairs": np.ones(len(heads), dtype=np.int64),
+                             "with_sink": (n_sinks > 0).astype(np.int64), "n_sinks": n_sinks}).groupby("layer").sum()
+        self.pairs = part if self.pairs is None else pd.concat([self.pairs, part]).groupby(level="layer").sum()
+        self.pos0.add(keys[keys["position"] == 0], "alpha")
+        self.sinks.add(keys[keys["sink"].to_numpy(dtype=bool)], "alpha")
+        return self
+
+    def table(self) -> pd.DataFrame:
+        """One row per layer: layer, head_share, mean_sinks, pos0_alpha (float64), sink_tokens."""
+        if self.pairs is None:
+            raise ValueError("LayerSummary.table() before any add()")
+        pairs = self.pairs.sort_index()
+        pos0 = self.pos0.means()
+        frame = pd.DataFrame({
+            "layer": pairs.index.to_numpy(dtype=np.int64),
+            "head_share": pairs["with_sink"].to_numpy() / pairs["pairs"].to_numpy(),
+            "mean_sinks": pairs["n_sinks"].to_numpy() / pairs["pairs"].to_numpy(),
+            "pos0_alpha": np.array([pos0[layer][1] if layer in pos0 else np.nan for layer in pairs.index]),
+        })
+        by_layer: dict[int, list[tuple[tuple[int, str], tuple[int, float]]]] = {}
+        for (layer, position, token), stats in sorted(self.sinks.means().items()):
+            by_layer.setdefault(int(layer), []).append(((int(position), str(token)), stats))
+        described = []
+        for layer in frame["layer"]:
+            entries = by_layer.get(int(layer), [])
+            stats = pd.DataFrame([s for _, s in entries], columns=["size", "mean"],
+                                 index=pd.MultiIndex.from_tuples([k for k, _ in entries], names=["position", "token"])
+                                 if entries else None)
+            stats = stats.sort_values("size", ascending=False)  # pandas' groupby order and sort, as before
+            described.append(", ".join(f"{tok!r}@{pos} ({mean:.2f})"
+                                       for (pos, tok), mean in zip(stats.index[: self.top],
+                                                                   stats["mean"].iloc[: self.top], strict=True)))
+        frame["sink_tokens"] = pd.Series(described, dtype="object")
+        return frame
 
 
 def sink_rate_table(trace: Trace, ids: Sequence[int], **params: Any) -> pd.DataFrame:

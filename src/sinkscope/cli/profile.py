@@ -71,32 +71,30 @@ def profile_command(
     allow_pickle: PickleOpt = False,
 ) -> None:
     """Sinks per layer: the share of heads with a sink, α at position 0, and the sink tokens with their mass."""
-    from sinkscope.analyses.profile import profile
+    from sinkscope.analyses.profile import profile_in_batches
     from sinkscope.capture import CaptureConfig
     from sinkscope.cli.render import layer_table
     from sinkscope.detect import get_detector
-    from sinkscope.store import save_run
 
     texts, file_bad = gather_prompts(prompt, prompts)
     params = method_params(method, threshold)
     loaded = load(model, device, dtype, trust_remote_code, allow_pickle)
-    with _calibrated(loaded, calibration):
-        result = profile(loaded, texts, method, params, capture=CaptureConfig(), batch_size=batch_size,
-                         progress=True)
-    skipped = dict(result.skipped)
+    with _calibrated(loaded, calibration):  # a batch's tables at a time: written to --out, or only summarised
+        summary = profile_in_batches(loaded, texts, method, params, out=out, overwrite=overwrite,
+                                     capture=CaptureConfig(), batch_size=batch_size, progress=True)
+    skipped = dict(summary.skipped)
     skipped.update(dict(file_bad))
     info = loaded.info
-    title = (f"{info.name}: {info.n_layers} layers × {info.n_heads} heads, {result.trace.n_prompts} prompt(s), "
+    title = (f"{info.name}: {info.n_layers} layers × {info.n_heads} heads, {summary.n_prompts} prompt(s), "
              f"method {method} {get_detector(method).params | params}")
-    console.print(layer_table(result.tables["layers"], title))
+    console.print(layer_table(summary.layers, title))
     for i, why in sorted(skipped.items()):
         err_console.print(f"[yellow]skipped[/] prompt {i + 1}: {why}", highlight=False)
-    if out is not None:
+    if summary.folder is not None:
         from sinkscope.report import write_report
 
-        folder = save_run(out, result.run(loaded), overwrite=overwrite)
-        console.print(f"wrote {folder}/ ({', '.join(result.tables)} + manifest.json)")
-        console.print(f"wrote {write_report(folder)}")
+        console.print(f"wrote {summary.folder}/ ({', '.join(summary.rows)} + manifest.json)")
+        console.print(f"wrote {write_report(summary.folder)}")
 
 
 @user_errors
