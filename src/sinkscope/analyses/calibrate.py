@@ -25,9 +25,15 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from sinkscope.analyses.evaluate.classify import label_token_ids, next_token_logprobs, prompt_pass, score_labels
+from sinkscope.analyses.evaluate.classify import label_token_ids, next_token_logprobs, score_labels
 from sinkscope.analyses.evaluate.datasets import DatasetSpec, Example
-from sinkscope.analyses.evaluate.run import EvalConfig, evaluate_examples, summarise_records
+from sinkscope.analyses.evaluate.run import (
+    Classified,
+    EvalConfig,
+    classify_examples,
+    example_records,
+    summarise_records,
+)
 from sinkscope.capture import Calibrate, Intervention, MaskKeys, ReweightSinks, intervene
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
@@ -161,17 +167,6 @@ def search_heads(
     return calibration
 
 
-def _captured_predict(loaded: LoadedModel, spec: DatasetSpec, examples: Sequence[Example], padding_side: str,
-                      batch_size: int) -> torch.Tensor:
-    """Predictions as `sinkscope eval` makes them, with the last token's attention captured (what DMR reads).
-
-    One batch: examples [P] → predicted label index [P]."""
-    prompts = _prompts(loaded, spec, examples)
-    labels = label_token_ids(loaded.tokenizer, spec.labels, spec.answer_prefix)
-    first = prompt_pass(loaded, prompts, padding_side).logprobs
-    return score_labels(loaded, prompts, labels, first, padding_side, batch_size).argmax(-1)
-
-
 def mitigation_benchmark(
     loaded: LoadedModel,
     spec: DatasetSpec,
@@ -216,10 +211,19 @@ def mitigation_benchmark(
     if alignment is not None:
         alignment = dataclasses.replace(alignment, batch_size=batch_size)
         alignment.check()
-        runs["captured"] = lambda chunk: _captured_predict(loaded, spec, chunk, alignment.padding_side, batch_size)
+        config = alignment
+        classified: list[Classified] = []  # the captured passes, kept for the alignment: each batch runs once
+
+        def captured(chunk: Sequence[Example]) -> torch.Tensor:
+            classified.append(classify_examples(loaded, spec, chunk, config))
+            return classified[-1].predictions()
+
+        runs["captured"] = captured
     batches = _length_batches([len(p) for p in _prompts(loaded, spec, examples)], batch_size)
     for run in runs.values():  # first calls (kernels, the attention switch) are not timed
         run([examples[i] for i in batches[0]])
+    if alignment is not None:
+        classified.clear()
     preds = {name: torch.empty(len(examples), dtype=torch.long) for name in runs}
     seconds = dict.fromkeys(runs, 0.0)
     for idx in batches:
@@ -238,8 +242,8 @@ def mitigation_benchmark(
 
     rows = [row(name, name, "baseline" if name == "none" else "forward") for name, _ in methods]
     if alignment is not None:
-        records = [r for idx in batches for r in evaluate_examples(loaded, spec, [examples[i] for i in idx],
-                                                                   alignment, causal_ids)]
+        records = [r for idx, done in zip(batches, classified, strict=True)
+                   for r in example_records(loaded, spec, [examples[i] for i in idx], alignment, done, causal_ids)]
         summary = summarise_records(records, alignment).set_index("variant")
         scores = ["mismatch", "match", "spearman", "topk_overlap", "n_causal"]
         rows[0].update(summary.loc["before", scores].to_dict())

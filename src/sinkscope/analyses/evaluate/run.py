@@ -28,7 +28,7 @@ import torch
 
 from sinkscope.analyses.evaluate.alignment import keyword_score, spearman, token_words, topk_overlap
 from sinkscope.analyses.evaluate.causal import CAUSAL_MODES, causal_effects
-from sinkscope.analyses.evaluate.classify import label_token_ids, prompt_pass, score_labels
+from sinkscope.analyses.evaluate.classify import PromptPass, label_token_ids, prompt_pass, score_labels
 from sinkscope.analyses.evaluate.datasets import DatasetSpec, Example, Skipped, get_spec, load_examples, sample
 from sinkscope.analyses.mitigate import aggregate_rows, detect_mask_renormalise
 from sinkscope.detect import get_detector
@@ -36,7 +36,8 @@ from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
 from sinkscope.store import Run, RunFolder, make_manifest, open_run, reporter
 
-__all__ = ["EvalConfig", "EvalResult", "causal_subset", "evaluate", "evaluate_examples", "summarise",
+__all__ = ["Classified", "EvalConfig", "EvalResult", "causal_subset", "classify_examples", "evaluate",
+           "evaluate_examples", "example_records", "summarise",
            "summarise_records", "table2"]
 
 COMMAND = "eval"
@@ -210,12 +211,46 @@ def evaluate_examples(
     causal_ids: the example ids that get causal effects when config.causal (None: all), prompts longer than
     config.causal_max_tokens excepted.
     """
+    return example_records(loaded, spec, examples, config, classify_examples(loaded, spec, examples, config),
+                           causal_ids)
+
+
+@dataclass
+class Classified:
+    """One batch classified with the last token's attention captured (what the records are built from)."""
+
+    prompt_ids: list[list[int]]
+    passed: PromptPass
+    scores: torch.Tensor  # [P, labels] log-probabilities of each label
+
+    def predictions(self) -> torch.Tensor:
+        return self.scores.argmax(-1)  # [P]
+
+
+def classify_examples(loaded: LoadedModel, spec: DatasetSpec, examples: Sequence[Example], config: EvalConfig
+                      ) -> Classified:
+    """The prediction pass of `evaluate_examples`: one capture pass over the prompts and the label scores."""
     tok = loaded.tokenizer
     label_ids = label_token_ids(tok, spec.labels, spec.answer_prefix)
-    specials = set(getattr(tok, "all_special_ids", None) or [])
     prompt_ids = [list(tok(spec.prompt(x.fields))["input_ids"]) for x in examples]
     passed = prompt_pass(loaded, prompt_ids, config.padding_side)
     scores = score_labels(loaded, prompt_ids, label_ids, passed.logprobs, config.padding_side, config.batch_size)
+    return Classified(prompt_ids=prompt_ids, passed=passed, scores=scores)
+
+
+def example_records(
+    loaded: LoadedModel,
+    spec: DatasetSpec,
+    examples: Sequence[Example],
+    config: EvalConfig,
+    classified: Classified,
+    causal_ids: Collection[str] | None = None,
+) -> list[dict[str, Any]]:
+    """The records of `evaluate_examples` from a batch already classified (DMR, alignment, causal effects)."""
+    tok = loaded.tokenizer
+    label_ids = label_token_ids(tok, spec.labels, spec.answer_prefix)
+    specials = set(getattr(tok, "all_special_ids", None) or [])
+    prompt_ids, passed, scores = classified.prompt_ids, classified.passed, classified.scores
     records = []
     for i, example in enumerate(examples):
         ids = prompt_ids[i]
