@@ -13,14 +13,26 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from sinkscope.analyses.profile import profile
-from sinkscope.analyses.sweep import KILL_HOOK, SHARDS, Ranks, plan_units, resolve_device, sweep, unit_path
+from sinkscope import store
+from sinkscope.analyses.profile import layer_summary, profile
+from sinkscope.analyses.sweep import (
+    KILL_HOOK,
+    SHARDS,
+    SORT_KEYS,
+    Ranks,
+    plan_units,
+    resolve_device,
+    sweep,
+    unit_name,
+    unit_path,
+)
 from sinkscope.cli.app import app
 from sinkscope.errors import SinkscopeError
-from sinkscope.store import UNIT_RECORD, RunFolder, load_run, save_run
+from sinkscope.store import UNIT_RECORD, Run, RunFolder, load_run, make_manifest, save_run
 
 runner = CliRunner()
 # With unit size 2, unit 2 holds only unusable prompts (empty, longer than tiny:llama's 512 positions).
@@ -83,6 +95,27 @@ def test_single_process_equals_profile(tmp_path, tiny_llama, method):
     assert_same_tables(got.tables, profile_tables(tiny_llama, PROMPTS, tmp_path / "profile", method))
     assert got.tables["skipped"]["prompt_id"].tolist() == [3, 4, 5, 8]  # global ids, unit 2 entirely skipped
     assert not list((tmp_path / "sweep" / SHARDS).glob(".tmp-*"))
+
+
+def test_merge_streams_units_and_equals_their_concatenation(tmp_path, tiny_llama, monkeypatch):
+    """The merge appends the units a piece at a time (row groups of 50 rows here); its tables equal the units'
+    tables concatenated whole and sorted, with `layers` built from all rows at once (the merge before it streamed)."""
+    monkeypatch.setattr(RunFolder, "table_stream", lambda self, row_group_rows=0: store.TableStream(self.path, 50))
+    out = tmp_path / "sweep"
+    sweep(tiny_llama, PROMPTS, out, "sink_rate", unit_size=2, batch_size=3)
+    folder = RunFolder(out, "sweep")
+    units = [folder.read_unit(unit_name(u)).tables() for u in range(5)]
+    whole = {name: pd.concat([unit[name] for unit in units if name in unit], ignore_index=True)
+             .sort_values(SORT_KEYS[name], kind="stable").reset_index(drop=True) for name in SORT_KEYS}
+    whole["layers"] = layer_summary(whole["heads"], whole["keys"])
+    order = ["keys", "heads", "prompts", "layers", "sink_rate", "skipped"]
+    want = load_run(save_run(tmp_path / "whole", Run({n: whole[n] for n in order}, make_manifest("sweep", {}, {}))))
+    got = load_run(out)
+    assert list(got.tables) == order and got.manifest["tables"] == want.manifest["tables"]
+    for name in order:
+        pd.testing.assert_frame_equal(got[name], want[name], check_exact=True, obj=name)
+    assert pq.ParquetFile(out / "keys.parquet").num_row_groups > 1
+    assert not list(out.glob(".tmp-*"))
 
 
 @pytest.mark.slow

@@ -5,9 +5,11 @@ process `rank` of `world` does the units with u % world == rank. Each finished u
 global prompt ids) are a store unit `out/units/unit-<u>/` (`sinkscope.store`: written atomically, its files listed
 with sizes and sha256), so a process killed at any moment loses at most the unit it was working on, a rerun never
 repeats a finished one, and a unit whose files were deleted or damaged since is recomputed (and reported). When every
-unit is done, rank 0 merges the units into a run folder in `out/`. The folder records the sweep's settings (model,
-dtype, method, parameters, prompt-set hash, unit size); resuming with different settings is refused. The number of
-processes and the batch size may change between resumes. Rank 0 holds the folder's lock for the whole launch.
+unit is done, rank 0 merges the units into a run folder in `out/`, a unit at a time (their tables are appended to the
+run's Parquet files and `layers` comes from running totals), so the merge's memory does not grow with the prompts.
+The folder records the sweep's settings (model, dtype, method, parameters, prompt-set hash, unit size); resuming with
+different settings is refused. The number of processes and the batch size may change between resumes. Rank 0 holds
+the folder's lock for the whole launch.
 
 Test hook (tests/analyses/test_sweep.py): with `SINKSCOPE_KILL_BEFORE_RENAME=unit-<u>` set (`KILL_HOOK`), the process
 SIGKILLs itself after unit u's files are in their temporary folder and before the rename, the worst moment.
@@ -30,12 +32,30 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 
-from sinkscope.analyses.profile import build_tables, layer_summary, model_manifest, sink_mask
+from sinkscope.analyses.profile import (
+    TABLES,
+    LayerSummary,
+    ProfileSummary,
+    long_tables,
+    model_manifest,
+    sink_mask,
+    skipped_table,
+)
 from sinkscope.capture import CaptureConfig, run_capture, validate_prompts
 from sinkscope.detect import get_detector
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel, parse_dtype
-from sinkscope.store import KILL_HOOK, UNITS, Run, RunFolder, make_manifest, normalise, open_run, reporter
+from sinkscope.store import (
+    KILL_HOOK,
+    UNITS,
+    Run,
+    RunFolder,
+    TableStream,
+    make_manifest,
+    normalise,
+    open_run,
+    reporter,
+)
 
 COMMAND = "sweep"
 SHARDS = UNITS  # where the units live: out/units/unit-<u>/
@@ -44,7 +64,7 @@ __all__ = ["KILL_HOOK", "SHARDS", "Ranks", "SweepConfig", "SweepPlan", "SweepRes
            "sweep_settings", "unit_name", "unit_path"]
 # Ranks that finish early wait for the slowest one at the final barrier; the default (30 min) is too short for that.
 BARRIER_TIMEOUT = timedelta(hours=24)
-# Merge order of each table: the order `profile` builds them in.
+# Row order of each table: the order `profile` builds them in.
 SORT_KEYS: dict[str, list[str]] = {
     "keys": ["prompt_id", "layer", "head", "position"],
     "heads": ["prompt_id", "layer", "head"],
@@ -117,12 +137,13 @@ class SweepPlan:
 @dataclass
 class SweepResult:
     """One process's outcome: units done by this call, units found done (all ranks), the units of this process that
-    were recomputed because they were damaged or left half-written ({unit: reason}), and (rank 0) the merged run."""
+    were recomputed because they were damaged or left half-written ({unit: reason}), and (rank 0) the merged run's
+    summary (its `layers` table, skipped prompts and row counts; the tables are in the run folder)."""
 
     n_units: int
     done_now: list[int]
     done_before: int
-    run: Run | None = None
+    summary: ProfileSummary | None = None
     damaged: dict[int, str] = field(default_factory=dict)
 
 
@@ -244,12 +265,9 @@ def profile_unit(loaded: LoadedModel, prompts: Sequence[str], ids: Sequence[int]
     if good:
         trace = run_capture(loaded, [prompts[i] for i in good], CaptureConfig(), batch_size=config.batch_size)
         sinks = sink_mask(trace, config.method, **config.params)  # [P, L, H, N] bool
-        tables = build_tables(trace, sinks, prompt_ids=[ids[i] for i in good], method=config.method,
-                              params=config.params)
-        del tables["layers"]
-    tables["skipped"] = pd.DataFrame(
-        {"prompt_id": [ids[i] for i, _ in bad], "reason": [why for _, why in bad]}
-    ).astype({"prompt_id": "int64", "reason": "object"})
+        tables = long_tables(trace, sinks, prompt_ids=[ids[i] for i in good], method=config.method,
+                             params=config.params)
+    tables["skipped"] = skipped_table([(ids[i], why) for i, why in bad])
     return tables
 
 
@@ -294,33 +312,34 @@ def run_units(loaded: LoadedModel, plan: SweepPlan, ranks: Ranks | None = None,
     return done
 
 
-def merge_units(folder: RunFolder, n_units: int) -> tuple[dict[str, pd.DataFrame], list[int]]:
-    """Concatenate the units' tables in `profile`'s order and recompute `layers`. Returns the tables and the world
-    sizes the units were computed with. A missing or damaged unit is a SinkscopeError that says to rerun."""
+def merge_units(folder: RunFolder, n_units: int, stream: TableStream) -> tuple[dict[str, pd.DataFrame], list[int]]:
+    """Append the units' long tables to `stream` a unit at a time, in `profile`'s row order, and build `layers` from
+    running totals (`LayerSummary`). Unit u holds prompts u·size … (u+1)·size − 1, so unit order is prompt order: each
+    unit's rows, sorted by `SORT_KEYS`, follow the previous unit's. Returns the small tables (`layers`, `skipped`) and
+    the world sizes the units were computed with. A missing or damaged unit is a SinkscopeError that says to rerun."""
     missing = [u for u in range(n_units) if not folder.unit_path(unit_name(u)).is_dir()]
     if missing:
         raise SinkscopeError(f"{len(missing)} of {n_units} units are not done (first: {missing[0]}); rerun the same "
                              "command to finish them")
-    parts: dict[str, list[pd.DataFrame]] = {}
+    summary = LayerSummary()
+    skipped: list[pd.DataFrame] = []
     worlds: set[int] = set()
     for u in range(n_units):
         unit = folder.read_unit(unit_name(u))
-        for name, table in unit.tables().items():
-            parts.setdefault(name, []).append(table)
+        tables = {name: table.sort_values(SORT_KEYS[name], kind="stable").reset_index(drop=True)
+                  for name, table in unit.tables().items()}
+        if "keys" in tables:
+            summary.add(tables["heads"], tables["keys"])
+        for name in ("keys", "heads", "prompts", "sink_rate"):
+            if name in tables:
+                stream.append(name, tables[name])
+        skipped.append(tables["skipped"])
         worlds.add(int(unit.info["world_size"]))
-    merged = {name: pd.concat(frames, ignore_index=True) for name, frames in parts.items()}
-    if "keys" not in merged:
-        skipped = merged["skipped"]
-        reasons = "; ".join(f"prompt {r.prompt_id + 1}: {r.reason}" for r in skipped.head(3).itertuples())
+    merged = pd.concat(skipped, ignore_index=True)
+    if "keys" not in stream.rows:
+        reasons = "; ".join(f"prompt {r.prompt_id + 1}: {r.reason}" for r in merged.head(3).itertuples())
         raise SinkscopeError(f"no usable prompt ({reasons})")
-    for name, table in merged.items():
-        merged[name] = table.sort_values(SORT_KEYS[name], kind="stable").reset_index(drop=True)
-    tables = {name: merged[name] for name in ("keys", "heads", "prompts")}
-    tables["layers"] = layer_summary(tables["heads"], tables["keys"])
-    if "sink_rate" in merged:
-        tables["sink_rate"] = merged["sink_rate"]
-    tables["skipped"] = merged["skipped"]
-    return tables, sorted(worlds)
+    return {"layers": summary.table(), "skipped": merged}, sorted(worlds)
 
 
 def _sum_over_ranks(ranks: Ranks, value: int) -> int:
@@ -354,17 +373,24 @@ def sweep_run(loaded: LoadedModel, plan: SweepPlan, ranks: Ranks | None = None,
             dist.barrier()
         if not ranks.main:
             return SweepResult(n_units, done, before, damaged=damaged)
-        tables, worlds = merge_units(plan.folder, n_units)
         config = plan.config
-        params = {"method": config.method, **config.params, "capture": plan.settings["capture"],
-                  "batch_size": config.batch_size}
-        manifest = make_manifest(COMMAND, model_manifest(loaded), params)
-        manifest["sweep"] = {"world_size": ranks.world, "world_sizes_of_units": worlds,
-                             "unit_size": config.unit_size, "n_units": n_units, "n_prompts": len(plan.prompts),
-                             "prompts_sha256": plan.settings["prompts_sha256"], "source": source}
-        run = Run(tables=tables, manifest=manifest)
-        plan.folder.save(run)
-        return SweepResult(n_units, done, before, run, damaged)
+        with plan.folder.table_stream() as stream:
+            tables, worlds = merge_units(plan.folder, n_units, stream)
+            params = {"method": config.method, **config.params, "capture": plan.settings["capture"],
+                      "batch_size": config.batch_size}
+            manifest = make_manifest(COMMAND, model_manifest(loaded), params)
+            manifest["sweep"] = {"world_size": ranks.world, "world_sizes_of_units": worlds,
+                                 "unit_size": config.unit_size, "n_units": n_units, "n_prompts": len(plan.prompts),
+                                 "prompts_sha256": plan.settings["prompts_sha256"], "source": source}
+            plan.folder.save(Run(tables=tables, manifest=manifest), streams=stream, order=TABLES)
+        rows = {**stream.rows, **{name: len(table) for name, table in tables.items()}}
+        skipped = tables["skipped"]
+        summary = ProfileSummary(layers=tables["layers"],
+                                 skipped=list(zip(skipped["prompt_id"].tolist(), skipped["reason"].tolist(),
+                                                  strict=True)),
+                                 rows={name: rows[name] for name in TABLES if name in rows},
+                                 method=config.method, params=dict(config.params), folder=plan.out)
+        return SweepResult(n_units, done, before, summary, damaged)
     finally:
         plan.folder.close()
 
@@ -377,8 +403,8 @@ def sweep(loaded: LoadedModel, prompts: Sequence[str], out: str | Path, method: 
 
     Rerunning on the same `out` finishes what is left, recomputes damaged units (reported through `log`) or only
     re-merges a finished sweep. `overwrite` replaces a folder of another command or other settings. Under torchrun,
-    call it on every rank inside `process_group(...)`; rank 0's result holds the run (the tables `profile` builds,
-    plus `skipped`).
+    call it on every rank inside `process_group(...)`. The run folder holds the tables `profile` builds, plus
+    `skipped`; rank 0's result holds its summary.
     """
     ranks = ranks or Ranks()
     config = SweepConfig(method, dict(params or {}), unit_size, batch_size)

@@ -118,13 +118,13 @@ def sweep_command(
         loaded = load(model, where, dtype, trust_remote_code, allow_pickle)
         with _progress(ranks.main) as progress:
             result = sweep_run(loaded, plan, ranks, progress, source)
-    if result.run is None:
+    if result.summary is None:
         return
-    tables, info = result.run.tables, loaded.info
-    title = (f"{info.name}: {info.n_layers} layers × {info.n_heads} heads, {len(tables['prompts'])} prompt(s) in "
+    summary, info = result.summary, loaded.info
+    title = (f"{info.name}: {info.n_layers} layers × {info.n_heads} heads, {summary.n_prompts} prompt(s) in "
              f"{result.n_units} unit(s), method {method} {get_detector(method).params | params}")
-    console.print(layer_table(tables["layers"], title))
-    skipped = dict(zip(tables["skipped"]["prompt_id"], tables["skipped"]["reason"], strict=True))
+    console.print(layer_table(summary.layers, title))
+    skipped = dict(summary.skipped)
     skipped.update(dict(file_bad))
     for i, why in sorted(skipped.items())[:MAX_SKIP_LINES]:
         err_console.print(f"[yellow]skipped[/] prompt {i + 1}: {why}", highlight=False)
@@ -136,4 +136,4 @@ def sweep_command(
     else:
         console.print(f"{result.n_units - result.done_before} unit(s) computed now by {ranks.world} process(es), "
                       f"{result.done_before} found done")
-    console.print(f"wrote {out}/ ({', '.join(tables)} + manifest.json)")
+    console.print(f"wrote {out}/ ({', '.join(summary.rows)} + manifest.json)")
