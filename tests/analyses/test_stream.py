@@ -70,3 +70,46 @@ def test_bad_input(lm):
         stream_nll(lm, [1], "full")
     with pytest.raises(SinkscopeError, match="rotary"):
         stream_nll(tiny_model("gpt2"), [1, 2, 3], "window")
+
+
+def test_beyond_the_context_equals_a_fresh_forward_of_sinks_and_window():
+    """A text 4× the model's context streams: positions are rebased below the context, and in a 1-layer model each
+    step still equals a fresh forward over [sinks + window + x_t] at positions 0..n−1 (StreamingLLM's frame)."""
+    lm = tiny_model("llama", num_hidden_layers=1, max_position_embeddings=16)
+    ids = lm.tokenizer("the quick brown fox jumps over the lazy dog, then naps; " * 2)["input_ids"][:64]
+    sink, window = 2, 5
+    result = stream_nll(lm, ids, "sink_window", sink=sink, window=window)
+    assert result.n_tokens == 64
+    for t in range(sink + window, len(ids) - 1):
+        context = ids[:sink] + ids[t - window : t] + [ids[t]]
+        with torch.no_grad():
+            logits = lm.model(torch.tensor([context])).logits[0, -1].float()
+        expected = -torch.log_softmax(logits, -1)[ids[t + 1]]
+        torch.testing.assert_close(result.nll[t], expected, atol=1e-4, rtol=0)
+    full = stream_nll(lm, ids, "full", sink=sink, window=window)
+    assert full.n_tokens == 16  # the full cache is scored only within the context
+    with pytest.raises(SinkscopeError, match="context"):
+        stream_nll(lm, ids, "window", sink=4, window=12)
+
+
+def test_sink_keys_stay_one_rotation_from_exact_in_bfloat16(lm):
+    """Each step places the sinks by one rotation of their first keys, so in bfloat16 their error stays at one
+    rounding after hundreds of evictions; rotating step by step (the original re-positioning) drifts."""
+    from types import SimpleNamespace
+
+    from sinkscope.analyses.stream import _SinkWindowCache
+
+    torch.manual_seed(0)
+    first = torch.randn(1, 2, 2, 8)  # [b, kvh, sink, d] float32, as first computed
+    layer = SimpleNamespace(keys=torch.cat([first, torch.randn(1, 2, 6, 8)], 2).bfloat16(),
+                            values=torch.zeros(1, 2, 8, 8, dtype=torch.bfloat16))
+    book = _SinkWindowCache(lm, SimpleNamespace(layers=[layer]), sink=2, budget=8)
+    stepwise = first.bfloat16()
+    for t in range(8, 260):
+        book.place_sinks(t)
+        if t > 8:
+            stepwise = shift_keys(stepwise, 1, lm)
+    exact = shift_keys(first.double(), 260 - 1 - 8, lm)
+    error = ((layer.keys[:, :, :2].double() - exact).norm() / exact.norm()).item()
+    drift = ((stepwise.double() - exact).norm() / exact.norm()).item()
+    assert error < 0.01 < 0.05 < drift

@@ -1,11 +1,24 @@
-"""StreamingLLM (Xiao et al. 2024): a KV cache that keeps the first `sink` tokens plus a recent window.
+"""StreamingLLM (Xiao et al. 2024): a KV cache that keeps the first `sink` tokens plus a recent window, for texts of
+any length.
 
-Tokens are fed one at a time; when the cache exceeds its budget, the oldest window token is evicted and the kept
-window keys are re-positioned: each key is rotated by RoPE(−1) so that every cached key sits at its index *in the
-cache*, and the next query takes position `len(cache)`, as the original implementation does. Policies compared at the
-same cache budget (sink + window entries):
+Tokens are fed one at a time; when the cache exceeds its budget, the oldest window token is evicted. In the original
+implementation every kept key is then re-rotated by RoPE(−1) so that each sits at its index *in the cache* and the
+next query takes position `len(cache)`; rotated step by step, a key accumulates one rounding per step (in bfloat16,
+a relative key error of 0.1 after 250 steps). Only relative positions matter to RoPE attention, so here each key
+keeps the rotation it was computed with and the query takes its own position in the text:
 
-- `full`: no eviction;
+- a window key at text position p is seen from the query at t at distance t − p, as in the cache-index frame;
+- a sink key j must be seen at distance budget − j (its cache-index distance): it is rotated once, from the key
+  as first computed, to position t − budget + j before each step (O(sink) work);
+- positions stay below the model's context: when the query would reach it, every cached key is rotated back once by
+  the same amount (a key lives `window` steps, so it is rebased at most once when the context exceeds sink +
+  2·window).
+
+So every cached key is at most one rotation (two with a rebase) away from the model's own computation, and a step
+costs the model's incremental decode plus the eviction's copy. Policies compared at the same cache budget
+(sink + window entries):
+
+- `full`: no eviction — scored only up to the model's context (`StreamResult.n_tokens` says how far);
 - `sink_window`: the first `sink` tokens + the last `window` tokens;
 - `window`: the last `sink + window` tokens only (the sinks are evicted like any other token).
 """
@@ -17,6 +30,7 @@ import math
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -34,7 +48,12 @@ class StreamResult:
     policy: str
     sink: int
     window: int
-    nll: torch.Tensor  # [T − 1]
+    nll: torch.Tensor  # [T − 1]  (full: T is at most the model's context)
+
+    @property
+    def n_tokens(self) -> int:
+        """How many tokens were fed (the scored predictions are one fewer)."""
+        return self.nll.numel() + 1
 
     @property
     def perplexity(self) -> float:
@@ -75,47 +94,99 @@ def shift_keys(keys: torch.Tensor, delta: int, loaded: LoadedModel) -> torch.Ten
     return shifted.to(keys.dtype)
 
 
-def _evict(cache: DynamicCache, keep_first: int, loaded: LoadedModel) -> None:
-    """Drop the cache entry at index `keep_first` and shift the later keys back by one position."""
-    for layer in cache.layers:
-        keys, values = layer.keys, layer.values  # [b, kvh, n, d]
-        tail_k = shift_keys(keys[:, :, keep_first + 1 :], -1, loaded)
-        layer.keys = torch.cat([keys[:, :, :keep_first], tail_k], dim=2)
-        layer.values = torch.cat([values[:, :, :keep_first], values[:, :, keep_first + 1 :]], dim=2)
+def context_length(loaded: LoadedModel) -> int | None:
+    """The model's context (max_position_embeddings or n_positions), None if the config does not say."""
+    config = loaded.model.config
+    get = getattr(config, "get_text_config", None)
+    config = get() if callable(get) else config
+    for name in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+class _SinkWindowCache:
+    """The cache bookkeeping of one sink + window stream (module docstring): eviction, the sinks' one rotation per
+    step from their first keys, and rebasing positions below the context."""
+
+    def __init__(self, loaded: LoadedModel, cache: DynamicCache, sink: int, budget: int) -> None:
+        self.loaded, self.cache, self.sink, self.budget = loaded, cache, sink, budget
+        self.first_sinks: list[torch.Tensor] | None = None  # per layer [b, kvh, sink, d] as first computed
+        self.offset = 0  # text position − model position
+
+    def evict(self) -> None:
+        """Drop the oldest window entry (index `sink`) of every layer, keeping the others' rotations."""
+        s = self.sink
+        for layer in self.cache.layers:
+            layer.keys = torch.cat([layer.keys[:, :, :s], layer.keys[:, :, s + 1:]], dim=2)
+            layer.values = torch.cat([layer.values[:, :, :s], layer.values[:, :, s + 1:]], dim=2)
+
+    def place_sinks(self, t: int) -> None:
+        """Before the query at text position t: sink j at model position t − offset − budget + j (one rotation of
+        its first key)."""
+        if not self.sink:
+            return
+        if self.first_sinks is None:
+            self.first_sinks = [layer.keys[:, :, : self.sink].clone() for layer in self.cache.layers]
+        delta = t - self.offset - self.budget
+        for layer, first in zip(self.cache.layers, self.first_sinks, strict=True):
+            layer.keys[:, :, : self.sink] = shift_keys(first, delta, self.loaded) if delta else first
+
+    def rebase(self, by: int) -> None:
+        """Move every position back by `by` (window keys rotated once; sinks follow in place_sinks)."""
+        self.offset += by
+        for layer in self.cache.layers:
+            layer.keys[:, :, self.sink:] = shift_keys(layer.keys[:, :, self.sink:], -by, self.loaded)
 
 
 def stream_nll(loaded: LoadedModel, ids: Sequence[int], policy: str, sink: int = 4, window: int = 256,
                progress: bool = False) -> StreamResult:
-    """Feed `ids` one token at a time under a cache policy and return each next-token NLL."""
+    """Feed `ids` one token at a time under a cache policy and return each next-token NLL.
+
+    `full` scores only the tokens within the model's context (`StreamResult.n_tokens`); the evicting policies score
+    any length."""
     if policy not in POLICIES:
         raise SinkscopeError(f"unknown cache policy '{policy}': use one of {', '.join(POLICIES)}")
     if sink < 0 or window < 1:
         raise SinkscopeError("--sink must be ≥ 0 and --window ≥ 1")
     if len(ids) < 2:
         raise SinkscopeError("the text is too short: it needs at least two tokens")
+    context = context_length(loaded)
+    budget = sink + window
     if policy != "full":
         _rotary(loaded)
+        if context is not None and context < budget + 2:
+            raise SinkscopeError(f"the cache budget sink + window = {budget} does not fit the model's context of "
+                                 f"{context} tokens: pass a smaller --window")
+    elif context is not None:
+        ids = list(ids)[:context]
     model = loaded.model
-    budget = sink + window
-    keep_first = sink if policy == "sink_window" else 0
+    keep = sink if policy == "sink_window" else 0
     cache = DynamicCache(config=model.config)
+    book = _SinkWindowCache(loaded, cache, keep, budget)
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     tokens = torch.tensor(list(ids), device=loaded.device)
     nll = torch.empty(len(ids) - 1)
-    steps = range(len(ids) - 1)
+    steps: Any = range(len(ids) - 1)
     if progress:
         from rich.progress import track
 
         steps = track(steps, description=f"{policy:>11}", transient=True)
+    limit = context if context is not None else None
     with torch.inference_mode():
         for t in steps:
-            position = cache.get_seq_length()
-            pos = torch.tensor([[position]], device=tokens.device)
+            if policy != "full":
+                if limit is not None and t - book.offset >= limit:
+                    book.rebase(t - book.offset - budget)
+                if t >= budget:
+                    book.place_sinks(t)
+            pos = torch.tensor([[t - book.offset]], device=tokens.device)
             out = model(input_ids=tokens[t : t + 1][None], position_ids=pos, use_cache=True, **{cache_arg: cache})
             logp = torch.log_softmax(out.logits[0, -1].float(), dim=-1)
             nll[t] = -logp[tokens[t + 1]].cpu()
             if policy != "full" and cache.get_seq_length() > budget:
-                _evict(cache, keep_first, loaded)
+                book.evict()
     return StreamResult(policy=policy, sink=sink, window=window, nll=nll)
 
 
