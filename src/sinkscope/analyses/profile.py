@@ -348,7 +348,7 @@ class ExactSums:
 
     def __init__(self, by: Sequence[str]) -> None:
         self.by = list(by)
-        self.parts: pd.DataFrame | None = None  # index (*by, exp) → hi, lo, n (int64)
+        self.parts: list[pd.DataFrame] = []  # each: index (*by, exp) → hi, lo, n (int64); merged every 64 adds
 
     def add(self, frame: pd.DataFrame, column: str) -> None:
         """Add `frame[column]`, grouped by `frame[by]`."""
@@ -356,22 +356,28 @@ class ExactSums:
         m = (mantissa * 2.0**53).astype(np.int64)  # exact: x = m · 2^(exp − 53)
         part = pd.DataFrame({**{c: frame[c].to_numpy() for c in self.by}, "exp": exp, "hi": m >> 26,
                              "lo": m & (2**26 - 1), "n": np.ones(len(m), dtype=np.int64)})
-        part = part.groupby([*self.by, "exp"], sort=False).sum()
-        self.parts = part if self.parts is None else pd.concat([self.parts, part]).groupby(level=[*self.by, "exp"],
-                                                                                           sort=False).sum()
+        self.parts.append(part.groupby([*self.by, "exp"], sort=False).sum())
+        if len(self.parts) >= 64:
+            self.parts = [self._merged()]
+
+    def _merged(self) -> pd.DataFrame:
+        return pd.concat(self.parts).groupby(level=[*self.by, "exp"], sort=False).sum()
 
     def means(self) -> dict[Any, tuple[int, float]]:
         """{group (a scalar for one column, else a tuple): (count, exact mean)}."""
-        out: dict[Any, tuple[int, float]] = {}
-        if self.parts is None:
-            return out
-        for key, group in self.parts.groupby(level=self.by if len(self.by) > 1 else self.by[0], sort=False):
-            total = sum((Fraction((int(hi) << 26) + int(lo)) * Fraction(2) ** (int(e) - 53)
-                         for e, hi, lo in zip(group.index.get_level_values("exp"), group["hi"], group["lo"],
-                                              strict=True)), Fraction(0))
-            n = int(group["n"].sum())
-            out[key] = (n, float(total / n))
-        return out
+        parts = self._merged().reset_index() if self.parts else None
+        if parts is None or parts.empty:
+            return {}
+        shift = int(parts["exp"].min()) - 53  # every value is an integer multiple of 2^shift
+        keys = parts[self.by[0]].tolist() if len(self.by) == 1 else list(parts[self.by].itertuples(False, None))
+        totals: dict[Any, int] = {}
+        counts: dict[Any, int] = {}
+        for key, e, hi, lo, n in zip(keys, parts["exp"].tolist(), parts["hi"].tolist(), parts["lo"].tolist(),
+                                     parts["n"].tolist(), strict=True):
+            totals[key] = totals.get(key, 0) + (((hi << 26) + lo) << (e - 53 - shift))
+            counts[key] = counts.get(key, 0) + n
+        scale = Fraction(2) ** shift
+        return {key: (counts[key], float(total * scale / counts[key])) for key, total in totals.items()}
 
 
 class LayerSummary:
