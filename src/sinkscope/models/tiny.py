@@ -42,7 +42,7 @@ def byte_tokenizer(encoder: bool = False) -> transformers.PreTrainedTokenizerFas
     encoders, [CLS] [SEP] (ids 259-260 reuse the tail of the vocabulary). Decoders get `<s>` prepended."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=lambda ch: _byte_of(ch))
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet(), key=_bytes_to_unicode().__getitem__)
     vocab = {ch: i for i, ch in enumerate(alphabet)}
     specials = ["<s>", "</s>", "<pad>", "<unk>", "[CLS]", "[SEP]"]
     for offset, tok in enumerate(specials):
@@ -64,11 +64,6 @@ def byte_tokenizer(encoder: bool = False) -> transformers.PreTrainedTokenizerFas
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=core, eos_token="</s>", pad_token="<pad>", unk_token="<unk>", **kwargs
     )
-
-
-def _byte_of(ch: str) -> int:
-    table = _bytes_to_unicode()
-    return table[ch]
 
 
 def _bytes_to_unicode() -> dict[str, int]:
