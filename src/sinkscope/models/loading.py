@@ -283,6 +283,8 @@ def check_device(device: str | torch.device | None) -> torch.device | None:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise SinkscopeError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
                                  f"numbered from 0")
+    if dev.type == "cpu" and dev.index not in (None, 0):
+        raise SinkscopeError(f"--device {device}: the CPU is one device; use --device cpu")
     if dev.type == "mps" and not torch.backends.mps.is_available():
         raise SinkscopeError(f"--device {device}: MPS is not available on this machine; use --device cpu")
     return dev

@@ -55,13 +55,13 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from sinkscope.models.loading import check_device
+
     try:
-        dev = torch.device(device)
+        torch.device(device)
     except RuntimeError:
-        raise SinkscopeError(f"unknown device '{device}': use auto, cpu or cuda") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SinkscopeError("--device cuda was asked for but no CUDA GPU is available; use --device cpu")
-    return dev
+        raise SinkscopeError(f"unknown device '{device}': use cpu, cuda or cuda:N") from None
+    return check_device(device) or torch.device("cpu")  # a GPU or CPU index this machine does not have: one line
 
 
 @dataclass
