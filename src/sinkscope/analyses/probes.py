@@ -14,6 +14,7 @@ with the paper's two-shot prompt (`SST2_TEMPLATE`), read from ../shared/data (or
 from __future__ import annotations
 
 import json
+import math
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -67,14 +68,20 @@ def load_statements(
             raise SinkscopeError("no data folder: pass --data DIR (the shared data folder) or set $SINKSCOPE_DATA")
         path = folder / DATASETS[name]["folder"] / "test.jsonl"
         if not path.exists():
-            raise SinkscopeError(f"{path} not found: pass --data-dir pointing at the shared data folder")
+            raise SinkscopeError(f"{path} not found: pass --data pointing at the shared data folder")
     else:
         path = Path(name)
         if not path.exists():
             raise SinkscopeError(f"unknown data set '{name}': use one of {', '.join(DATASETS)} or a JSONL file")
+    if n is not None and n < 1:
+        raise SinkscopeError(f"cannot sample {n} statements: ask for at least 1")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise SinkscopeError(f"{path} is not UTF-8 text: pass a JSONL file with 'text' and 'label'") from None
     texts: list[str] = []
     labels: list[int] = []
-    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+    for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
@@ -134,8 +141,13 @@ def fit_probes(
     first = next(iter(features.values()))
     if any(s[:3] != first.shape[:3] for s in shapes.values()) or first.shape[0] != len(y):
         raise SinkscopeError(f"feature shapes {shapes} do not match {len(y)} labels")
-    if len(np.unique(y)) < 2:
+    classes, counts = np.unique(y, return_counts=True)
+    if len(classes) < 2:
         raise SinkscopeError("probes need two classes in the labels")
+    n_test = math.ceil(test_size * len(y))
+    if counts.min() < 2 or min(n_test, len(y) - n_test) < len(classes):
+        raise SinkscopeError(f"{len(y)} statements ({', '.join(map(str, counts))} per class) are too few for a "
+                             f"stratified split with test share {test_size}: use more statements (--limit)")
     idx = np.arange(len(y))
     train, test = train_test_split(idx, test_size=test_size, random_state=random_state, stratify=y)
     chance = float(max(np.mean(y[test]), 1 - np.mean(y[test])))

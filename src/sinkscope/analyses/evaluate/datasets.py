@@ -201,7 +201,7 @@ def get_spec(name: str | DatasetSpec) -> DatasetSpec:
     aliases = {"agnews": "agnews", "dbpedia14": "dbpedia", "rottentomatoes": "mr"}
     key = aliases.get(key, key)
     if key not in SPECS:
-        raise SinkscopeError(f"unknown dataset '{name}': use one of {', '.join(SPECS)} (or --all)")
+        raise SinkscopeError(f"unknown dataset '{name}': use one of {', '.join(SPECS)}")
     return SPECS[key]
 
 
