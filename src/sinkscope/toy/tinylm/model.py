@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -76,11 +77,34 @@ class TrainConfig:
             raise SinkscopeError("the synthetic task needs between 1 and 32 trigger tokens")
         if not 0.0 <= self.synthetic_frac <= 1.0:
             raise SinkscopeError("synthetic fraction must be between 0 and 1")
+        need, have = self.memory_estimate(), _physical_memory()
+        if have is not None and need > have:
+            raise SinkscopeError(f"this run needs at least {need / 2**30:,.1f} GiB (weights and optimizer state, one "
+                                 f"batch of activations, the synthetic pool) and this machine has {have / 2**30:,.1f} "
+                                 "GiB: use a smaller --d-model, --n-layers, --batch-size, --eval-batch or --seq-len")
         return self
+
+    def memory_estimate(self) -> int:
+        """A lower bound on the bytes training takes: fp32 weights, gradients and AdamW's two moments (16 bytes a
+        parameter), 8 floats per token, layer and hidden unit of the larger of a batch and the evaluation batch, and
+        the synthetic pool (int64 tokens). Checked before anything is built, so that absurd sizes fail at once."""
+        d = self.d_model
+        params = self.layers * (4 * d * d + 3 * d * self.ffn) + max(self.vocab_size, 0) * d
+        tokens = max(self.batch_size, self.eval_batch) * self.seq_len
+        pool = self.synthetic_pool * self.seq_len if self.synthetic else 0
+        return 16 * params + 4 * 8 * tokens * self.layers * d + 8 * pool
 
     @property
     def ffn(self) -> int:
         return self.intermediate or 16 * math.ceil(8 * self.d_model / 3 / 16)
+
+
+def _physical_memory() -> int | None:
+    """This machine's RAM in bytes, or None where the OS does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 def llama_config(cfg: TrainConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaConfig:

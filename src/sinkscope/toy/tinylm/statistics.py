@@ -160,13 +160,22 @@ def summarise(stats: AttentionStats) -> dict[str, Any]:
 
 
 
+def _read_parquet(path: Path) -> pd.DataFrame:
+    try:
+        return pd.read_parquet(path)
+    except (ValueError, OSError) as err:  # pyarrow's ArrowInvalid is a ValueError
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise SinkscopeError(f"{path} is not a readable trace.parquet ({reason}); pass the folder written by "
+                             "`sinkscope train-lm`, or train again") from None
+
+
 def read_trace(run: str | Path) -> pd.DataFrame:
     """The trace table of a run folder (or a trace.parquet path)."""
     path = Path(run)
     if path.is_file():
-        return pd.read_parquet(path)
+        return _read_parquet(path)
     if (path / "trace.parquet").exists():
-        return pd.read_parquet(path / "trace.parquet")
+        return _read_parquet(path / "trace.parquet")
     if (path / "manifest.json").exists() and "trace" in load_run(path).tables:
         return load_run(path)["trace"]
     raise SinkscopeError(f"{run} has no trace.parquet: pass a folder written by `sinkscope train-lm`")
