@@ -11,9 +11,10 @@ from typing import Annotated
 import typer
 
 from sinkscope.cli import evaluate, listing, mechanisms, mitigation, profile, report, stream, sweep, tags, toy, train
-from sinkscope.cli.options import console
+from sinkscope.cli.options import OneLineErrors, console
 
 app = typer.Typer(
+    cls=OneLineErrors,
     help="Measure, explain and remove attention sinks in transformer models.",
     no_args_is_help=True,
     add_completion=False,

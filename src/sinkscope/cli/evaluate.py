@@ -86,13 +86,13 @@ def eval_command(
     threshold: described(ThresholdOpt, "; with a single --method") = None,
     layers: described(LayersOpt, AVERAGED) = "-1",
     heads: described(HeadsOpt, AVERAGED) = "all",
-    top_k: Annotated[int, typer.Option(help="K of the top-K tokens (seed 000: 10)")] = 10,
+    top_k: Annotated[int, typer.Option(min=1, help="K of the top-K tokens (seed 000: 10)")] = 10,
     causal: Annotated[bool, typer.Option("--causal/--no-causal", help="Measure each token's causal effect")] = True,
     causal_mode: Annotated[str, typer.Option(
         help="mask: cut attention to the token in every layer; occlude: delete the token")] = "mask",
     causal_limit: Annotated[int | None, typer.Option(
-        help="At most this many examples per dataset get causal effects (n forward passes each)")] = None,
-    causal_max_tokens: Annotated[int, typer.Option(help="Skip causal effects for longer prompts")] = 256,
+        min=0, help="At most this many examples per dataset get causal effects (n forward passes each)")] = None,
+    causal_max_tokens: Annotated[int, typer.Option(min=1, help="Skip causal effects for longer prompts")] = 256,
     data: described(DataOpt, DATA_HELP) = None,
     seed: described(SeedOpt, " of the --limit sample") = 0,
     batch_size: BatchSizeOpt = 8,

@@ -28,6 +28,7 @@ from sinkscope.cli.options import (
     renamed,
     user_errors,
 )
+from sinkscope.errors import SinkscopeError
 
 
 @user_errors
@@ -62,6 +63,11 @@ def mechanisms_command(
     from sinkscope.analyses.mechanisms.analysis import analyze, write
 
     threshold = renamed(threshold, eps)
+    if not 0 < threshold < 1:
+        raise SinkscopeError(f"--threshold {threshold}: column_mass's ε must be in (0, 1)")
+    if massive_ratio <= 1:
+        raise SinkscopeError(f"--massive-ratio {massive_ratio}: a massive activation is a multiple of the median, so "
+                             "pass a ratio above 1")
     texts, file_bad = gather_prompts(prompt, prompts)
     layers = [] if ablate_layers.strip().lower() == "none" else parse_selection(ablate_layers)
     heads = parse_selection(ablate_heads)

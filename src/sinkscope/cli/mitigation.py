@@ -25,6 +25,7 @@ from sinkscope.cli.options import (
     SeedOpt,
     ThresholdOpt,
     TrustOpt,
+    check_selection,
     console,
     described,
     load,
@@ -65,7 +66,7 @@ def calibrate_command(
     beta: Annotated[float, typer.Option(help="ACT's scale for attention to sinks")] = 0.4,
     threshold: described(ThresholdOpt, "; here act's threshold on the causal column mean") = 0.1,
     layers: described(LayersOpt, "; the layers searched") = "all",
-    top_layers: Annotated[int, typer.Option(help="Layers kept after the layer stage")] = 3,
+    top_layers: Annotated[int, typer.Option(min=1, help="Layers kept after the layer stage")] = 3,
     save: Annotated[Path, typer.Option(help="Where to write the calibration JSON")] = Path("calibration.json"),
     seed: SampleSeedOpt = 0,
     batch_size: BatchSizeOpt = 8,
@@ -86,6 +87,7 @@ def calibrate_command(
         raise SinkscopeError("--calib and --heldout must be positive")
     layer_sel = parse_selection(layers)
     loaded = load(model, device, dtype, trust_remote_code, allow_pickle)
+    check_selection(layer_sel, loaded.info.n_layers, "--layers")
     spec, examples, _ = _examples(dataset, data, calib + heldout, seed)
     if len(examples) < calib + 1:
         raise SinkscopeError(f"{dataset} has only {len(examples)} usable examples for --calib {calib}")
@@ -139,7 +141,8 @@ def bench_mitigation_command(
     method: described(MethodsOpt, "; for the interpretation-only DMR rows (repeatable; default zscore and "
                                   "entropy_delta)") = None,
     causal_limit: Annotated[int | None, typer.Option(
-        help="Causal ρ and top-K overlap on this many examples (the first of the seeded order, as in eval)")] = None,
+        min=0, help="Causal ρ and top-K overlap on this many examples (the first of the seeded order, as in eval)")
+    ] = None,
     batch_size: BatchSizeOpt = 8,
     seed: SampleSeedOpt = 0,
     out: OutOpt = None,

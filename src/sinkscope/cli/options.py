@@ -12,14 +12,22 @@ import copy
 import functools
 import inspect
 import json
+import math
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar, get_args
 
 import typer
 from rich.console import Console
+from typer.core import TyperGroup
+
+try:  # typer ≥ 0.22 carries its own click
+    from typer._click.exceptions import UsageError
+except ImportError:  # pragma: no cover
+    from click.exceptions import UsageError
 
 from sinkscope.errors import SinkscopeError
 
@@ -59,7 +67,7 @@ PromptsOpt = Annotated[Path | None, typer.Option(
     "--prompts", help="File of prompts: one per line (.txt), or JSONL with a text or prompt field")]
 
 # The shared options below take a command's detail after the shared help (see `described`).
-BatchOpt = Annotated[int, typer.Option("--batch-size", help="Batch size")]
+BatchOpt = Annotated[int, typer.Option("--batch-size", min=1, help="Batch size")]
 BatchSizeOpt = described(BatchOpt, ": prompts per forward pass")
 OutPathOpt = Annotated[Path | None, typer.Option("--out", "-o", help="Where to write the results")]
 OutOpt = described(OutPathOpt, ": a run folder (Parquet tables + manifest.json)")
@@ -69,9 +77,9 @@ MethodOpt = Annotated[str, typer.Option("--method", help="Detector (sinkscope de
 MethodsOpt = Annotated[list[str] | None, typer.Option("--method", help="Detector (sinkscope detectors lists them)")]
 ThresholdOpt = Annotated[float | None, typer.Option(
     "--threshold", help="The detector's threshold (θ, α, τ or ε; sinkscope detectors shows the defaults)")]
-LimitOpt = Annotated[int | None, typer.Option("--limit", help="At most this many")]
+LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="At most this many")]
 DataOpt = Annotated[str | None, typer.Option("--data", help="Data")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed")]
+SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Random seed")]  # numpy's range
 OverwriteOpt = Annotated[bool, typer.Option(
     "--overwrite", help="Start over in an --out folder that holds another run, instead of refusing")]
 
@@ -117,9 +125,9 @@ def fail(message: str) -> typer.Exit:
 
 
 def user_errors(fn: F) -> F:
-    """Run a command: a `SinkscopeError`, or a file or folder that cannot be read or written, becomes one red line on
-    stderr and exit status 2, without a traceback. Called from Python rather than the command line, the function
-    raises as usual.
+    """Run a command: a `SinkscopeError`, a file or folder that cannot be read or written, or sizes that do not fit in
+    memory become one red line on stderr and exit status 2, without a traceback; a float option given nan or inf is
+    refused before any work. Called from Python rather than the command line, the function raises as usual.
 
     typer hands the wrapper the command-line context through an extra `typer.Context` parameter; a direct call has
     none.
@@ -133,11 +141,17 @@ def user_errors(fn: F) -> F:
         if _cli is None:
             return fn(*args, **kwargs)
         try:
+            check_finite(_cli, kwargs)
             if isinstance(kwargs.get("out"), Path):
                 check_out(kwargs["out"])  # before any work: an unusable --out must not cost a computation
             return fn(*args, **kwargs)
         except SinkscopeError as err:
             raise fail(str(err)) from None
+        except (MemoryError, RuntimeError) as err:
+            if not out_of_memory(err):
+                raise
+            raise fail(f"not enough memory: {out_of_memory(err)}; use smaller sizes (batch size, sequence length, "
+                       "model size, number of examples) or a machine with more memory") from None
         except OSError as err:
             if err.filename is None:
                 raise
@@ -150,7 +164,58 @@ def user_errors(fn: F) -> F:
     return command  # type: ignore[return-value]
 
 
+class OneLineErrors(TyperGroup):
+    """The group class of the app: a usage error (an unknown option or command, a missing option, a value of the
+    wrong type) is one red line and a hint, like every other user error, instead of click's usage box."""
+
+    def make_context(self, info_name: str | None, args: list[str], parent: Any = None, **extra: Any) -> Any:
+        with _one_line_usage():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _one_line_usage():
+            return super().invoke(ctx)
+
+
+@contextmanager
+def _one_line_usage() -> Iterator[None]:
+    try:
+        yield
+    except UsageError as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # no arguments: the help is shown instead
+            raise
+        exit_ = fail(err.format_message())
+        ctx = err.ctx
+        if ctx is not None and ctx.help_option_names:
+            err_console.print(f"Try '{ctx.command_path} {ctx.help_option_names[0]}' for help.", highlight=False,
+                              soft_wrap=True)
+        raise exit_ from None
+
+
 # ------------------------------------------------------------------------------------------------------ the helpers
+def check_finite(ctx: typer.Context, values: dict[str, Any]) -> None:
+    """A float option (or each value of a repeated one) must be a finite number: nan and inf mean nothing here."""
+    for param in ctx.command.params:
+        given = values.get(param.name or "")
+        for value in given if isinstance(given, list | tuple) else [given]:
+            if isinstance(value, float) and not math.isfinite(value):
+                name = next((o for o in param.opts if o.startswith("--")), param.name)
+                raise SinkscopeError(f"{name} {value}: pass a finite number")
+
+
+def out_of_memory(err: BaseException) -> str | None:
+    """What an allocation that failed asked for (torch's CPU and CUDA allocators, Python's MemoryError), else None."""
+    text = str(err)
+    if isinstance(err, MemoryError):
+        return "an allocation failed"
+    if "can't allocate memory" in text:  # torch's CPU allocator: "... you tried to allocate N bytes ..."
+        asked = text.split("tried to allocate ", 1)[-1].split(" bytes", 1)[0]
+        return f"the run asked for {int(asked) / 2**30:,.1f} GiB at once" if asked.isdigit() else "an allocation failed"
+    if type(err).__name__ == "OutOfMemoryError" or "out of memory" in text.lower():
+        return text.splitlines()[0][:160] if text else "an allocation failed"
+    return None
+
+
 def check_out(out: Path) -> None:
     """--out must be a folder this process can create and write into; checked before a command computes anything.
     Creates nothing: it probes the nearest existing ancestor."""
@@ -209,6 +274,15 @@ def parse_selection(spec: str | None) -> list[int] | None:
     except ValueError:
         raise SinkscopeError(f"cannot read the selection '{spec}': use 'all', '-1', '0,2,5' or '3-6'") from None
     return out
+
+
+def check_selection(selection: list[int] | None, size: int, option: str, what: str = "layers") -> None:
+    """Every index of a parsed selection must name one of the model's `size` layers or heads (negative counts from the
+    end)."""
+    bad = [i for i in selection or [] if not -size <= i < size]
+    if bad:
+        raise SinkscopeError(f"{option} names {what} {', '.join(map(str, bad))}, but the model has {size} {what} "
+                             f"(0 to {size - 1}, or -1 for the last)")
 
 
 def read_prompts(path: Path) -> tuple[list[str], list[tuple[int, str]]]:

@@ -29,9 +29,9 @@ def stream_command(
     model: ModelOpt,
     text_file: Annotated[Path | None, typer.Option(
         "--text-file", help="Text file (or JSONL with a text field) to score")] = None,
-    sink: Annotated[int, typer.Option(help="Initial tokens kept in the cache")] = 4,
-    window: Annotated[int, typer.Option(help="Recent tokens kept in the cache")] = 256,
-    max_tokens: Annotated[int, typer.Option(help="Score the first N tokens of the text")] = 1024,
+    sink: Annotated[int, typer.Option(min=0, help="Initial tokens kept in the cache")] = 4,
+    window: Annotated[int, typer.Option(min=1, help="Recent tokens kept in the cache")] = 256,
+    max_tokens: Annotated[int, typer.Option(min=2, help="Score the first N tokens of the text")] = 1024,
     out: OutOpt = None,
     overwrite: OverwriteOpt = False,
     device: DeviceOpt = None,

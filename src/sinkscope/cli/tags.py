@@ -108,7 +108,7 @@ def tags_command(
     pca_head: Annotated[int, typer.Option(help="Head of the PCA view")] = 0,
     residual_layer: Annotated[int | None, typer.Option(help="Residual stream of the PCA view (default: last)")
                               ] = None,
-    top: Annotated[int, typer.Option(help="Rows of the sink-token taxonomy to print")] = 10,
+    top: Annotated[int, typer.Option(min=1, help="Rows of the sink-token taxonomy to print")] = 10,
     no_figures: NoFiguresOpt = False,
     batch_size: BatchSizeOpt = 8,
     device: DeviceOpt = None,
@@ -127,6 +127,10 @@ def tags_command(
     limit = renamed(limit, max_prompts)
     texts = _texts(prompts, prompt, limit)
     loaded = load(model, device, dtype, trust_remote_code, allow_pickle)
+    n_layers = loaded.info.n_layers
+    if residual_layer is not None and not -(n_layers + 1) <= residual_layer <= n_layers:
+        raise SinkscopeError(f"--residual-layer {residual_layer} is out of range: the model has {n_layers} layers, "
+                             f"so 0 (the embeddings) to {n_layers} (the last layer's output)")
     texts = _too_long(loaded, texts)
     with console.status(f"decomposing {len(texts)} prompt(s)"):
         result = tag_statistics(loaded, texts, threshold, project=project, geometry=geometry, batch_size=batch_size)
@@ -228,7 +232,7 @@ def probe_command(
     test_size: Annotated[float, typer.Option(help="Held-out share of the fixed split")] = 0.2,
     seed: described(SeedOpt, " of the sample, the split and the probes") = 0,
     c: Annotated[float, typer.Option("--c", help="Inverse L2 regularisation strength of the probes")] = 1.0,
-    top: Annotated[int, typer.Option(help="Best heads to print")] = 10,
+    top: Annotated[int, typer.Option(min=1, help="Best heads to print")] = 10,
     data: described(DataOpt, ": the folder of the statement datasets (default: ../shared/data)") = None,
     batch_size: BatchSizeOpt = 8,
     device: DeviceOpt = None,
@@ -247,8 +251,12 @@ def probe_command(
     limit = renamed(limit, n)
     threshold = renamed(threshold, eps)
     data = renamed(data, data_dir)
+    if limit < 1:  # the old spelling --n is not range-checked by typer: the message names --limit
+        raise SinkscopeError("--limit must be at least 1")
     if not 0 < test_size < 1:
         raise SinkscopeError("--test-size must be in (0, 1)")
+    if c <= 0:
+        raise SinkscopeError(f"--c {c}: the inverse regularisation strength must be positive")
     texts, labels = load_statements(dataset, limit, seed=seed, data_dir=data)
     loaded = load(model, device, dtype, trust_remote_code, allow_pickle)
     with console.status(f"capturing {len(texts)} statements"):

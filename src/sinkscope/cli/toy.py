@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -9,14 +11,23 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from sinkscope.cli.options import OutPathOpt, OverwriteOpt, SeedOpt, described, renamed, user_errors
+from sinkscope.cli.options import (
+    OneLineErrors,
+    OutPathOpt,
+    OverwriteOpt,
+    SeedOpt,
+    described,
+    renamed,
+    user_errors,
+)
+from sinkscope.errors import SinkscopeError
 
 if TYPE_CHECKING:
     import pandas as pd
 
     from sinkscope.toy.averaging import ToyConfig
 
-app = typer.Typer(help="The synthetic averaging task where catch-tag-release emerges (seed 003 §7).",
+app = typer.Typer(cls=OneLineErrors, help="The synthetic averaging task where catch-tag-release emerges (seed 003 §7).",
                   no_args_is_help=True)
 
 
@@ -29,25 +40,42 @@ def _one_thread() -> None:
 
 Seed = described(SeedOpt, " (model initialisation; first seed of a sweep).")
 Out = described(OutPathOpt, ": a run folder (Parquet tables, other files + manifest.json).")
-Epochs = Annotated[int, typer.Option(help="Training epochs over the 8,192 training sequences.")]
-Jobs = Annotated[int, typer.Option(help="Worker processes for the seed sweep.")]
-Heads = Annotated[int | None, typer.Option("--n-heads", help="Heads per layer (default: 1 for sep, 2 for sep2).")]
-HeadsAlias = Annotated[int | None, typer.Option("--heads", hidden=True)]
+Epochs = Annotated[int, typer.Option(min=1, help="Training epochs over the 8,192 training sequences.")]
+Jobs = Annotated[int, typer.Option(min=1, help="Worker processes for the seed sweep.")]
+MAX_HEADS = 64  # heads of dimension 2 on sequences of 16: more heads than that is not this toy any more
+Heads = Annotated[int | None, typer.Option("--n-heads", min=1, max=MAX_HEADS,
+                                           help="Heads per layer (default: 1 for sep, 2 for sep2).")]
+HeadsAlias = Annotated[int | None, typer.Option("--heads", min=1, max=MAX_HEADS, hidden=True)]
+CHECK_BATCH = 512  # sinkscope.toy.experiments.check_batch's held-out sequences, spelled out to keep --help fast
 THEOREM_C = "4,6,8,10,12,15,20,25,30"  # sinkscope.toy.averaging.DEFAULT_THEOREM_C, spelled out to keep --help fast
 
 
-def _floats(text: str) -> list[float]:
+def _floats(text: str, option: str) -> list[float]:
+    """Comma-separated finite numbers, at least one."""
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise typer.BadParameter(f"expected comma-separated numbers, got {text!r}") from None
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise SinkscopeError(f"{option} {text!r}: pass comma-separated numbers, e.g. 10,6,1")
+    return values
 
 
-def _ints(text: str) -> list[int]:
+def _ints(text: str, option: str, low: int, high: int) -> list[int]:
+    """Comma-separated integers in [low, high], at least one."""
     try:
-        return [int(x) for x in text.split(",") if x.strip()]
+        values = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+        values = []
+    if not values or not all(low <= v <= high for v in values):
+        raise SinkscopeError(f"{option} {text!r}: pass comma-separated integers from {low} to {high}, e.g. 2,1")
+    return values
+
+
+def _check_jobs(jobs: int) -> None:
+    cpus = os.cpu_count() or 1
+    if jobs > cpus:
+        raise SinkscopeError(f"--jobs {jobs}: this machine has {cpus} CPUs; pass at most that many")
 
 
 def _history(losses: list[float]) -> pd.DataFrame:
@@ -62,7 +90,6 @@ def _check_out(out: Path | None, command: str, overwrite: bool) -> None:
     another command (without --overwrite). Reads only; the folder is created and written by `save_toy`."""
     if out is None or overwrite:
         return
-    from sinkscope.errors import SinkscopeError
     from sinkscope.store import RunFolder
 
     if out.exists() and not out.is_dir():
@@ -80,18 +107,19 @@ def _model_config(task: str, c: float, heads: int | None) -> ToyConfig:
                                                                         out_proj=True)
     if task == "sep2":
         return rebuttal_config(heads or 2, c)
-    raise typer.BadParameter(f"--task must be 'sep' or 'sep2', got {task!r}")
+    raise SinkscopeError(f"--task {task!r}: use 'sep' or 'sep2'")
 
 
 @app.command()
 @user_errors
 def theorem(
     c_values: Annotated[str, typer.Option(help="Comma-separated tag values c.")] = THEOREM_C,
-    n_sequences: Annotated[int, typer.Option("--n-sequences", help="Sequences to evaluate the loss on.")] = 4096,
+    n_sequences: Annotated[int, typer.Option("--n-sequences", min=1, max=10**7,
+                                             help="Sequences to evaluate the loss on.")] = 4096,
     seed: Seed = 0,
     out: Out = None,
     overwrite: OverwriteOpt = False,
-    n: Annotated[int | None, typer.Option("--n", hidden=True)] = None,
+    n: Annotated[int | None, typer.Option("--n", min=1, max=10**7, hidden=True)] = None,
 ) -> None:
     """Loss of the hand-built catch-tag-release solution as the tag value c grows: one 'c loss' pair per line."""
     import pandas as pd
@@ -101,7 +129,7 @@ def theorem(
 
     _check_out(out, "theorem", overwrite)
     _one_thread()
-    values, n_sequences = _floats(c_values), renamed(n_sequences, n)
+    values, n_sequences = _floats(c_values, "--c-values"), renamed(n_sequences, n)
     rows = theorem_losses(values, n=n_sequences, seed=seed)
     lines = ["c loss", *(f"{c:g} {loss:.6e}" for c, loss in rows)]
     typer.echo("\n".join(lines))
@@ -148,7 +176,7 @@ def train_cmd(
 @user_errors
 def success_rate_cmd(
     c_values: Annotated[str, typer.Option(help="Comma-separated initial tag values c.")] = "10,6,1",
-    seeds: Annotated[int, typer.Option(help="Runs per c (seeds seed .. seed+seeds-1).")] = 10,
+    seeds: Annotated[int, typer.Option(min=1, help="Runs per c (seeds seed .. seed+seeds-1).")] = 10,
     seed: Seed = 0,
     epochs: Epochs = 50,
     jobs: Jobs = 1,
@@ -162,7 +190,8 @@ def success_rate_cmd(
     _check_out(out, "success-rate", overwrite)
     _one_thread()
     start = time.perf_counter()
-    values, tc = _floats(c_values), TrainConfig(epochs=epochs)
+    _check_jobs(jobs)
+    values, tc = _floats(c_values, "--c-values"), TrainConfig(epochs=epochs)
     runs = success_rate(values, range(seed, seed + seeds), tc, n_jobs=jobs)
     table = success_table(runs)
     typer.echo(format_table(table))
@@ -176,7 +205,7 @@ def success_rate_cmd(
 @user_errors
 def sep2(
     n_heads: Annotated[str, typer.Option("--n-heads", help="Comma-separated heads per layer to compare.")] = "2,1",
-    seeds: Annotated[int, typer.Option(help="Runs per head count (seeds seed .. seed+seeds-1).")] = 15,
+    seeds: Annotated[int, typer.Option(min=1, help="Runs per head count (seeds seed .. seed+seeds-1).")] = 15,
     seed: Seed = 0,
     c: Annotated[float, typer.Option(help="Initial scale of the [SEP]/[SEP2] embeddings.")] = 10.0,
     epochs: Epochs = 50,
@@ -192,7 +221,8 @@ def sep2(
     _check_out(out, "sep2", overwrite)
     _one_thread()
     start = time.perf_counter()
-    head_counts, tc = _ints(renamed(n_heads, heads)), TrainConfig(epochs=epochs)
+    _check_jobs(jobs)
+    head_counts, tc = _ints(renamed(n_heads, heads), "--n-heads", 1, MAX_HEADS), TrainConfig(epochs=epochs)
     runs = sep2_experiment(head_counts, range(seed, seed + seeds), c, tc, n_jobs=jobs)
     table = sep2_table(runs)
     typer.echo(format_table(table))
@@ -211,7 +241,7 @@ def plot(
     n_heads: Heads = None,
     seed: Seed = 9,
     epochs: Epochs = 50,
-    example: Annotated[int, typer.Option(help="Which held-out sequence to draw.")] = 0,
+    example: Annotated[int, typer.Option(min=0, max=CHECK_BATCH - 1, help="Which held-out sequence to draw.")] = 0,
     out: described(OutPathOpt, ": the run folder of the PNG (+ manifest.json).") = Path("toy_plots"),
     overwrite: OverwriteOpt = False,
     heads: HeadsAlias = None,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -82,8 +83,8 @@ def train_lm(
     if threads is not None:
         import torch
 
-        if threads < 1:
-            raise SinkscopeError("--threads must be at least 1")
+        if not 1 <= threads <= (os.cpu_count() or 1):
+            raise SinkscopeError(f"--threads {threads}: pass 1 to {os.cpu_count() or 1}, the CPUs of this machine")
         torch.set_num_threads(threads)
     cfg = TrainConfig(
         data=None if data is None else str(data), synthetic=synthetic, synthetic_frac=synthetic_frac,
@@ -128,5 +129,9 @@ def plot_trace(
         raise SinkscopeError(f"{run} does not exist: pass a folder written by `sinkscope train-lm`")
     trace = read_trace(run)
     target = out or ((run.parent if run.is_file() else run) / "trace.png")
+    if target.is_dir():
+        target = target / "trace.png"
+    elif not target.suffix:
+        target = target.with_suffix(".png")  # what matplotlib writes for a name without a suffix
     path = draw_trace(trace, target, title=title or str(run))
     console.print(f"wrote {path}")
