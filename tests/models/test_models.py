@@ -168,6 +168,7 @@ def test_builtin_tiny_loads_without_the_toy_trainer():
     ("gpu", "unknown device 'gpu'"),
     ("cuda", "no CUDA GPU"),
     ("cuda:3", "no CUDA GPU"),
+    ("cpu:7", "the CPU is one device"),
 ])
 def test_bad_devices_are_one_line_before_loading(device, message):
     if torch.cuda.is_available():
@@ -199,3 +200,10 @@ def test_damaged_or_mismatched_weights_are_one_line(tmp_path, tiny_llama):
     tiny_llama.tokenizer.save_pretrained(other)
     with pytest.raises(SinkscopeError, match=r"do not fit its config\.json"):
         load_model(other)
+
+
+def test_folder_without_a_tokenizer_is_one_whole_sentence(tmp_path, tiny_llama):
+    folder = tmp_path / "model"
+    tiny_llama.model.save_pretrained(folder)  # weights and config.json, no tokenizer
+    with pytest.raises(SinkscopeError, match=r"has no tokenizer .* tokenizer\.save_pretrained"):
+        load_model(folder)

@@ -383,6 +383,17 @@ def _from_pretrained(
         _refuse_pickle_shards(name, revision, local)
     text_config = _text_config(config)
     auto = AutoModel if text_config.model_type in ENCODER_TYPES else AutoModelForCausalLM
+    try:  # before the weights: a folder without a tokenizer fails at once
+        tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except ImportError as err:
+        raise SinkscopeError(f"the tokenizer of '{name}' needs a package that is not installed: "
+                             f"{str(err).strip().splitlines()[0] if str(err).strip() else err!r}") from None
+    except (OSError, ValueError, TypeError) as err:
+        if "trust_remote_code" in str(err):
+            raise
+        raise SinkscopeError(f"'{name}' has no tokenizer that transformers can load (tokenizer.json, or "
+                             "tokenizer_config.json with its vocabulary files): save the tokenizer into it with "
+                             "tokenizer.save_pretrained, or pass one to load_model(tokenizer=...)") from None
     try:
         model = auto.from_pretrained(
             name,
@@ -400,7 +411,6 @@ def _from_pretrained(
             raise SinkscopeError(f"the weights of '{name}' do not fit its config.json ({text[:160]}); the folder "
                                  "mixes files of two models: save it again") from None
         raise
-    tokenizer = AutoTokenizer.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     model.eval()
