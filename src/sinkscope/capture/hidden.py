@@ -171,6 +171,7 @@ class HiddenRecorder:
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._inputs: dict[int, torch.Tensor] = {}
         self.top, self.leading = top, leading
+        self._keeps_input = self.rule is not None and self.rule.startswith("attn+resid")
         self.real = real.bool().cpu() if real is not None else None
         self._summaries: list[dict[str, torch.Tensor] | None] = [None] * len(self.sites)
         self.units = torch.zeros(len(self.sites), leading, 0, dtype=torch.float64)
@@ -233,7 +234,8 @@ class HiddenRecorder:
     def _layer_input(self, i: int) -> Any:
         def hook(module: torch.nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
             x = args[0] if args else kwargs["hidden_states"]  # [b, n, d]
-            self._inputs[i] = x
+            if self._keeps_input:  # only the attn + residual rule reads it (and frees it when it has)
+                self._inputs[i] = x
             if i == 0:  # the first block's input opens a new forward pass
                 self.forwards.append([None] * len(self.sites))
                 self._slot(-1, "embed", x)
@@ -246,7 +248,7 @@ class HiddenRecorder:
 
     def _attn_plus_residual(self, i: int) -> Any:
         def hook(module: torch.nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            self._slot(i, "attn", self._inputs[i] + _first_tensor(output))
+            self._slot(i, "attn", self._inputs.pop(i) + _first_tensor(output))
         return hook
 
     def _block_output(self, i: int) -> Any:

@@ -66,7 +66,7 @@ def ablation_sweep(
     picked = list(range(n_heads)) if heads is None else list(heads)
     if any(not 0 <= h < n_heads for h in picked):
         raise SinkscopeError(f"ablation heads {picked} must lie in 0-{n_heads - 1}")
-    config = CaptureConfig(rows=None, entropy=False, fused=False)
+    config = CaptureConfig(rows=None, entropy=False)
     base = baseline if baseline is not None else capture_ids(loaded, ids, config, hidden="norms",
                                                              batch_size=batch_size)
     runs: list[tuple[int, int, pd.DataFrame]] = [(-1, -1, run_stats(base, eps))]

@@ -84,8 +84,8 @@ def analyze(
     norm_ratio: float = 4.0,
     ablate_layers: Sequence[int] = (0, 1),
     ablate_heads: Sequence[int] | None = None,
-    massive_ratio: float = 100.0,
-    massive_min_value: float = 0.0,
+    massive_ratio: float = 1000.0,
+    massive_min_value: float = 100.0,
     top_k: int = 5,
     bos: bool = True,
     bos_id: int | None = None,
@@ -97,7 +97,8 @@ def analyze(
 
     eps: α threshold for a sink head (α₀ > ε); min_share: the share of heads that makes a layer's position 0 a
     sink; norm_ratio: ‖h₀‖ / median ‖h_j‖ that counts as a departed norm; ablate_layers/heads: the heads to zero
-    (empty layers: no ablation); massive_ratio/min_value: Sun et al.'s massive-activation thresholds; bos: run the
+    (empty layers: no ablation); massive_ratio/min_value: Sun et al.'s massive-activation rule (|h| ≥ 100 and ≥ 1,000×
+    the median |h|; pass massive_min_value=0, massive_ratio=100 for the looser ratio-only rule); bos: run the
     BOS-removal variants (bos_id overrides the tokenizer's BOS, replace_with is the replacement token's text).
     Prompts that are empty, too long, or have fewer than two real tokens are skipped (`result.skipped`).
     """
@@ -125,7 +126,7 @@ def analyze(
                               "ablate_layers": list(ablate_layers), "ablate_heads": ablate_heads,
                               "massive_ratio": massive_ratio, "massive_min_value": massive_min_value, "top_k": top_k,
                               "bos": bos, "replace_with": replace_with, "bias": bias, "n_prompts": len(texts)}
-    config = CaptureConfig(rows=None, entropy=False, fused=False)
+    config = CaptureConfig(rows=None, entropy=False)
     # one pass over the native prompts gives the residual stream reduced as it is read (norms, the top entries and
     # median per site, position 0's vector, the cross-prompt unit sums) and, for the bias decomposition, each head's
     # output norms, the value norms, position 0's value and its attention column: nothing of size n × d is kept
@@ -150,6 +151,7 @@ def analyze(
     summary: dict[str, Any] = {"model": info.name, "n_layers": info.n_layers, "n_heads": info.n_heads,
                                "n_prompts": len(texts), "adds_bos": info.adds_bos, "eps": eps,
                                "min_share": min_share, "norm_ratio": norm_ratio, "massive_ratio": massive_ratio,
+                               "massive_min_value": massive_min_value,
                                "formation": _plain(form.iloc[0].to_dict())}
     # 3. BOS removal
     sims: list[pd.DataFrame] = []
@@ -331,7 +333,9 @@ def summary_lines(s: dict[str, Any]) -> list[str]:
                  else f"no site has a position-0 spike (‖h₀‖/median ≥ {s['norm_ratio']})")
         others = ", ".join(map(str, m["other_massive_dims"])) or "none"
         lines.append(f"massive activations: {m['n_massive']} of {m['n_entries']} top entries (per prompt × site) are ≥ "
-                     f"{s['massive_ratio']:g}× the median |h|; the largest, |h| = {abs(top['value']):.1f} "
+                     f"{s['massive_ratio']:g}× the median |h|"
+                     + (f" and |h| ≥ {s['massive_min_value']:g}" if s.get("massive_min_value") else "")
+                     + f"; the largest, |h| = {abs(top['value']):.1f} "
                      f"({top['ratio']:.0f}× median), is at layer {top['layer']} {top['sublayer']}, position "
                      f"{top['position']} {top['token']!r}, dim {top['dim']}; {spike}; other massive dims: {others}")
     b = s.get("bos")

@@ -6,8 +6,9 @@ they act as fixed biases and are what makes the sink's hidden state high-norm an
 
 Per prompt p and site s (a hidden state H ∈ R^{n×d}):
 - the k largest |H_{j,c}| with their position j and dimension c, and ratio = |H_{j,c}| / median_{j',c'} |H_{j',c'}|;
-  an entry is *massive* when ratio ≥ `ratio` and |H_{j,c}| ≥ `min_value` (defaults 100 and 0: a small model's
-  activations are smaller in absolute terms, so by default only the ratio counts);
+  an entry is *massive* when ratio ≥ `ratio` and |H_{j,c}| ≥ `min_value` (defaults 1,000 and 100: Sun et al.'s
+  rule; ratio 100 with min_value 0 is the looser ratio-only rule, for small models whose activations are smaller
+  in absolute terms);
 - the dimensions that carry the position-0 spike: energy share e_c = H_{0,c}² / ‖H_0‖² (mean over prompts).
 """
 
@@ -23,7 +24,7 @@ from sinkscope.analyses.mechanisms.residual import MechTrace
 
 
 def massive_activations(mt: MechTrace, prompt_ids: Sequence[int] | None = None, *, top_k: int = 5,
-                        ratio: float = 100.0, min_value: float = 0.0) -> pd.DataFrame:
+                        ratio: float = 1000.0, min_value: float = 100.0) -> pd.DataFrame:
     """The `top_k` largest-magnitude entries of every prompt × site (including the embeddings), from the capture's
     residual summary (`MechTrace.summary`).
 
