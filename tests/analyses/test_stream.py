@@ -113,3 +113,25 @@ def test_sink_keys_stay_one_rotation_from_exact_in_bfloat16(lm):
     error = ((layer.keys[:, :, :2].double() - exact).norm() / exact.norm()).item()
     drift = ((stepwise.double() - exact).norm() / exact.norm()).item()
     assert error < 0.01 < 0.05 < drift
+
+
+def test_stream_cli_on_a_text_longer_than_the_context(tmp_path):
+    """sinkscope-tiny's context is 256 tokens: the evicting caches stream the whole text, the full cache stops at the
+    context and says so, and the tokens table pads it with NaN."""
+    from typer.testing import CliRunner
+
+    from sinkscope.cli.app import app
+    from sinkscope.store import load_run
+
+    text = tmp_path / "long.txt"
+    text.write_text("Attention sinks are tokens that draw attention while carrying little meaning. " * 40)
+    res = CliRunner().invoke(app, ["stream", "--model", "sinkscope-tiny", "--text-file", str(text), "--sink", "4",
+                                   "--window", "16", "--max-tokens", "300", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert "first 256 tokens only" in res.output
+    run = load_run(tmp_path / "run")
+    ppl = run["perplexity"].set_index("policy")
+    assert ppl.loc["full", "n_tokens"] == 256 and ppl.loc["window", "n_tokens"] == 300
+    tokens = run["tokens"]
+    assert len(tokens) == 299 and tokens["nll_full"].isna().sum() == 299 - 255
+    assert tokens["nll_sink_window"].notna().all()

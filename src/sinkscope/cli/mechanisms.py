@@ -45,7 +45,11 @@ def mechanisms_command(
     ablate_layers: Annotated[str, typer.Option(help="Layers whose heads are ablated: '0,1', '0-2', or 'none'")
                              ] = "0,1",
     ablate_heads: Annotated[str, typer.Option(help="Heads to ablate one by one: 'all', '0,3', '1-4'")] = "all",
-    massive_ratio: Annotated[float, typer.Option(help="|h| / median |h| that makes an activation massive")] = 100.0,
+    massive_ratio: Annotated[float, typer.Option(
+        help="|h| / median |h| that makes an activation massive (Sun et al.: 1000; the looser rule: 100 with "
+             "--massive-min-value 0)")] = 1000.0,
+    massive_min_value: Annotated[float, typer.Option(
+        min=0, help="…and the least |h| that counts as massive (Sun et al.: 100)")] = 100.0,
     bos_id: Annotated[int | None, typer.Option(help="BOS token id (default: the tokenizer's)")] = None,
     replace_with: Annotated[str, typer.Option(help="Text whose first token replaces BOS")] = "the",
     no_bos: Annotated[bool, typer.Option("--no-bos", help="Skip the BOS-removal runs")] = False,
@@ -76,7 +80,8 @@ def mechanisms_command(
         layers = list(range(loaded.info.n_layers))
     with console.status("running the mechanism probes"):
         result = analyze(loaded, texts, eps=threshold, min_share=min_share, norm_ratio=norm_ratio,
-                         ablate_layers=layers, ablate_heads=heads, massive_ratio=massive_ratio, bos=not no_bos,
+                         ablate_layers=layers, ablate_heads=heads, massive_ratio=massive_ratio,
+                         massive_min_value=massive_min_value, bos=not no_bos,
                          bos_id=bos_id, replace_with=replace_with, batch_size=batch_size)
     for line in result.lines():
         console.print(line, highlight=False, soft_wrap=True)
