@@ -334,7 +334,7 @@ def moment_statistics(
     """`variance_explained` computed from the moments instead of the per-token outputs and columns: the same
     quantities (`var_explained`, `share`, `var_ratio`, `var_projected`, `total`) for any selection of the
     candidates. With `r` (the R of W_O^h = U R, U orthonormal) they are those of the projected outputs W_O^h o."""
-    cov, moment, vals, mean = moments["cov"], moments["moment"], moments["values"], moments["mean"]
+    cov, moment, vals, mean = moments["cov"].double(), moments["moment"], moments["values"], moments["mean"]
     if r is not None:
         r = r.double()
         rt = r.transpose(-1, -2)

@@ -43,8 +43,9 @@ def tag_moments(
     values: torch.Tensor,  # [..., K, d_v]  v_k (zero rows for missing candidates)
     valid: torch.Tensor | None = None,  # [..., n] bool: the real queries (None: all)
 ) -> dict[str, torch.Tensor]:
-    """The moments of the module docstring, in float64: count [...], mean [..., d_v], cov [..., d_v, d_v], moment
-    [..., K, d_v], gram [..., K, K], values [..., K, d_v], last_columns [..., K], last_output [..., d_v]."""
+    """The moments of the module docstring, computed in float64: count [...], mean [..., d_v], cov [..., d_v, d_v],
+    moment [..., K, d_v], gram [..., K, K], values [..., K, d_v], last_columns [..., K], last_output [..., d_v].
+    cov, the one that grows as d_v², is stored in float32 (relative rounding 6e-8: below the float32 outputs' own)."""
     o = outputs.double()
     a = columns.double()
     n = o.shape[-2]
@@ -60,7 +61,7 @@ def tag_moments(
     return {
         "count": count[..., 0],
         "mean": mean,
-        "cov": oc.transpose(-1, -2) @ oc,
+        "cov": (oc.transpose(-1, -2) @ oc).float(),
         "moment": ac.transpose(-1, -2) @ oc,
         "gram": ac.transpose(-1, -2) @ ac,
         "values": values.double(),
