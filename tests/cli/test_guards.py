@@ -46,3 +46,28 @@ def test_unusable_out_is_refused_before_the_model_is_loaded(tmp_path):
     assert result.exit_code == 2
     assert "not writable" in result.output and "no-such-model" not in result.output
     assert "Traceback" not in result.output
+
+
+def test_demo_refuses_bad_shared_options_and_an_all_skipped_run():
+    """A wrong --dtype or --device is wrong for every model: one error, exit 2 (not a skip per model and exit 0);
+    when no model loads at all the run is an error too."""
+    from typer.testing import CliRunner
+
+    from sinkscope.cli.app import app
+
+    runner = CliRunner()
+    for extra in (["--dtype", "float8"], ["--device", "gpu"]):
+        res = runner.invoke(app, ["demo", "--models", "tiny:llama", *extra])
+        assert res.exit_code == 2 and "skipping" not in res.output, res.output
+    res = runner.invoke(app, ["demo", "--models", "no-such-model"])
+    assert res.exit_code == 2 and "none of no-such-model could be loaded" in res.output
+    res = runner.invoke(app, ["explain", "--model", "tiny:llama", "--text", "hi there", "--top-k", "0"])
+    assert res.exit_code == 2
+
+
+def test_pca_view_refuses_a_residual_layer_out_of_range():
+    from sinkscope.analyses.tags import pca_view
+    from sinkscope.models import tiny_model
+
+    with pytest.raises(SinkscopeError, match="out of range"):
+        pca_view(tiny_model("llama"), "hi there", 1, 0, residual_layer=10**12)

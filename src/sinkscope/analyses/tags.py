@@ -647,6 +647,9 @@ def pca_view(
         raise SinkscopeError(f"layer {layer} / head {head} out of range: the model has {n_layers} layers × "
                              f"{trace.n_heads} heads")
     layer %= n_layers
+    if residual_layer is not None and not -(n_layers + 1) <= residual_layer <= n_layers:
+        raise SinkscopeError(f"residual layer {residual_layer} out of range: the residual stream has {n_layers + 1} "
+                             f"sites, 0 (embeddings) … {n_layers} (last block's output)")
     res_layer = n_layers if residual_layer is None else residual_layer % (n_layers + 1)
     pl = layers_of[0][layer]
     valid, alpha, _ = pl.candidates()

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from sinkscope.models import LoadedModel
 
 AVERAGED = "; their last-token attention is averaged"
-TopKOpt = Annotated[int, typer.Option("--top-k", help="How many top tokens to list")]
+TopKOpt = Annotated[int, typer.Option("--top-k", min=1, help="How many top tokens to list")]
 
 
 def _calibrated(loaded: LoadedModel, calibration: Path | None) -> Any:
@@ -153,14 +153,22 @@ def demo_command(
     from sinkscope.analyses.explain import explain
     from sinkscope.analyses.profile import profile
     from sinkscope.cli.render import layer_table, print_explanation
+    from sinkscope.models import check_device, parse_dtype
     from sinkscope.store import save_run
 
-    for name in [m.strip() for m in models.split(",") if m.strip()]:
+    check_device(device)  # the options themselves are wrong for every model: one error, not a skip per model
+    parse_dtype(dtype)
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    if not names:
+        raise SinkscopeError("--models is empty: name at least one model (sinkscope models lists them)")
+    shown = 0
+    for name in names:
         try:
             loaded = load(name, device, dtype, trust_remote_code, allow_pickle)
         except SinkscopeError as err:
-            err_console.print(f"[yellow]skipping {name}:[/] {err}")
+            err_console.print(f"[yellow]skipping {name}:[/] {err}", soft_wrap=True)
             continue
+        shown += 1
         result = profile(loaded, DEMO_PROMPTS, "column_mass")
         info = loaded.info
         console.rule(f"{name}: {info.n_layers} layers × {info.n_heads} heads ({info.n_kv_heads} KV heads)")
@@ -173,3 +181,6 @@ def demo_command(
             run = add_maps(result.run(loaded, command="demo"), capture_maps(loaded, DEMO_PROMPTS))
             folder = save_run(out / name.replace(":", "-"), run, overwrite=overwrite)
             console.print(f"wrote {folder}/ and {write_report(folder)}")
+    if not shown:
+        raise SinkscopeError(f"none of {', '.join(names)} could be loaded (reasons above); install the built-in "
+                             "models with `make models`, or pass --models with others")
