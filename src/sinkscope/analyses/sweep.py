@@ -38,6 +38,7 @@ from sinkscope.analyses.profile import (
     ProfileSummary,
     long_tables,
     model_manifest,
+    resolved_params,
     sink_mask,
     skipped_table,
 )
@@ -407,6 +408,6 @@ def sweep(loaded: LoadedModel, prompts: Sequence[str], out: str | Path, method: 
     `skipped`; rank 0's result holds its summary.
     """
     ranks = ranks or Ranks()
-    config = SweepConfig(method, dict(params or {}), unit_size, batch_size)
+    config = SweepConfig(method, resolved_params(method, params), unit_size, batch_size)
     plan = plan_sweep(out, prompts, loaded.info.name, loaded.info.dtype, config, ranks, overwrite=overwrite)
     return sweep_run(loaded, plan, ranks, log=log)

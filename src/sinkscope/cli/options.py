@@ -52,7 +52,7 @@ def described(alias: Any, detail: str) -> Any:
     return Annotated[base, info]
 
 
-MODEL_HELP = "Hub id, local folder or built-in name (sinkscope models lists them)"
+MODEL_HELP = "Hub id, local folder, GGUF file or built-in name (sinkscope models lists them)"
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help=MODEL_HELP)]
 ModelsOpt = Annotated[list[str], typer.Option("--model", "-m", help=MODEL_HELP)]  # repeatable
 DeviceOpt = Annotated[str | None, typer.Option(
@@ -77,6 +77,9 @@ MethodOpt = Annotated[str, typer.Option("--method", help="Detector (sinkscope de
 MethodsOpt = Annotated[list[str] | None, typer.Option("--method", help="Detector (sinkscope detectors lists them)")]
 ThresholdOpt = Annotated[float | None, typer.Option(
     "--threshold", help="The detector's threshold (θ, α, τ or ε; sinkscope detectors shows the defaults)")]
+MinQueriesOpt = Annotated[int | None, typer.Option(
+    "--min-queries", min=0, help="Column detectors ignore keys seen by fewer than min(N, 10% of the prompt's tokens) "
+                                 "queries (default 16; 0 reads every key)")]
 LimitOpt = Annotated[int | None, typer.Option("--limit", min=1, help="At most this many")]
 DataOpt = Annotated[str | None, typer.Option("--data", help="Data")]
 SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=2**32 - 1, help="Random seed")]  # numpy's range
@@ -241,15 +244,20 @@ def load(model: str, device: str | None = None, dtype: str = "float32", trust_re
                           allow_pickle=allow_pickle)
 
 
-def method_params(method: str, threshold: float | None) -> dict[str, Any]:
-    """{first parameter of the detector: threshold}, or {} without a threshold; an unknown detector is an error."""
+def method_params(method: str, threshold: float | None, min_queries: int | None = None) -> dict[str, Any]:
+    """{first parameter of the detector: threshold} (nothing without a threshold) and `min_queries` when given; an
+    unknown detector, or a minimum for a row detector, is an error."""
     from sinkscope.detect import get_detector
 
     detector = get_detector(method)
-    if threshold is None:
-        return {}
-    first = next(iter(k for k in detector.params if k != "dims"))
-    return {first: threshold}
+    params: dict[str, Any] = {}
+    if threshold is not None:
+        params[next(iter(k for k in detector.params if k != "dims"))] = threshold
+    if min_queries is not None:
+        if detector.statistic != "column":
+            raise SinkscopeError(f"--min-queries applies to column detectors; {method} reads the last token's row")
+        params["min_queries"] = min_queries
+    return params
 
 
 _MAX_SELECTION = 100_000

@@ -15,6 +15,7 @@ from sinkscope.cli.options import (
     HeadsOpt,
     LayersOpt,
     MethodOpt,
+    MinQueriesOpt,
     ModelOpt,
     OutOpt,
     OverwriteOpt,
@@ -54,6 +55,14 @@ def _calibrated(loaded: LoadedModel, calibration: Path | None) -> Any:
     return intervene(loaded.model, *interventions) if interventions else nullcontext()
 
 
+def excluded_line(min_queries: int, excluded: int) -> str:
+    """The summary line that states the column detectors' minimum of queries and what it left out."""
+    if not min_queries:
+        return "column detector: every key read (--min-queries 0)"
+    return (f"column detector: keys seen by fewer than min({min_queries}, 10% of the prompt's tokens) queries are "
+            f"ignored — {excluded} key(s) excluded (--min-queries 0 keeps them)")
+
+
 @user_errors
 def profile_command(
     model: ModelOpt,
@@ -61,6 +70,7 @@ def profile_command(
     prompts: PromptsOpt = None,
     method: MethodOpt = "column_mass",
     threshold: ThresholdOpt = None,
+    min_queries: MinQueriesOpt = None,
     out: described(OutOpt, ", with report.html") = None,
     overwrite: OverwriteOpt = False,
     batch_size: BatchSizeOpt = 8,
@@ -77,7 +87,7 @@ def profile_command(
     from sinkscope.detect import get_detector
 
     texts, file_bad = gather_prompts(prompt, prompts)
-    params = method_params(method, threshold)
+    params = method_params(method, threshold, min_queries)
     loaded = load(model, device, dtype, trust_remote_code, allow_pickle)
     with _calibrated(loaded, calibration):  # a batch's tables at a time: written to --out, or only summarised
         summary = profile_in_batches(loaded, texts, method, params, out=out, overwrite=overwrite,
@@ -88,6 +98,8 @@ def profile_command(
     title = (f"{info.name}: {info.n_layers} layers × {info.n_heads} heads, {summary.n_prompts} prompt(s), "
              f"method {method} {get_detector(method).params | params}")
     console.print(layer_table(summary.layers, title))
+    if "min_queries" in summary.params:
+        console.print(excluded_line(summary.params["min_queries"], summary.excluded), highlight=False)
     for i, why in sorted(skipped.items()):
         err_console.print(f"[yellow]skipped[/] prompt {i + 1}: {why}", highlight=False)
     if summary.folder is not None:

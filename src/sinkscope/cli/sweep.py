@@ -17,6 +17,7 @@ from sinkscope.cli.options import (
     DtypeOpt,
     LimitOpt,
     MethodOpt,
+    MinQueriesOpt,
     ModelOpt,
     OutPathOpt,
     OverwriteOpt,
@@ -87,6 +88,7 @@ def sweep_command(
     limit: described(LimitOpt, " examples of --dataset (seed 0, as eval draws them)") = None,
     method: MethodOpt = "column_mass",
     threshold: ThresholdOpt = None,
+    min_queries: MinQueriesOpt = None,
     out: described(OutPathOpt, ": the sweep folder (required): units in shards/, then the merged run folder; a rerun "
                                "resumes it") = None,
     overwrite: OverwriteOpt = False,
@@ -110,7 +112,7 @@ def sweep_command(
     if out is None:
         raise SinkscopeError("sweep needs --out DIR: the folder its units are written to and resumed from")
     texts, file_bad, source = sweep_prompts(prompt, prompts, dataset, data, limit)
-    params = method_params(method, threshold)
+    params = method_params(method, threshold, min_queries)
     config = SweepConfig(method, params, unit_size, batch_size)
     ranks = Ranks.from_env()
     with process_group(ranks, device) as where:
