@@ -96,10 +96,11 @@ def profile_command(
     skipped.update(dict(file_bad))
     info = loaded.info
     title = (f"{info.name}: {info.n_layers} layers × {info.n_heads} heads, {summary.n_prompts} prompt(s), "
-             f"method {method} {get_detector(method).params | params}")
+             f"method {method} {get_detector(method).params | summary.params}")
     console.print(layer_table(summary.layers, title))
     if "min_queries" in summary.params:
-        console.print(excluded_line(summary.params["min_queries"], summary.excluded), highlight=False)
+        console.print(excluded_line(summary.params["min_queries"], summary.excluded), highlight=False,
+                      soft_wrap=True)
     for i, why in sorted(skipped.items()):
         err_console.print(f"[yellow]skipped[/] prompt {i + 1}: {why}", highlight=False)
     if summary.folder is not None:
