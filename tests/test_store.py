@@ -27,12 +27,15 @@ from sinkscope.store import (
     Run,
     RunFolder,
     atomic_dir,
+    check_run,
     file_record,
     fingerprint,
     load_run,
     make_manifest,
     open_run,
+    read_table,
     save_run,
+    table_batches,
     write_file,
     write_json,
 )
@@ -115,6 +118,52 @@ def test_damaged_table_is_a_one_line_error(tmp_path):
     (out / MANIFEST).write_text('{"command": "prof')
     with pytest.raises(SinkscopeError, match=r"manifest.json is corrupt .*; rerun the command"):
         load_run(out)
+
+
+def test_check_run_verifies_without_loading(tmp_path):
+    out = save_run(tmp_path / "run", a_run())
+    assert check_run(out)["tables"] == {"keys": 3, "layers": 1}
+    data = (out / "keys.parquet").read_bytes()
+    (out / "keys.parquet").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))  # same size, other bytes
+    with pytest.raises(SinkscopeError, match=r"keys.parquet does not match its checksum; rerun") as err:
+        check_run(out)
+    assert "\n" not in str(err.value)
+    (out / "keys.parquet").write_bytes(data[: len(data) // 2])
+    with pytest.raises(SinkscopeError, match=r"keys.parquet has \d+ bytes, \d+ were written; rerun"):
+        check_run(out)
+    (out / "keys.parquet").unlink()
+    with pytest.raises(SinkscopeError, match=r"keys.parquet missing; rerun"):
+        check_run(out)
+    (out / MANIFEST).write_text('{"command": "prof')
+    with pytest.raises(SinkscopeError, match=r"manifest.json is corrupt .*; rerun the command"):
+        check_run(out)
+    with pytest.raises(SinkscopeError, match="not a sinkscope run folder"):
+        check_run(tmp_path)
+
+
+def test_tables_read_in_pieces(tmp_path):
+    """Chosen columns, batches of rows and chosen prompts' rows, equal to the table read whole."""
+    keys = pd.DataFrame({"prompt_id": np.repeat(np.arange(6), 5), "position": np.tile(np.arange(5), 6),
+                         "token": [f"t{i}" for i in range(30)], "alpha": np.linspace(0, 1, 30)})
+    manifest = make_manifest("profile", {"name": "m"}, {})
+    with open_run(tmp_path / "run", "profile") as folder, folder.table_stream(row_group_rows=10) as stream:
+        for pid in range(6):  # row groups of 10 rows: prompts 0-1, 2-3, 4-5
+            stream.append("keys", keys[keys["prompt_id"] == pid])
+        folder.save(Run({"empty": keys.head(0), "plain": pd.DataFrame({"x": [1]})}, manifest), streams=stream)
+    out = tmp_path / "run"
+    assert pq.ParquetFile(out / "keys.parquet").num_row_groups == 3
+    whole = load_run(out)["keys"]
+    batches = list(table_batches(out, "keys", ["prompt_id", "alpha"], batch_rows=7))
+    assert [len(b) for b in batches] == [7, 7, 7, 7, 2]
+    pd.testing.assert_frame_equal(pd.concat(batches, ignore_index=True), whole[["prompt_id", "alpha"]])
+    picked = read_table(out, "keys", ["token", "alpha"], prompt_ids=[4, 1])
+    expect = whole.loc[whole["prompt_id"].isin([1, 4]), ["token", "alpha"]].reset_index(drop=True)
+    pd.testing.assert_frame_equal(picked, expect)
+    pd.testing.assert_frame_equal(read_table(out, "keys", prompt_ids=[99]), whole.head(0))
+    empty = list(table_batches(out, "empty"))
+    assert len(empty) == 1 and empty[0].empty and list(empty[0].columns) == list(keys.columns)
+    with pytest.raises(ValueError, match="no prompt_id"):
+        read_table(out, "plain", prompt_ids=[1])
 
 
 @pytest.fixture

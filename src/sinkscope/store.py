@@ -14,6 +14,8 @@ every file it lists is there and matches.
 
 A table too large to hold whole is written a piece at a time through `folder.table_stream()` (a `TableStream`: row
 groups appended to a temporary Parquet file) and handed to `folder.save(run, streams=stream)` with the rest.
+Read back the same way: `check_run(folder)` verifies every file (hashed in blocks) without loading it, then
+`table_batches` and `read_table` read chosen columns, a batch of rows or chosen prompts at a time.
 
 Every file is written to a temporary name in its folder, flushed, fsynced and renamed over the target with
 `os.replace`, then the folder is fsynced: a crash leaves the old file or the new one, never a mix. A unit is written
@@ -747,6 +749,85 @@ def load_run(folder: str | Path) -> Run:
             reason = err if isinstance(err, ValueError) else f"{file.name} unreadable ({err})"
             raise SinkscopeError(f"{folder}: {reason}; rerun the command that wrote this folder") from None
     return Run(tables=tables, manifest=manifest)
+
+
+def check_run(folder: str | Path) -> dict[str, Any]:
+    """`load_run`'s checks without loading: the manifest, then every table it lists against its recorded size and
+    sha256, each file hashed in 1 MB blocks (a table the manifest lists without a record must open as Parquet).
+    Returns the manifest; a damaged folder is the same one-line SinkscopeError as `load_run`'s. Read the tables
+    afterwards a piece at a time with `table_batches` and `read_table`."""
+    path = Path(folder)
+    manifest_path = path / MANIFEST
+    if not manifest_path.exists():
+        raise SinkscopeError(f"{folder} is not a sinkscope run folder (no {MANIFEST})")
+    manifest = read_json(manifest_path, "rerun the command that wrote this folder")
+    if not isinstance(manifest, dict):
+        raise SinkscopeError(f"{manifest_path} is corrupt (not a JSON object); rerun the command that wrote it")
+    listed = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    for name in manifest.get("tables", {}):
+        file = path / f"{name}.parquet"
+        try:
+            if file.name in listed:
+                reason = check_file(file, listed[file.name])
+                if reason is not None:
+                    raise ValueError(reason)
+            else:
+                import pyarrow.parquet as pq
+
+                pq.ParquetFile(file).close()
+        except (OSError, ValueError) as err:
+            reason = err if isinstance(err, ValueError) else f"{file.name} unreadable ({err})"
+            raise SinkscopeError(f"{folder}: {reason}; rerun the command that wrote this folder") from None
+    return manifest
+
+
+def table_batches(folder: str | Path, name: str, columns: Sequence[str] | None = None, *,
+                  batch_rows: int = 65_536) -> Iterator[pd.DataFrame]:
+    """Table `name` of a run folder as DataFrames of at most `batch_rows` rows, in file order, reading only
+    `columns` (default: all): memory holds one batch, whatever the table's size. Not verified: `check_run` first."""
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(Path(folder) / f"{name}.parquet") as pf:
+        cols = list(columns) if columns is not None else None
+        found = False
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):
+            found = True
+            yield batch.to_pandas()
+        if not found:  # an empty table still has its columns and types
+            yield pf.schema_arrow.empty_table().select(cols or pf.schema_arrow.names).to_pandas()
+
+
+def read_table(folder: str | Path, name: str, columns: Sequence[str] | None = None, *,
+               prompt_ids: Sequence[int] | None = None) -> pd.DataFrame:
+    """Table `name` of a run folder: only `columns` (default: all) and, with `prompt_ids`, only those prompts' rows
+    (row groups whose `prompt_id` statistics exclude them are skipped; the others are read one at a time and
+    filtered), in file order. Not verified: `check_run` first."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    with pq.ParquetFile(Path(folder) / f"{name}.parquet") as pf:
+        schema = pf.schema_arrow
+        cols = list(columns) if columns is not None else schema.names
+        if prompt_ids is None:
+            return pf.read(columns=cols).to_pandas()
+        wanted = sorted({int(i) for i in prompt_ids})
+        at = schema.get_field_index("prompt_id")
+        if at < 0:
+            raise ValueError(f"{name}.parquet has no prompt_id column to select prompts by")
+        values = pa.array(wanted, type=schema.field(at).type)
+        read = cols if "prompt_id" in cols else [*cols, "prompt_id"]
+        parts = []
+        for i in range(pf.num_row_groups):
+            stats = pf.metadata.row_group(i).column(at).statistics
+            if stats is not None and stats.has_min_max and not any(stats.min <= p <= stats.max for p in wanted):
+                continue
+            group = pf.read_row_group(i, columns=read)
+            group = group.filter(pc.is_in(group["prompt_id"], value_set=values))
+            if group.num_rows:
+                parts.append(group.select(cols))
+        table = pa.concat_tables(parts) if parts else schema.empty_table().select(cols)
+        return table.to_pandas()
 
 
 def reporter(say: Callable[[str], None] | None) -> Callable[[str], None]:
