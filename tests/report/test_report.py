@@ -249,3 +249,92 @@ def test_curves_of_a_mechanisms_run():
                                                      "largest α at another position"]
     assert norms["xlabel"] == "depth" and norms["series"][0]["x"] == [0.0, 0.5, 1.0, 1.5, 2.0]
     assert norms["series"][1]["y"] == [3.0] * 5  # the median of 2, 3, 4
+
+
+def streamed_folder(path: Path, run: Run, keys: pd.DataFrame | None = None) -> Path:
+    """Save `run` as `profile --out` does: `keys` (default: the run's) appended a prompt at a time (row groups of
+    whole prompts), the other tables whole."""
+    from sinkscope.store import open_run
+
+    keys = run["keys"] if keys is None else keys
+    with open_run(path, run.manifest["command"]) as folder, folder.table_stream(row_group_rows=1000) as stream:
+        for _, part in keys.groupby("prompt_id", sort=False):
+            stream.append("keys", part)
+        rest = {name: table for name, table in run.tables.items() if name != "keys"}
+        folder.save(Run(rest, run.manifest), streams=stream, order=list(run.tables))
+    return path
+
+
+def test_many_prompts_state_the_limit_and_the_grid_covers_them_all(tmp_path, monkeypatch):
+    """More prompts than the embed limits: the page says which prompts its per-prompt views hold, the mean grid is
+    the mean over every prompt (checked against pandas on the full keys table), and the keys table is only read in
+    batches (cut across prompts here) or a prompt at a time."""
+    from sinkscope.report import source
+    from sinkscope.report.synthetic import synthetic_run
+
+    run = synthetic_run(3, 4, 30, n_prompts=40, norms=False, seed=3)
+    folder = streamed_folder(tmp_path / "run", run)
+    monkeypatch.setattr(source, "BATCH_ROWS", 333)  # not a multiple of any prompt's rows
+    whole_reads = []
+    read_table = source.read_table
+
+    def tracked(folder, name, columns=None, *, prompt_ids=None):
+        if prompt_ids is None:
+            whole_reads.append(name)
+        return read_table(folder, name, columns, prompt_ids=prompt_ids)
+
+    monkeypatch.setattr(source, "read_table", tracked)
+    limits = ReportLimits(max_grid_prompts=5, max_view_prompts=3, max_table_rows=50)
+    page = write_report(folder, limits=limits, extra={"Count": lambda r: f"<p>{len(r['prompts'])} prompts</p>"}
+                        ).read_text()
+    assert "keys" not in whole_reads
+    assert "grids of single prompts are embedded for the first 5 of 40 prompts" in page
+    assert "The token view holds the first 3 of 40 prompts" in page
+    assert "<p>40 prompts</p>" in page  # a contributed section reads the folder's tables by name
+    data = page_data(page)
+    grid = data["grid"]
+    assert grid["n_prompts"] == 40
+    assert [v["label"] for v in grid["views"]] == ["mean over prompts"] + [f"prompt {i}" for i in range(5)]
+    assert [p["prompt_id"] for p in data["tokens"]["prompts"]] == [0, 1, 2]
+
+    keys = pd.read_parquet(folder / "keys.parquet")
+    sunk = keys.assign(sink_mass=keys["alpha"].where(keys["sink"], 0.0),
+                       last_row_sink_mass=keys["last_row"].where(keys["sink"], 0.0))
+    per = sunk.groupby(["prompt_id", "layer", "head"]).agg(
+        sink_mass=("sink_mass", "sum"), top_alpha=("alpha", "max"), last_row_sink_mass=("last_row_sink_mass", "sum"))
+    per["pos0_alpha"] = keys[keys["position"] == 0].set_index(["prompt_id", "layer", "head"])["alpha"]
+    mean = per.groupby(["layer", "head"]).mean()  # rows in layer-major order, as the page's flat lists
+    for name in ("sink_mass", "top_alpha", "pos0_alpha", "last_row_sink_mass"):
+        np.testing.assert_allclose(grid["views"][0]["values"][name], mean[name].to_numpy(), rtol=0, atol=5.1e-6)
+        for view in grid["views"][1:]:
+            np.testing.assert_allclose(view["values"][name], per.loc[view["prompt_id"], name].to_numpy(), rtol=0,
+                                       atol=5.1e-6)
+    first = keys[keys["sink"] & (keys["position"] == 0)].groupby(["layer", "head"])["alpha"].agg(["size", "mean"])
+    for (layer, head), (size, alpha) in first.iterrows():  # every prompt starts with 'The', the most frequent sink
+        assert grid["views"][0]["sinks"][layer * 4 + head].startswith(f"'The'@0 in {int(size)}/40, α {alpha:.3f}")
+    top = next(t for t in data["tables"] if t["name"] == "keys")
+    assert top["note"] == f"top 50 of {len(keys):,} rows by alpha"
+    np.testing.assert_array_equal([row[top["columns"].index("alpha")] for row in top["rows"]],
+                                  keys["alpha"].nlargest(50).to_numpy())
+    # the same page as from the run in memory
+    assert page_data(build_html(run, limits=limits)) == data
+
+
+def test_a_folder_not_sorted_by_prompt_and_chosen_prompts(tmp_path, monkeypatch):
+    """A keys table whose prompt ids decrease is reduced whole (same page as in memory); `prompts=` picks the
+    prompts with per-prompt views and the page names them."""
+    from sinkscope.report import source
+    from sinkscope.report.synthetic import synthetic_run
+
+    run = synthetic_run(2, 3, 20, n_prompts=12, norms=False, seed=4)
+    backwards = run["keys"].sort_values("prompt_id", ascending=False, kind="stable", ignore_index=True)
+    folder = streamed_folder(tmp_path / "run", run, backwards)
+    monkeypatch.setattr(source, "BATCH_ROWS", 100)
+    limits = ReportLimits(max_grid_prompts=4, max_view_prompts=2)
+    page = write_report(folder, limits=limits).read_text()
+    memory = Run({**run.tables, "keys": backwards}, run.manifest)
+    assert page_data(page) == page_data(build_html(memory, limits=limits))
+    chosen = page_data(write_report(folder, tmp_path / "chosen.html", prompts=[9, 3, 99]).read_text())
+    assert [v["label"] for v in chosen["grid"]["views"]] == ["mean over prompts", "prompt 3", "prompt 9"]
+    assert [p["prompt_id"] for p in chosen["tokens"]["prompts"]] == [3, 9]
+    assert chosen["tokens"]["limited"].startswith("The token view holds prompts 3, 9 of 12 prompts")

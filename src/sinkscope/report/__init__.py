@@ -5,7 +5,9 @@
   contribute through `register_section`.
 - `sinkscope.report.figures.profile` (matplotlib): heatmaps, attention maps, token strips, trace and evaluation curves.
 - The report reads run folders and never runs a model (`sinkscope.analyses.maps` captures the short prompts'
-  attention maps for it).
+  attention maps for it). A folder is verified, then read a piece at a time (`report.source`): what covers every
+  prompt is reduced over batches of rows, per-prompt views read their prompts only (the first ones, or
+  `prompts=[ids]`), so memory does not grow with the number of prompts.
 """
 
 from sinkscope.report.data import ReportLimits

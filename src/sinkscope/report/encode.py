@@ -82,9 +82,14 @@ def table_json(frame: pd.DataFrame, max_rows: int = 500, sort_by: str | None = N
         else:
             shown = frame.head(max_rows)
             note = f"first {max_rows} of {total:,} rows"
+    return table_rows_json(shown, total, note)
+
+
+def table_rows_json(shown: pd.DataFrame, total: int, note: str = "") -> dict[str, Any]:
+    """`table_json` of rows already chosen from a table of `total` rows (`note` says which)."""
     kinds = []
-    for col in frame.columns:
-        dtype = frame[col].dtype
+    for col in shown.columns:
+        dtype = shown[col].dtype
         if pd.api.types.is_bool_dtype(dtype):
             kinds.append("bool")
         elif pd.api.types.is_integer_dtype(dtype):
@@ -94,4 +99,4 @@ def table_json(frame: pd.DataFrame, max_rows: int = 500, sort_by: str | None = N
         else:
             kinds.append("str")
     rows = [[plain(v) for v in row] for row in shown.itertuples(index=False, name=None)]
-    return {"columns": [str(c) for c in frame.columns], "kinds": kinds, "rows": rows, "total": total, "note": note}
+    return {"columns": [str(c) for c in shown.columns], "kinds": kinds, "rows": rows, "total": total, "note": note}

@@ -1,15 +1,28 @@
-"""`write_report`: one self-contained HTML file (inline CSS, JS and data; nothing fetched) for a run folder."""
+"""`write_report`: one self-contained HTML file (inline CSS, JS and data; nothing fetched) for a run folder.
+
+A folder is verified (every file against its recorded size and sha256) and then read a piece at a time
+(`report.source`), never loaded whole, so the memory used does not grow with the number of prompts.
+"""
 
 from __future__ import annotations
 
 import html
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from sinkscope.errors import SinkscopeError
 from sinkscope.report.assets import css, js
-from sinkscope.report.data import ReportLimits, curve_data, grid_data, map_data, overview_data, table_data, token_data
+from sinkscope.report.data import (
+    ReportLimits,
+    curve_data,
+    grid_data,
+    keys_summary,
+    map_data,
+    overview_data,
+    table_data,
+    token_data,
+)
 from sinkscope.report.encode import script_json
 from sinkscope.report.palette import palette_json
 from sinkscope.report.sections import (
@@ -20,7 +33,8 @@ from sinkscope.report.sections import (
     load_section_modules,
     registered_sections,
 )
-from sinkscope.store import Run, load_run
+from sinkscope.report.source import FolderTables, RunTables, run_tables
+from sinkscope.store import Run
 
 REPORT_FILE = "report.html"
 # Nothing may be fetched: the page runs offline and from file://.
@@ -30,18 +44,24 @@ Extra = Mapping[str, Rendered | RenderFn]
 
 
 def write_report(run: Run | str | Path, out: str | Path | None = None, extra: Extra | None = None, *,
-                 limits: ReportLimits | None = None, title: str | None = None) -> Path:
+                 limits: ReportLimits | None = None, title: str | None = None,
+                 prompts: Sequence[int] | None = None) -> Path:
     """Write the run's HTML report and return its path.
 
-    run: a Run, or a run folder (then `out` defaults to `<folder>/report.html`)
+    run: a Run, or a run folder (then `out` defaults to `<folder>/report.html`); a folder is verified, then read a
+        piece at a time
     out: the file to write (a folder gets `report.html` inside it); required for a Run given in memory
     extra: sections for this report only, {title: HTML str | SectionContent | render(run) function}
     limits: caps on the embedded data (ReportLimits); title: the page title
+    prompts: the prompt ids given per-prompt views (grid, token view, maps); default: the first ones (the limits)
     """
     folder: Path | None = None
-    if not isinstance(run, Run):
+    tables: RunTables
+    if isinstance(run, Run):
+        tables = run_tables(run)
+    else:
         folder = Path(run)
-        run = load_run(folder)
+        tables = FolderTables(folder)
     if out is None:
         if folder is None:
             raise SinkscopeError("write_report needs out= (a file or folder) for a run that was not loaded from disk")
@@ -51,24 +71,26 @@ def write_report(run: Run | str | Path, out: str | Path | None = None, extra: Ex
         if path.is_dir() or (not path.suffix and not path.exists()):
             path = path / REPORT_FILE
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(build_html(run, extra, limits=limits, title=title), encoding="utf-8")
+    path.write_text(build_html(tables, extra, limits=limits, title=title, prompts=prompts), encoding="utf-8")
     return path
 
 
-def build_html(run: Run, extra: Extra | None = None, *, limits: ReportLimits | None = None,
-               title: str | None = None) -> str:
+def build_html(run: Run | RunTables, extra: Extra | None = None, *, limits: ReportLimits | None = None,
+               title: str | None = None, prompts: Sequence[int] | None = None) -> str:
     """The report page as a string (see `write_report`)."""
+    tables = run_tables(run)
     limits = limits or ReportLimits()
-    overview = overview_data(run)
-    grid = grid_data(run, limits)
+    overview = overview_data(tables)
+    keys = keys_summary(tables, limits, prompts)
+    grid = grid_data(tables, limits, keys, prompts)
     data: dict[str, Any] = {
         "palette": palette_json(),
         "overview": overview,
         "grid": grid,
-        "tokens": token_data(run, limits),
-        "curves": curve_data(run),
-        "maps": map_data(run, limits),
-        "tables": table_data(run, limits),
+        "tokens": token_data(tables, limits, keys, prompts),
+        "curves": curve_data(tables),
+        "maps": map_data(tables, limits, prompts),
+        "tables": table_data(tables, limits),
         "sections": {},
     }
     parts: list[tuple[str, str, str]] = [("overview", "Overview", _overview_html(overview))]
@@ -82,8 +104,11 @@ def build_html(run: Run, extra: Extra | None = None, *, limits: ReportLimits | N
     load_section_modules()
     contributed = [(s.name, s.title, s.render) for s in registered_sections()]
     contributed += [(f"extra-{i}", name, value) for i, (name, value) in enumerate((extra or {}).items())]
+    section_run: Run | None = None
     for name, section_title, value in contributed:
-        content = as_content(value(run) if callable(value) else value)
+        if callable(value) and section_run is None:
+            section_run = tables.run()
+        content = as_content(value(section_run) if callable(value) else value)
         if content is None:
             continue
         parts.append((name, section_title, content.html))
@@ -172,7 +197,7 @@ def _grid_html(grid: Mapping[str, Any], has_maps: bool) -> str:
              else "its attention row (maps are kept only for prompts of ≤ 64 tokens)")
     return (
         f'<p class="ss-help">Sink strength of each of the {grid["L"]} layers × {grid["H"]} heads (rows are layers). '
-        f"Hover a cell for its sink tokens and their mass; click it for {click}.</p>"
+        f"Hover a cell for its sink tokens and their mass; click it for {click}.</p>{_limited_html(grid)}"
         '<div class="ss-controls"><label>colour <select id="ss-grid-metric"></select></label>'
         '<label>prompt <select id="ss-grid-prompt"></select></label><span id="ss-grid-legend"></span></div>'
         '<div class="ss-grid-wrap"><div id="ss-grid" role="grid" aria-label="sink strength per layer and head">'
@@ -180,8 +205,13 @@ def _grid_html(grid: Mapping[str, Any], has_maps: bool) -> str:
     )
 
 
+def _limited_html(view: Mapping[str, Any]) -> str:
+    """The statement of which prompts a per-prompt view covers, when it does not cover them all."""
+    return f'<p class="ss-note ss-limited">{html.escape(view["limited"])}</p>' if view.get("limited") else ""
+
+
 def _tokens_html(tokens: Mapping[str, Any]) -> str:
-    notes = '<p id="ss-tok-notes" class="ss-note"></p>'
+    notes = _limited_html(tokens) + '<p id="ss-tok-notes" class="ss-note"></p>'
     if tokens.get("mode") == "none":
         return notes
     if tokens.get("mode") == "static":

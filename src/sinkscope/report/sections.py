@@ -11,7 +11,9 @@ what it returns in the page::
             return None                                  # nothing to show for this run: the section is omitted
         return SectionContent(html="<p>Accuracy per task.</p>" + table_html(run["accuracy"], "eval-accuracy"))
 
-A render function returns an HTML fragment (a str), a `SectionContent` (HTML plus optional JSON data and a small
+For a report of a run folder, `run.tables` reads each table whole when the function first asks for it (the built-in
+sections read folders a piece at a time; a section over a table that grows with the prompts should bound what it
+reads). A render function returns an HTML fragment (a str), a `SectionContent` (HTML plus optional JSON data and a small
 script), or None. Its HTML is inserted as is: escape any text that comes from data (`html.escape`), or let
 `table_html` render tables. The optional `script` is the body of a JavaScript function `(el, data, ss)` run after
 the page loads: `el` is the section element, `data` the section's data, `ss` the page's `SINKSCOPE` helpers
