@@ -10,7 +10,7 @@ clustering (some even strengthen it): the mechanism is collective. The table per
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -52,9 +52,11 @@ def ablation_sweep(
     eps: float = 0.2,
     baseline: MechTrace | None = None,
     batch_size: int = 8,
+    step: Callable[[], None] | None = None,
 ) -> pd.DataFrame:
     """Rerun `ids` once per ablated head (and once per layer with all of `heads` ablated when `include_all`) and
-    return the per-layer statistics of every run, the baseline included (`ablation` == "baseline").
+    return the per-layer statistics of every run, the baseline included (`ablation` == "baseline"). `step` is
+    called after each run (a progress bar's advance).
 
     Columns: ablation, ablated_layer (−1 for the baseline), head (−1 for all heads / the baseline), layer, alpha0,
     sink_share, pos0_ratio_attn, pos0_ratio_block, pos0_norm_attn, pos0_norm_block.
@@ -78,6 +80,8 @@ def ablation_sweep(
             mt = capture_ids(loaded, ids, config, interventions=[AblateHeads(layers=[layer], heads=chosen)],
                              hidden="norms", batch_size=batch_size)
             runs.append((layer, head, run_stats(mt, eps)))
+            if step is not None:
+                step()
     frames = []
     for layer, head, stats in runs:
         frame = stats.copy()

@@ -92,6 +92,7 @@ def analyze(
     replace_with: str = "the",
     bias: bool = True,
     batch_size: int = 8,
+    progress: bool = False,
 ) -> MechanismsResult:
     """Measure where the position-0 sink comes from (seeds 001 and 002) on `prompts`.
 
@@ -101,6 +102,7 @@ def analyze(
     the median |h|; pass massive_min_value=0, massive_ratio=100 for the looser ratio-only rule); bos: run the
     BOS-removal variants (bos_id overrides the tokenizer's BOS, replace_with is the replacement token's text).
     Prompts that are empty, too long, or have fewer than two real tokens are skipped (`result.skipped`).
+    `progress` shows a bar over the forward passes (with an ETA).
     """
     if not 0 < min_share <= 1:
         raise SinkscopeError("min_share must be in (0, 1]")
@@ -127,6 +129,9 @@ def analyze(
                               "massive_ratio": massive_ratio, "massive_min_value": massive_min_value, "top_k": top_k,
                               "bos": bos, "replace_with": replace_with, "bias": bias, "n_prompts": len(texts)}
     config = CaptureConfig(rows=None, entropy=False)
+    n_ablations = len(ablate_layers) * (len(ablate_heads) if ablate_heads is not None else info.n_heads) \
+        + (len(ablate_layers) if ablate_heads is None or len(ablate_heads) > 1 else 0)
+    bar = _Passes(1 + (2 if bos else 0) + n_ablations, progress)
     # one pass over the native prompts gives the residual stream reduced as it is read (norms, the top entries and
     # median per site, position 0's vector, the cross-prompt unit sums) and, for the bias decomposition, each head's
     # output norms, the value norms, position 0's value and its attention column: nothing of size n × d is kept
@@ -134,6 +139,7 @@ def analyze(
                        columns=[0] if bias else None)
     main = capture_ids(loaded, native, main_cfg, sink_position=0 if bias else None, hidden="norms",
                        top=max(1, top_k), leading=_leading(native), batch_size=batch_size, prompts=texts)
+    bar.step()
     traces: dict[str, MechTrace] = {"native": main}
     tables: dict[str, pd.DataFrame] = {
         "prompts": pd.DataFrame({"prompt_id": kept, "text": texts, "n_tokens": main.lengths.tolist()}),
@@ -174,6 +180,7 @@ def analyze(
                              prompts=texts)
             sims.append(cross_input_similarity(mt, v))
             by_variant[v] = mt
+            bar.step()
         traces.update({v: mt for v, mt in by_variant.items() if v != variants.native})
         tables["bos_layers"] = bos_layers(by_variant, eps)
         tables["bos_summary"] = bos_summary(by_variant, tables["bos_layers"], min_share=min_share, ratio=norm_ratio)
@@ -195,7 +202,7 @@ def analyze(
         target = form["norm_depth"].iloc[0]
         target = 2.0 if pd.isna(target) else float(target)
         prof = ablation_sweep(loaded, native, ablate_layers, ablate_heads, eps=eps, baseline=main,
-                              batch_size=batch_size)
+                              batch_size=batch_size, step=bar.step)
         tables["ablation_profile"] = prof
         tables["ablation"] = ablation_table(prof, target)
         summary["ablation"] = _ablation_digest(tables["ablation"])
@@ -212,7 +219,29 @@ def analyze(
         tables["bias_heads"] = heads
         tables["bias_queries"] = queries
         summary["bias"] = _bias_digest(heads)
+    bar.close()
     return MechanismsResult(tables=tables, summary=summary, params=params, traces=traces, skipped=bad)
+
+
+class _Passes:
+    """A rich progress bar over the forward passes (nothing when not asked for)."""
+
+    def __init__(self, total: int, show: bool) -> None:
+        self._progress: Any = None
+        if show:
+            from rich.progress import Progress
+
+            self._progress = Progress(*Progress.get_default_columns(), transient=True)
+            self._task = self._progress.add_task("mechanism passes", total=total)
+            self._progress.start()
+
+    def step(self) -> None:
+        if self._progress is not None:
+            self._progress.advance(self._task)
+
+    def close(self) -> None:
+        if self._progress is not None:
+            self._progress.stop()
 
 
 def _leading(ids: Sequence[Sequence[int]]) -> int:
