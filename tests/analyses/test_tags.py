@@ -70,6 +70,34 @@ def test_share_is_additive_over_sinks_and_rest():
     assert float(none["var_explained"]) == 0.0 and float(none["var_projected"]) == 0.0
 
 
+def _direct(outputs, columns, sink_values, selected=None):
+    """The statistics straight from the per-token split (an independent reference for the moments route)."""
+    o, cols, vals = outputs.double(), columns.double(), sink_values.double()
+    if selected is not None:
+        cols = cols * selected.double()[..., None, :]
+        vals = vals * selected.double()[..., :, None]
+    oc = o - o.mean(-2, keepdim=True)
+    ac = cols - cols.mean(-2, keepdim=True)
+    total = (oc * oc).sum((-2, -1))
+    tc = ac @ vals
+    proj = oc @ torch.linalg.pinv(vals) @ vals
+    return {"var_explained": (oc * tc).sum((-2, -1)) / total, "var_ratio": (tc * tc).sum((-2, -1)) / total,
+            "var_projected": (proj * proj).sum((-2, -1)) / total,
+            "share": ((ac.transpose(-1, -2) @ oc) * vals).sum(-1) / total[..., None]}
+
+
+def test_moments_route_equals_the_direct_per_token_formulas():
+    torch.manual_seed(1)
+    attn = torch.softmax(torch.randn(3, 9, 9, dtype=torch.float64), -1)  # [heads, n, n]
+    values = torch.randn(3, 9, 4, dtype=torch.float64)
+    out = attn @ values
+    selected = torch.tensor([[True, False, True], [False, False, False], [True, True, True]])
+    got = variance_explained(out, attn[..., :3], values[:, :3], selected)
+    expected = _direct(out, attn[..., :3], values[:, :3], selected)
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, atol=1e-6, rtol=1e-6, msg=key)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2"])
 def test_decomposition_sums_to_head_output(family):
     lm = tiny_model(family)

@@ -360,7 +360,8 @@ def test_tag_moments_equal_moments_of_the_eager_outputs(loaded, padding_side):
             vals = v.gather(1, idx[..., None].expand(*idx.shape, v.shape[-1])) * (index >= 0)[..., None]
             expected = tag_moments(maps @ v, cols, vals)
             for name, value in expected.items():
-                torch.testing.assert_close(trace.tag_moments[name][p, layer], value, atol=1e-4, rtol=1e-4,
+                torch.testing.assert_close(trace.tag_moments[name][p, layer].double(), value.double(), atol=1e-4,
+                                           rtol=1e-4,
                                            msg=lambda m, name=name: f"{name}: {m}")
 
 

@@ -88,38 +88,15 @@ def variance_explained(
     sink_values: torch.Tensor,  # [..., K, d]  v_s
     selected: torch.Tensor | None = None,  # [..., K] bool: which candidates are sinks (None: all)
 ) -> dict[str, torch.Tensor]:
-    """Variance of the head outputs across tokens explained by the tag part (formulas in the module docstring).
+    """Variance of the head outputs across tokens explained by the tag part (formulas in the module docstring), from
+    the per-token tensors: their moments (`capture.moments.tag_moments`, what the capture reduces them to) and
+    `moment_statistics`.
 
     Returns `var_explained` [...] (Σ_i⟨õ_i, t̃_i⟩ / Σ_i‖õ_i‖²), `share` [..., K] (that sum split per sink; 0 for
     unselected candidates), `var_ratio` [...] (Σ‖t̃‖²/Σ‖õ‖²), `var_projected` [...] (Σ‖P_S õ‖²/Σ‖õ‖²) and
     `total` [...] (Σ‖õ‖²). NaN where the outputs do not vary (one token).
     """
-    o = outputs.double()
-    cols = columns.double()
-    vals = sink_values.double()
-    if selected is not None:
-        sel = selected.to(cols.dtype)
-        cols = cols * sel[..., None, :]
-        vals = vals * sel[..., :, None]
-    oc = o - o.mean(-2, keepdim=True)  # [..., n, d]
-    total = (oc * oc).sum((-2, -1))  # [...]
-    ac = cols - cols.mean(-2, keepdim=True)  # [..., n, K]
-    moment = ac.transpose(-1, -2) @ oc  # [..., K, d]  Σ_i (A_is − ā_s) õ_i
-    safe = total.clamp(min=1e-300)
-    share = (moment * vals).sum(-1) / safe[..., None]  # [..., K]
-    tc = ac @ vals  # [..., n, d]  t̃
-    ratio = (tc * tc).sum((-2, -1)) / safe
-    proj = oc @ torch.linalg.pinv(vals) @ vals  # [..., n, d]  P_S õ (rows of vals span the tag subspace)
-    projected = (proj * proj).sum((-2, -1)) / safe
-    nan = torch.tensor(float("nan"), dtype=o.dtype)
-    flat = total <= 1e-24 * (o * o).sum((-2, -1)).clamp(min=1e-300)
-    return {
-        "var_explained": torch.where(flat, nan, share.sum(-1)),
-        "share": torch.where(flat[..., None], nan, share),
-        "var_ratio": torch.where(flat, nan, ratio),
-        "var_projected": torch.where(flat, nan, projected),
-        "total": total,
-    }
+    return moment_statistics(tag_moments(outputs, columns, sink_values), selected)
 
 
 @dataclass

@@ -45,7 +45,8 @@ def tag_moments(
 ) -> dict[str, torch.Tensor]:
     """The moments of the module docstring, computed in float64: count [...], mean [..., d_v], cov [..., d_v, d_v],
     moment [..., K, d_v], gram [..., K, K], values [..., K, d_v], last_columns [..., K], last_output [..., d_v].
-    cov, the one that grows as d_v², is stored in float32 (relative rounding 6e-8: below the float32 outputs' own)."""
+    cov, the one that grows as d_v², is stored at the outputs' precision (float32 in a capture: its rounding, 6e-8
+    relative, is below the float32 outputs' own)."""
     o = outputs.double()
     a = columns.double()
     n = o.shape[-2]
@@ -61,7 +62,7 @@ def tag_moments(
     return {
         "count": count[..., 0],
         "mean": mean,
-        "cov": (oc.transpose(-1, -2) @ oc).float(),
+        "cov": (oc.transpose(-1, -2) @ oc).to(torch.promote_types(outputs.dtype, torch.float32)),
         "moment": ac.transpose(-1, -2) @ oc,
         "gram": ac.transpose(-1, -2) @ ac,
         "values": values.double(),
