@@ -787,7 +787,7 @@ def table_batches(folder: str | Path, name: str, columns: Sequence[str] | None =
     `columns` (default: all): memory holds one batch, whatever the table's size. Not verified: `check_run` first."""
     import pyarrow.parquet as pq
 
-    with pq.ParquetFile(Path(folder) / f"{name}.parquet") as pf:
+    with pq.ParquetFile(Path(folder) / f"{name}.parquet", pre_buffer=False) as pf:
         cols = list(columns) if columns is not None else None
         found = False
         for batch in pf.iter_batches(batch_size=batch_rows, columns=cols):

@@ -38,8 +38,10 @@ class RunTables:
     def rows(self, name: str) -> int:
         raise NotImplementedError
 
-    def batches(self, name: str, columns: Sequence[str] | None = None) -> Iterator[pd.DataFrame]:
-        """The table's rows in order, a batch at a time (`columns` only; default all)."""
+    def batches(self, name: str, columns: Sequence[str] | None = None, rows: int | None = None
+                ) -> Iterator[pd.DataFrame]:
+        """The table's rows in order, a batch (of at most `rows` rows, default BATCH_ROWS) at a time, `columns` only
+        (default all)."""
         raise NotImplementedError
 
     def read(self, name: str, columns: Sequence[str] | None = None, *,
@@ -58,7 +60,7 @@ class RunTables:
     def head(self, name: str, n: int) -> pd.DataFrame:
         """The first `n` rows (all columns)."""
         parts, got = [], 0
-        for batch in self.batches(name):
+        for batch in self.batches(name, rows=max(n, 1)):
             parts.append(batch.head(n - got))
             got += len(parts[-1])
             if got >= n:
@@ -117,7 +119,8 @@ class MemoryTables(RunTables):
     def rows(self, name: str) -> int:
         return len(self._run.tables[name])
 
-    def batches(self, name: str, columns: Sequence[str] | None = None) -> Iterator[pd.DataFrame]:
+    def batches(self, name: str, columns: Sequence[str] | None = None, rows: int | None = None
+                ) -> Iterator[pd.DataFrame]:
         yield self.read(name, columns)
 
     def read(self, name: str, columns: Sequence[str] | None = None, *,
@@ -154,8 +157,9 @@ class FolderTables(RunTables):
     def rows(self, name: str) -> int:
         return self._meta[name][1]
 
-    def batches(self, name: str, columns: Sequence[str] | None = None) -> Iterator[pd.DataFrame]:
-        return table_batches(self.folder, name, columns, batch_rows=BATCH_ROWS)
+    def batches(self, name: str, columns: Sequence[str] | None = None, rows: int | None = None
+                ) -> Iterator[pd.DataFrame]:
+        return table_batches(self.folder, name, columns, batch_rows=min(rows or BATCH_ROWS, BATCH_ROWS))
 
     def read(self, name: str, columns: Sequence[str] | None = None, *,
              prompt_ids: Sequence[int] | None = None) -> pd.DataFrame:
