@@ -80,7 +80,7 @@ def implicit_bias(mt: MechTrace, prompt_ids: Sequence[int] | None = None, *, sin
     keep[:, : sink + 1] = False
     vs = v_sink.double()  # [P, L, H, dv]
     vs_norm = torch.linalg.vector_norm(vs, dim=-1)  # [P, L, H]
-    t_norm = (a.double() * vs_norm[..., None]).float()  # [P, L, H, N]  ‖t_i‖ = A_{i,s}‖v_s‖
+    t_norm = a * vs_norm[..., None].float()  # [P, L, H, N]  ‖t_i‖ = A_{i,s}‖v_s‖
     share = torch.where(o_norm > 0, t_norm / o_norm.clamp(min=1e-30), torch.full_like(o_norm, float("nan")))
     k = keep[:, None, None, :].expand(P, L, H, N)  # [P, L, H, N]
     count = k.sum(dim=(0, 3)).clamp(min=1)  # [L, H]
@@ -88,13 +88,14 @@ def implicit_bias(mt: MechTrace, prompt_ids: Sequence[int] | None = None, *, sin
     def masked_mean(x: torch.Tensor) -> torch.Tensor:
         return torch.where(k, x, torch.zeros_like(x)).nansum(dim=(0, 3)) / count
 
+    a64 = a.double()
     kd = k.double()
-    nonzero = ((a.double() > 0) & k).double().sum(-1) * (vs_norm > 0)  # [P, L, H]  c_p
+    nonzero = ((a64 > 0) & k).double().sum(-1) * (vs_norm > 0)  # [P, L, H]  c_p
     unit = vs / vs_norm[..., None].clamp(min=1e-300)
     summed = (nonzero[..., None] * unit).sum(0)  # [L, H, dv]
     constancy = cosine_from_unit_sum(summed, nonzero.sum(0))  # [L, H]
-    s1 = (a.double() * kd).sum(-1)  # [P, L, H]  Σ_i A
-    s2 = (a.double() ** 2 * kd).sum(-1)  # [P, L, H]  Σ_i A²
+    s1 = (a64 * kd).sum(-1)  # [P, L, H]  Σ_i A
+    s2 = (a64**2 * kd).sum(-1)  # [P, L, H]  Σ_i A²
     n_kept = kd.sum(dim=(0, 3))  # [L, H]
     mean_t = (s1[..., None] * vs).sum(0) / n_kept.clamp(min=1)[..., None]  # [L, H, dv]
     total = (s2 * vs_norm**2).sum(0)  # [L, H]  Σ‖t‖²
@@ -138,5 +139,7 @@ def implicit_bias(mt: MechTrace, prompt_ids: Sequence[int] | None = None, *, sin
             "share": share[p, :, :, sink + 1 : n].numpy().ravel(),
         }))
     cols = ["prompt_id", "layer", "head", "position", "token", "attn_to_sink", "sink_norm", "out_norm", "share"]
+    if len(frames) == 1:  # one prompt: no concatenated copy
+        return heads, frames[0]
     queries = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
     return heads, queries
