@@ -68,9 +68,9 @@ class RunTables:
         return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0].reset_index(drop=True)
 
     def by_prompt(self, name: str, columns: Sequence[str], reduce: Callable[[Iterable[pd.DataFrame]], T]) -> T:
-        """`reduce(chunks)`, where each chunk holds the whole rows of one or more prompts (`columns`, which include
-        prompt_id), in ascending prompt order. Batches are cut at prompt boundaries while the table's prompt_id does
-        not decrease (as every sinkscope command writes it); otherwise `reduce` is run again on the table whole."""
+        """`reduce(chunks)`, where each chunk holds every row of its prompts (`columns`, which include prompt_id).
+        Batches are cut at prompt boundaries while the table's prompt_id does not decrease (as profile and sweep
+        write it); at the first decrease `reduce` starts over on the table read whole, as one chunk."""
         try:
             return reduce(_prompt_chunks(self.batches(name, columns)))
         except _NotSorted:
