@@ -13,6 +13,7 @@ libraries are in every figure alike. Ways:
 - `summary`: `sinkscope profile --prompts FILE` (the per-layer summary only)
 - `api`: the Python call the CLI makes to write the run folder, without the report (`profile_in_batches`, or
   `profile` + `save_run` in a tree that predates it)
+- `report`: `sinkscope report DIR` on the folder `api` wrote (written first, unmeasured, when `api` is not measured)
 
 The last column is each figure's ratio to the smallest count's figure of the same way (flat: about 1).
 """
@@ -56,6 +57,8 @@ def write_prompts(path: Path, count: int, words: int, seed: int = 0) -> None:
 def command(way: str, prompts: Path, out: Path) -> list[str]:
     if way == "api":
         return [sys.executable, "-c", API, str(prompts), str(out)]
+    if way == "report":
+        return [sys.executable, "-m", "sinkscope", "report", str(out)]
     cli = [sys.executable, "-m", "sinkscope", "profile", "-m", "sinkscope-tiny", "--prompts", str(prompts)]
     return cli + (["--out", str(out)] if way == "cli" else [])
 
@@ -76,7 +79,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--counts", type=int, nargs="+", default=[300, 3000], help="numbers of prompts")
     parser.add_argument("--words", type=int, default=40, help="words per prompt (40: about 91 tokens)")
-    parser.add_argument("--ways", nargs="+", default=["api", "cli"], choices=["api", "cli", "summary"])
+    parser.add_argument("--ways", nargs="+", default=["api", "cli"], choices=["api", "cli", "summary", "report"])
     parser.add_argument("--src", help="a source tree to put first on PYTHONPATH instead of the installed package")
     opts = parser.parse_args()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -94,7 +97,10 @@ def main() -> None:
                 prompts = Path(tmp) / f"prompts-{count}.txt"
                 if not prompts.exists():
                     write_prompts(prompts, count, opts.words)
-                mb, seconds, status = peak_rss(command(way, prompts, Path(tmp) / f"run-{way}-{count}"), env)
+                out = Path(tmp) / f"run-{'api' if way == 'report' else way}-{count}"
+                if way == "report" and not out.exists():
+                    subprocess.run(command("api", prompts, out), env=env, check=True, capture_output=True)
+                mb, seconds, status = peak_rss(command(way, prompts, out), env)
                 first = first or mb
                 note = "" if status == 0 else f"  (exit status {status})"
                 print(f"{way:8} {count:8d} {mb:9.0f} {seconds:8.1f} {mb / first:8.2f}{note}", flush=True)
