@@ -4,6 +4,8 @@
     python bench/analyses.py --lengths 1024       # one length
     python bench/analyses.py --model gpt2-shape   # the random GPT-2-small shape even when smollm2 is installed
     python bench/analyses.py --ways profile,tags  # a subset (mechanisms at 4,096 tokens takes long on 2 cores)
+    python bench/analyses.py --quick              # < 60 s: `<command> <ratio>` lines on the GPT-2-small shape at
+                                                  # 512 tokens, the last `profile-end-to-end <ratio>`
 
 Ways, all through the public Python API on one prompt of n tokens:
 - profile:    `profile(loaded, [text])` (capture + column_mass detector + tables);
@@ -19,6 +21,12 @@ Memory: each way runs once in a fresh process; its extra peak is peak RSS during
 loaded and warmed up), with glibc's mmap threshold fixed at 64 KiB so RSS follows live tensors. Target: tags' and
 mechanisms' extra peak within 1.1× profile's. Ratios, not seconds, are the result: these machines are shared and
 noisy.
+
+--quick (issue #16's check): one process, the random GPT-2-small shape, one 512-token prompt, in turns: a plain
+forward of the prompt's token ids (the model's own SDPA, `use_cache=False`), `profile(loaded, [text])` end to end
+(tokenise, capture, detect, tables), `tag_statistics` and `analyze` (native pass and BOS variants, so it stays
+short: no ablation). It prints `tags <ratio>` and `mechanisms <ratio>` (to profile, and the passes mechanisms ran), and
+last `profile-end-to-end <ratio>` (to the plain forward; target ≤ 1.15).
 """
 
 from __future__ import annotations
@@ -147,6 +155,45 @@ def mem_ratio(extra: dict[str, Any], way: str) -> str:
     return f"{extra[way] / extra['profile']:.2f} ({extra[way] / 2**20:.0f} MB)"
 
 
+def quick(repeats: int = 3) -> None:
+    """The --quick lines (see the module docstring)."""
+    from sinkscope.analyses.mechanisms import analyze
+    from sinkscope.analyses.profile import profile
+    from sinkscope.analyses.tags import tag_statistics
+
+    loaded = load("gpt2-shape")
+    text = prompt_of(loaded, 512)
+    ids = torch.tensor([loaded.tokenizer(text)["input_ids"]])
+    model = loaded.model
+
+    def plain() -> None:
+        model(input_ids=ids, use_cache=False)
+
+    ways = {"plain": plain, "profile": lambda: profile(loaded, [text]),
+            "tags": lambda: tag_statistics(loaded, [text], 0.2),
+            "mechanisms": lambda: analyze(loaded, [text], ablate_layers=[])}
+    for run in ways.values():  # warm-up
+        run()
+    turns = []
+    for _ in range(repeats):
+        turn = {}
+        for name, run in ways.items():
+            start = time.perf_counter()
+            run()
+            turn[name] = time.perf_counter() - start
+        turns.append(turn)
+
+    def ratio(a: str, b: str) -> float:
+        return statistics.median(t[a] / t[b] for t in turns)
+
+    passes = variants(loaded) - 2 * (loaded.info.n_heads + 1)  # native + BOS variants (no ablation here)
+    print(f"sinkscope analyses --quick: {loaded.info.name}, {ids.shape[1]} tokens, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, median of {repeats} turns")
+    print(f"tags {ratio('tags', 'profile'):.2f}")
+    print(f"mechanisms {ratio('mechanisms', 'profile'):.2f} (passes: {passes})")
+    print(f"profile-end-to-end {ratio('profile', 'plain'):.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2")
@@ -154,11 +201,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--ways", default=",".join(WAYS), help="profile is always run (the reference)")
+    parser.add_argument("--quick", action="store_true", help="< 60 s: ratios at 512 tokens on the GPT-2-small shape")
     parser.add_argument("--time-worker", type=int)
     parser.add_argument("--memory-worker", nargs=2, metavar=("WAY", "N"))
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     ways = tuple(w for w in WAYS if w == "profile" or w in args.ways.split(","))
+    if args.quick:
+        quick()
+        return
     if args.time_worker:
         print(json.dumps(time_worker(args.model, args.time_worker, args.repeats, ways)))
         return
