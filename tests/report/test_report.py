@@ -338,3 +338,21 @@ def test_a_folder_not_sorted_by_prompt_and_chosen_prompts(tmp_path, monkeypatch)
     assert [v["label"] for v in chosen["grid"]["views"]] == ["mean over prompts", "prompt 3", "prompt 9"]
     assert [p["prompt_id"] for p in chosen["tokens"]["prompts"]] == [3, 9]
     assert chosen["tokens"]["limited"].startswith("The token view holds prompts 3, 9 of 12 prompts")
+
+
+def test_report_cli_picks_prompts_for_the_per_prompt_views(tmp_path):
+    """`sinkscope report RUN --prompt-ids 3,9` is `write_report(RUN, prompts=[3, 9])`, and the page's limit sentence
+    names the option."""
+    from typer.testing import CliRunner
+
+    from sinkscope.cli.app import app
+    from sinkscope.report.synthetic import synthetic_run
+
+    run = synthetic_run(2, 3, 20, n_prompts=40, norms=False, seed=4)
+    folder = streamed_folder(tmp_path / "run", run, run["keys"])
+    res = CliRunner().invoke(app, ["report", str(folder), "--prompt-ids", "3,9"])
+    assert res.exit_code == 0, res.output
+    chosen = page_data((folder / "report.html").read_text())
+    assert [p["prompt_id"] for p in chosen["tokens"]["prompts"]] == [3, 9]
+    res = CliRunner().invoke(app, ["report", str(folder)])
+    assert "--prompt-ids" in page_data((folder / "report.html").read_text())["tokens"]["limited"]

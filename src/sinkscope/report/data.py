@@ -214,8 +214,8 @@ def _limited(what: str, shown: Sequence[int], n_prompts: int, first: bool) -> st
     if len(shown) >= n_prompts:
         return ""
     which = f"the first {len(shown):,}" if first else "prompts " + ", ".join(str(p) for p in shown)
-    return (f"{what} {which} of {n_prompts:,} prompts. Others: write_report(RUN, prompts=[ids]), or raise "
-            "ReportLimits' max_grid_prompts and max_view_prompts.")
+    return (f"{what} {which} of {n_prompts:,} prompts. Others: sinkscope report RUN --prompt-ids 20-35 "
+            "(write_report(RUN, prompts=[ids]) in Python).")
 
 
 def grid_data(run: Run | RunTables, limits: ReportLimits, keys: KeysSummary | None = None,
