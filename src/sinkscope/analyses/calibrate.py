@@ -178,6 +178,7 @@ def mitigation_benchmark(
     gammas: Sequence[float] = (0.4,),
     alignment: EvalConfig | None = ALIGNMENT,
     causal_ids: Collection[str] | None = None,
+    step: Callable[[int, int], None] | None = None,
 ) -> pd.DataFrame:
     """Accuracy, alignment and cost of each inference-time mitigation on the same examples, side by side.
 
@@ -196,7 +197,8 @@ def mitigation_benchmark(
     DMR), cost_vs_none, dmr_ms (DMR alone), and for none and the DMR rows the evaluation's mismatch, match
     (keyword match of the top-K attention on wrong / right predictions), spearman, topk_overlap (attention against
     causal effects, over n_causal examples: those in `causal_ids` when alignment.causal, else none).
-    Methods run interleaved batch by batch, so a load from other processes slows them alike.
+    Methods run interleaved batch by batch, so a load from other processes slows them alike. `step(done, total)`
+    is called after each batch of each stage (a progress bar's update).
     """
     methods: list[tuple[str, list[Intervention]]] = [
         ("none", []),
@@ -226,12 +228,15 @@ def mitigation_benchmark(
         classified.clear()
     preds = {name: torch.empty(len(examples), dtype=torch.long) for name in runs}
     seconds = dict.fromkeys(runs, 0.0)
-    for idx in batches:
+    total = len(batches) * (2 if alignment is not None else 1)  # the timed runs, then the alignment records
+    for done, idx in enumerate(batches, 1):
         chunk = [examples[i] for i in idx]
         for name, run in runs.items():
             start = time.perf_counter()
             preds[name][idx] = run(chunk)
             seconds[name] += time.perf_counter() - start
+        if step is not None:
+            step(done, total)
     gold = torch.tensor([ex.label_id for ex in examples])
 
     def row(name: str, method: str, kind: str) -> dict:
@@ -242,8 +247,11 @@ def mitigation_benchmark(
 
     rows = [row(name, name, "baseline" if name == "none" else "forward") for name, _ in methods]
     if alignment is not None:
-        records = [r for idx, done in zip(batches, classified, strict=True)
-                   for r in example_records(loaded, spec, [examples[i] for i in idx], alignment, done, causal_ids)]
+        records = []
+        for i, (idx, done) in enumerate(zip(batches, classified, strict=True), 1):
+            records += example_records(loaded, spec, [examples[j] for j in idx], alignment, done, causal_ids)
+            if step is not None:
+                step(len(batches) + i, total)
         summary = summarise_records(records, alignment).set_index("variant")
         scores = ["mismatch", "match", "spearman", "topk_overlap", "n_causal"]
         rows[0].update(summary.loc["before", scores].to_dict())

@@ -30,6 +30,7 @@ from sinkscope.cli.options import (
     load,
     method_params,
     parse_selection,
+    progress_bars,
     user_errors,
 )
 from sinkscope.errors import SinkscopeError
@@ -105,8 +106,6 @@ def eval_command(
 ) -> None:
     """Classification accuracy and attention alignment before/after sink removal (seed 000 Table 2), plus the
     Spearman correlation and top-K overlap between attention and each token's causal effect."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from sinkscope.analyses.evaluate.datasets import list_datasets
     from sinkscope.analyses.evaluate.run import evaluate
     from sinkscope.store import save_run
@@ -124,15 +123,7 @@ def eval_command(
     if layer_sel == [-1]:
         layer_sel = None  # the default, the last layer, under one name so that resumed runs match
     loaded = load(model, device, dtype, trust_remote_code, allow_pickle)
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err_console, transient=True) as bar:
-        tasks: dict[str, Any] = {}
-
-        def progress(name: str, done: int, total: int) -> None:
-            if name not in tasks:
-                tasks[name] = bar.add_task(name, total=total)
-            bar.update(tasks[name], completed=done, total=total)
-
+    with progress_bars() as progress:
         try:
             result = evaluate(
                 loaded, names, data=data, limit=limit, methods=methods, method_params=params, layers=layer_sel,

@@ -30,6 +30,7 @@ from sinkscope.cli.options import (
     described,
     load,
     parse_selection,
+    progress_bars,
     user_errors,
 )
 from sinkscope.errors import SinkscopeError
@@ -94,12 +95,20 @@ def calibrate_command(
     calib_set, held = examples[:calib], examples[calib:]
     console.print(f"ACT head search on {len(calib_set)} calibration examples, {len(held)} held out")
 
-    def show(row: dict) -> None:
-        where = f"L{row['layer']}" + ("" if row["head"] < 0 else f" h{row['head']}")
-        console.print(f"  {row['stage']:5} {where:8} {row['accuracy']:.1%} ({row['gain']:+.1%}) {row['seconds']:.0f}s")
+    n_layers = len(layer_sel) if layer_sel is not None else loaded.info.n_layers
+    totals = {"layer": n_layers, "head": min(top_layers, n_layers) * loaded.info.n_heads}  # heads: at most
+    done = dict.fromkeys(totals, 0)
+    with progress_bars() as update:
 
-    result = search_heads(loaded, spec, calib_set, beta=beta, threshold=threshold, layers=layer_sel,
-                          top_layers=top_layers, batch_size=batch_size, on_trial=show)
+        def show(row: dict) -> None:
+            where = f"L{row['layer']}" + ("" if row["head"] < 0 else f" h{row['head']}")
+            console.print(f"  {row['stage']:5} {where:8} {row['accuracy']:.1%} ({row['gain']:+.1%}) "
+                          f"{row['seconds']:.0f}s")
+            done[row["stage"]] = done.get(row["stage"], 0) + 1
+            update(f"ACT search: {row['stage']} trials", done[row["stage"]], totals.get(row["stage"]))
+
+        result = search_heads(loaded, spec, calib_set, beta=beta, threshold=threshold, layers=layer_sel,
+                              top_layers=top_layers, batch_size=batch_size, on_trial=show)
     before = accuracy(loaded, spec, held, batch_size=batch_size)
     after = accuracy(loaded, spec, held, result.interventions(), batch_size) if result.heads else before
     path = result.save(save)
@@ -170,8 +179,10 @@ def bench_mitigation_command(
     frames = []
     for name in dataset:
         spec, examples, causal_ids = _examples(name, data, limit, seed, causal_limit)
-        frames.append(mitigation_benchmark(loaded, spec, examples, calib, beta, batch_size, gammas=gammas,
-                                           alignment=alignment, causal_ids=causal_ids))
+        with progress_bars() as update:
+            frames.append(mitigation_benchmark(loaded, spec, examples, calib, beta, batch_size, gammas=gammas,
+                                               alignment=alignment, causal_ids=causal_ids,
+                                               step=lambda done, total, name=name: update(name, done, total)))
     table = pd.concat(frames, ignore_index=True)
     console.print(render_mitigation_table(table, f"{loaded.info.name}: inference-time mitigations "
                                                  f"(same prompts, seed {seed})", alignment.k))

@@ -234,6 +234,32 @@ def check_out(out: Path) -> None:
                              "pass another folder")
 
 
+@contextmanager
+def progress_bars() -> Iterator[Callable[[str, int, int | None], None]]:
+    """The one progress display of long commands: a bar per task with done/total, elapsed time and an ETA, on stderr,
+    gone when finished. Yields `update(task, done, total)`."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("ETA"), TimeRemainingColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        tasks: dict[str, Any] = {}
+
+        def update(task: str, done: int, total: int | None) -> None:
+            if task not in tasks:
+                tasks[task] = bar.add_task(task, total=total)
+            bar.update(tasks[task], completed=done, total=total)
+
+        yield update
+
+
 def load(model: str, device: str | None = None, dtype: str = "float32", trust_remote_code: bool = False,
          allow_pickle: bool = False) -> LoadedModel:
     """`sinkscope.models.load_model` with the shared options, behind a spinner."""

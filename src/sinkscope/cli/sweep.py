@@ -32,6 +32,7 @@ from sinkscope.cli.options import (
     gather_prompts,
     load,
     method_params,
+    progress_bars,
     user_errors,
 )
 from sinkscope.errors import SinkscopeError
@@ -69,12 +70,8 @@ def _progress(show: bool) -> Iterator[Callable[[int, int], None] | None]:
     if not show:
         yield None
         return
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=err_console, transient=True) as bar:
-        task = bar.add_task("units (this process)", total=None)
-        yield lambda done, total: bar.update(task, completed=done, total=total)
+    with progress_bars() as update:
+        yield lambda done, total: update("units (this process)", done, total)
 
 
 @user_errors

@@ -132,9 +132,9 @@ def tags_command(
         raise SinkscopeError(f"--residual-layer {residual_layer} is out of range: the model has {n_layers} layers, "
                              f"so 0 (the embeddings) to {n_layers} (the last layer's output)")
     texts = _too_long(loaded, texts)
-    with console.status(f"decomposing {len(texts)} prompt(s)"):
-        result = tag_statistics(loaded, texts, threshold, project=project, geometry=geometry, batch_size=batch_size)
-        view = pca_view(loaded, texts[0], pca_layer, pca_head, residual_layer, threshold)
+    result = tag_statistics(loaded, texts, threshold, project=project, geometry=geometry, batch_size=batch_size,
+                            progress=True)
+    view = pca_view(loaded, texts[0], pca_layer, pca_head, residual_layer, threshold)
     tables = {**result.tables, "pca": view}
     heads = result.tables["heads"]
     console.print(f"{loaded.info.name}: {loaded.info.n_layers} layers × {loaded.info.n_heads} heads, "
@@ -204,8 +204,8 @@ def tags_sensitivity_command(
     for name in model:
         loaded = load(name, device, dtype, trust_remote_code, allow_pickle)
         texts = _too_long(loaded, texts0)
-        with console.status(f"{name}: {len(texts)} prompt(s) × {len(grid)} thresholds"):
-            result = tag_statistics(loaded, texts, min(grid), eps_grid=grid, project=project, batch_size=batch_size)
+        result = tag_statistics(loaded, texts, min(grid), eps_grid=grid, project=project, batch_size=batch_size,
+                                progress=True)
         curve = result.tables["sensitivity"]
         curves[name] = curve
         frames.append(curve.assign(model=name))
@@ -259,8 +259,7 @@ def probe_command(
         raise SinkscopeError(f"--c {c}: the inverse regularisation strength must be positive")
     texts, labels = load_statements(dataset, limit, seed=seed, data_dir=data)
     loaded = load(model, device, dtype, trust_remote_code, allow_pickle)
-    with console.status(f"capturing {len(texts)} statements"):
-        features = final_token_parts(loaded, texts, threshold, batch_size=batch_size)
+    features = final_token_parts(loaded, texts, threshold, batch_size=batch_size, progress=True)
     with console.status("fitting probes"):
         results = fit_probes(features, labels, test_size=test_size, random_state=seed, C=c)
     best = best_heads(results, top)
