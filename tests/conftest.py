@@ -13,6 +13,13 @@ SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 @pytest.fixture(scope="session")
+def shared() -> Path:
+    """The `../shared` folder beside the checkout (the data tests skip without it). A fixture, because `from conftest
+    import SHARED` finds whichever conftest.py pytest loaded last when several directories are collected."""
+    return SHARED
+
+
+@pytest.fixture(scope="session")
 def tiny_llama():
     from sinkscope.models import tiny_model
 

