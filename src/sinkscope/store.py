@@ -729,16 +729,23 @@ def save_run(out: str | Path, run: Run, *, overwrite: bool = False, files: Mappi
         return folder.save(run, files)
 
 
-def load_run(folder: str | Path) -> Run:
-    """Read a run folder back: every table listed in its manifest, checked against the recorded sizes and sha256."""
-    path = Path(folder)
+def _run_manifest(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A run folder's manifest and its per-file records ({file name: size and sha256}); one line if it is missing
+    or corrupt."""
     manifest_path = path / MANIFEST
     if not manifest_path.exists():
-        raise SinkscopeError(f"{folder} is not a sinkscope run folder (no {MANIFEST})")
+        raise SinkscopeError(f"{path} is not a sinkscope run folder (no {MANIFEST})")
     manifest = read_json(manifest_path, "rerun the command that wrote this folder")
     if not isinstance(manifest, dict):
         raise SinkscopeError(f"{manifest_path} is corrupt (not a JSON object); rerun the command that wrote it")
     listed = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    return manifest, listed
+
+
+def load_run(folder: str | Path) -> Run:
+    """Read a run folder back: every table listed in its manifest, checked against the recorded sizes and sha256."""
+    path = Path(folder)
+    manifest, listed = _run_manifest(path)
     tables = {}
     for name in manifest.get("tables", {}):
         file = path / f"{name}.parquet"
@@ -757,13 +764,7 @@ def check_run(folder: str | Path) -> dict[str, Any]:
     Returns the manifest; a damaged folder is the same one-line SinkscopeError as `load_run`'s. Read the tables
     afterwards a piece at a time with `table_batches` and `read_table`."""
     path = Path(folder)
-    manifest_path = path / MANIFEST
-    if not manifest_path.exists():
-        raise SinkscopeError(f"{folder} is not a sinkscope run folder (no {MANIFEST})")
-    manifest = read_json(manifest_path, "rerun the command that wrote this folder")
-    if not isinstance(manifest, dict):
-        raise SinkscopeError(f"{manifest_path} is corrupt (not a JSON object); rerun the command that wrote it")
-    listed = manifest.get("files") if isinstance(manifest.get("files"), dict) else {}
+    manifest, listed = _run_manifest(path)
     for name in manifest.get("tables", {}):
         file = path / f"{name}.parquet"
         try:
