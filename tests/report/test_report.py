@@ -95,7 +95,7 @@ def test_report_of_a_run_folder(tiny_run):
     m = unpack(maps["0"]["heads"]["1,2"])
     np.testing.assert_allclose(m.sum(-1), 1.0, atol=1e-5)
     assert [c["id"] for c in data["curves"]["charts"]] == ["sinks"]
-    assert {t["name"] for t in data["tables"]} == {"keys", "heads", "layers", "prompts", "skipped"}
+    assert {t["name"] for t in data["tables"]} == {"keys", "heads", "layers", "prompts"}  # no skipped prompts: no table
 
 
 def test_maps_table_matches_the_trace(tiny_llama):

@@ -492,11 +492,11 @@ def map_data(run: Run | RunTables, limits: ReportLimits, prompts: Sequence[int] 
 
 
 def table_data(run: Run | RunTables, limits: ReportLimits) -> list[dict[str, Any]]:
-    """Every table of the run (except `maps`), capped at `max_table_rows` rows (the top ones by α for `keys`), read a
-    batch at a time."""
+    """Every table of the run that has rows (except `maps`), capped at `max_table_rows` rows (the top ones by α for
+    `keys`), read a batch at a time. An empty table (no skipped prompts, say) is left out of the page."""
     tables = run_tables(run)
     return [{"name": name, **_table_json(tables, name, limits.max_table_rows, sort_by="alpha")}
-            for name in tables.names() if name != "maps"]
+            for name in tables.names() if name != "maps" and tables.rows(name) > 0]
 
 
 def _table_json(tables: RunTables, name: str, max_rows: int, sort_by: str | None) -> dict[str, Any]:
