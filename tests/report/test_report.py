@@ -356,3 +356,15 @@ def test_report_cli_picks_prompts_for_the_per_prompt_views(tmp_path):
     assert [p["prompt_id"] for p in chosen["tokens"]["prompts"]] == [3, 9]
     res = CliRunner().invoke(app, ["report", str(folder)])
     assert "--prompt-ids" in page_data((folder / "report.html").read_text())["tokens"]["limited"]
+
+
+def test_overview_parameters_read_as_text_not_a_python_repr():
+    from sinkscope.report.page import _readable
+
+    params = {"method": "column_mass", "min_queries": 16, "eps": 0.2000, "layers": [0, 1],
+              "capture": {"rows": "last", "maps": False, "chunk_size": None, "fused": True},
+              "method_params": {"zscore": {"alpha": 2.0}}}
+    text = _readable(params)
+    assert text == ("method=column_mass, min_queries=16, eps=0.2, layers=[0, 1], capture (rows=last, fused=True), "
+                    "method_params (zscore (alpha=2))")
+    assert "{" not in text and "'" not in text

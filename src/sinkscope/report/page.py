@@ -181,7 +181,7 @@ def _overview_html(o: Mapping[str, Any]) -> str:
             rows.append((key, str(o[key])))
     params = o.get("parameters") or {}
     if params:
-        rows.append(("parameters", ", ".join(f"{k}={v}" for k, v in params.items())))
+        rows.append(("parameters", _readable(params)))
     tables = o.get("tables") or {}
     if tables:
         rows.append(("tables", ", ".join(f"{k} ({v:,} rows)" for k, v in tables.items())))
@@ -190,6 +190,27 @@ def _overview_html(o: Mapping[str, Any]) -> str:
         rows.append(("versions", ", ".join(f"{k} {v}" for k, v in versions.items())))
     items = "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in rows)
     return f'<dl class="ss-kv">{items}</dl>'
+
+
+def _readable(value: Any) -> str:
+    """A run's parameters as text a reader scans, not a Python repr: `a=1, b=x`; a nested mapping as `name (k=v, …)`
+    listing the entries that are set (None and False left out); a list as `x, y`; floats without trailing zeros."""
+    if isinstance(value, Mapping):
+        parts = []
+        for k, v in value.items():
+            if v is None or v is False:
+                continue
+            if isinstance(v, Mapping):
+                inner = _readable(v)
+                parts.append(f"{k} ({inner})" if inner else str(k))
+            else:
+                parts.append(f"{k}={_readable(v)}")
+        return ", ".join(parts)
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_readable(v) for v in value) + "]"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 def _grid_html(grid: Mapping[str, Any], has_maps: bool) -> str:
