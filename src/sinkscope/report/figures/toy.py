@@ -38,7 +38,7 @@ def plot_attention(model: AveragingTransformer, batch: AveragingBatch, index: in
         for head in range(n_heads):
             ax = axes[head, layer]
             ax.imshow(attn[0, head].numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
-            ax.set_title(f"layer {layer + 1}, head {head + 1}")
+            ax.set_title(f"layer {layer}, head {head}")  # numbered from 0, as everywhere in sinkscope
             ax.set_xticks(ticks, labels, rotation=90, fontsize=6)
             ax.set_yticks(ticks, labels, fontsize=6)
             ax.set_xlabel("key")
@@ -55,7 +55,7 @@ def plot_attention(model: AveragingTransformer, batch: AveragingBatch, index: in
             ax.plot(xs, [1.0 / m] * len(xs), style, color="tab:red", label=f"uniform over {name}")
         ax.set_xticks(ticks, labels, rotation=90, fontsize=6)
         ax.set_ylim(0, 1)
-        ax.set_title(f"last token, layer {n_layers}, head {head + 1}")
+        ax.set_title(f"last token, layer {n_layers - 1}, head {head}")
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = Path(path)
