@@ -71,3 +71,20 @@ def test_pca_view_refuses_a_residual_layer_out_of_range():
 
     with pytest.raises(SinkscopeError, match="out of range"):
         pca_view(tiny_model("llama"), "hi there", 1, 0, residual_layer=10**12)
+
+
+def test_eval_table_fits_an_80_column_terminal():
+    """One row per dataset × variant: with two methods nothing is cut at 80 columns (it needed ~190 before)."""
+    import pandas as pd
+    from rich.console import Console
+
+    from sinkscope.cli.evaluate import render_table2
+
+    rows = [dict(dataset=d, variant=v, n=900, accuracy=0.82, mismatch=0.31, match=0.45, spearman=-0.12,
+                 topk_overlap=0.3, n_causal=10) for d in ("sst2", "dbpedia") for v in ("before", "zscore",
+                                                                                    "entropy_delta")]
+    console = Console(width=80, record=True)
+    console.print(render_table2(pd.DataFrame(rows), ["zscore", "entropy_delta"], "title"))
+    text = console.export_text()
+    assert "…" not in text and "entropy_delta" in text and "-0.12" in text and "82.0%" in text
+    assert max(len(line) for line in text.splitlines()) <= 80

@@ -50,29 +50,27 @@ def _fmt(x: Any, pct: bool = False) -> str:
 
 
 def render_table2(summary: pd.DataFrame, methods: list[str], title: str) -> Table:
-    """Seed 000 Table 2 with causal alignment: per dataset Acc., then Mismatch/Match before and after each method,
-    then Spearman ρ(attention, causal effect) and top-K overlap before and after."""
+    """Seed 000 Table 2 with causal alignment, one row per dataset and variant (before, then each method) so that it
+    fits an 80-column terminal whatever the number of methods: Acc. (on the dataset's first row), Mismatch and Match,
+    Spearman ρ(attention, causal effect) and top-K overlap; read before/after down the rows."""
+    from rich import box
     from rich.table import Table
 
     variants = ["before", *methods]
-    table = Table(title=title, title_justify="left")
-    for name in ("Dataset", "n", "Acc."):
-        table.add_column(name, justify="left" if name == "Dataset" else "right")
-    for metric in ("Mismatch", "Match"):
-        for v in variants:
-            table.add_column(f"{metric}\n{v}", justify="right")
-    for metric in ("ρ causal", "top-K ∩"):
-        for v in variants:
-            table.add_column(f"{metric}\n{v}", justify="right")
-    table.add_column("n\ncausal", justify="right")
+    table = Table(title=title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                  pad_edge=False, collapse_padding=True)
+    for name in ("Dataset", "n", "Acc.", "variant", "Mismatch", "Match", "ρ\ncausal", "top-K\n∩", "n\ncausal"):
+        wide = max(len(v) for v in variants) if name == "variant" else None  # method names are not cut
+        table.add_column(name, justify="left" if name in ("Dataset", "variant") else "right", min_width=wide)
     for dataset, group in summary.groupby("dataset", sort=False):
         by = group.set_index("variant")
         first = by.iloc[0]
-        cells = [str(dataset), str(int(first["n"])), _fmt(first["accuracy"], pct=True)]
-        for metric in ("mismatch", "match", "spearman", "topk_overlap"):
-            cells.extend(_fmt(by.loc[v, metric]) if v in by.index else "–" for v in variants)
-        cells.append(str(int(first["n_causal"])))
-        table.add_row(*cells)
+        for i, v in enumerate(variants):
+            head = [str(dataset), str(int(first["n"])), _fmt(first["accuracy"], pct=True)] if i == 0 else ["", "", ""]
+            scores = [_fmt(by.loc[v, m]) if v in by.index else "–" for m in ("mismatch", "match", "spearman",
+                                                                              "topk_overlap")]
+            table.add_row(*head, v, *scores, str(int(first["n_causal"])) if i == 0 else "",
+                          end_section=i == len(variants) - 1)
     return table
 
 
