@@ -173,11 +173,10 @@ def stream_nll(loaded: LoadedModel, ids: Sequence[int], policy: str, sink: int =
         from rich.progress import track
 
         steps = track(steps, description=f"{policy:>11}", transient=True)
-    limit = context if context is not None else None
     with torch.inference_mode():
         for t in steps:
             if policy != "full":
-                if limit is not None and t - book.offset >= limit:
+                if context is not None and t - book.offset >= context:
                     book.rebase(t - book.offset - budget)
                 if t >= budget:
                     book.place_sinks(t)

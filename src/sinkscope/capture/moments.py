@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["MOMENT_K_DIMS", "candidate_values", "pad_moments", "tag_moments"]
+__all__ = ["MOMENT_K_DIMS", "candidate_values", "tag_moments"]
 
 MOMENT_K_DIMS: dict[str, tuple[int, ...]] = {
     "count": (), "mean": (), "cov": (), "moment": (-2,), "gram": (-2, -1), "values": (-2,),
     "last_columns": (-1,), "last_output": (),
 }
-"""Each moment → its dims that index the K candidates (padded with zeros when layers or batches keep more)."""
+"""Each moment → its dims that index the K candidates (zero-padded by `run_capture` when layers or batches keep
+more candidates)."""
 
 
 def candidate_values(
@@ -69,17 +70,3 @@ def tag_moments(
         "last_columns": a.gather(-2, last[..., None].expand(*a.shape[:-2], 1, a.shape[-1]))[..., 0, :],
         "last_output": o.gather(-2, last[..., None].expand(*o.shape[:-2], 1, o.shape[-1]))[..., 0, :],
     }
-
-
-def pad_moments(moments: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """Zero-pad every candidate dim to k candidates (the dims of `MOMENT_K_DIMS`)."""
-    out = {}
-    for name, x in moments.items():
-        for dim in MOMENT_K_DIMS[name]:
-            d = dim % x.dim()
-            if x.shape[d] < k:
-                shape = list(x.shape)
-                shape[d] = k - x.shape[d]
-                x = torch.cat([x, x.new_zeros(shape)], dim=d)
-        out[name] = x
-    return out

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from sinkscope.capture.attention import CaptureConfig, LayerRecord, capture_session, pad_to
 from sinkscope.capture.hidden import HiddenRecorder, Site
-from sinkscope.capture.moments import pad_moments
+from sinkscope.capture.moments import MOMENT_K_DIMS
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
 
@@ -403,12 +403,17 @@ def _stack(records: list[LayerRecord], name: str) -> torch.Tensor | None:
     return torch.stack([v.cpu() for v in values], dim=1)  # layer becomes dim 1
 
 
+def _pad_moments(moments: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
+    """Zero-pad every candidate dim of the tag moments (`MOMENT_K_DIMS`) to k candidates."""
+    return {name: pad_to(x, k, [d % x.dim() for d in MOMENT_K_DIMS[name]]) for name, x in moments.items()}
+
+
 def _stack_moments(records: list[LayerRecord]) -> dict[str, torch.Tensor] | None:
     """Per-layer tag moments [b, H, ...] → [b, L, H, ...], candidates padded to the layers' largest K."""
     if records[0].tag_moments is None:
         return None
     k = max(r.tag_moments["values"].shape[-2] for r in records)  # type: ignore[index]
-    layers = [pad_moments(r.tag_moments, k) for r in records]  # type: ignore[arg-type]
+    layers = [_pad_moments(r.tag_moments, k) for r in records]  # type: ignore[arg-type]
     return {name: torch.stack([m[name].cpu() for m in layers], dim=1) for name in layers[0]}
 
 
@@ -459,7 +464,7 @@ def _assemble(loaded: LoadedModel, prompts: list[str], parts: list[dict[str, Any
     tag_moments = None
     if moment_parts:
         k = max(m["values"].shape[-2] for m in moment_parts)
-        padded = [pad_moments(m, k) for m in moment_parts]
+        padded = [_pad_moments(m, k) for m in moment_parts]
         tag_moments = {name: torch.cat([m[name] for m in padded]) for name in padded[0]}
     key_mass = merged["key_mass_sum"] / merged["key_count"][:, :, None].clamp(min=1)
     tokens = [_token_strings(loaded.tokenizer, row) for row in ids]
