@@ -202,12 +202,14 @@ def test_tags_cli_writes_run_folder(tmp_path: Path):
     run = load_run(tmp_path / "run")
     assert {"heads", "sinks", "taxonomy", "pca", "tag_cosines"} <= set(run.tables)
     assert (tmp_path / "run" / "pca.png").exists()
+    assert {"pca.png", "tag_cosines.png"} <= set(run.manifest["files"])  # listed, so the report embeds them
     res = runner.invoke(_app(), ["tags-sensitivity", "--model", "tiny:llama", "--model", "tiny:qwen3", "--prompts",
                                  str(prompts), "--eps", "0.05,0.2", "--out", str(tmp_path / "sens")])
     assert res.exit_code == 0, res.output
     sens = load_run(tmp_path / "sens")["sensitivity"]
     assert len(sens) == 4 and set(sens["model"]) == {"tiny:llama", "tiny:qwen3"}
     assert (tmp_path / "sens" / "sensitivity.png").exists()
+    assert "sensitivity.png" in load_run(tmp_path / "sens").manifest["files"]
     bad = runner.invoke(_app(), ["tags", "--model", "tiny:llama", "--prompt", "hi", "--eps", "1.5"])
     assert bad.exit_code == 2 and "threshold" in bad.output
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -83,13 +84,22 @@ def _print_table(title: str, frame: pd.DataFrame, limit: int = 12) -> None:
 
 
 def _save(out: Path, tables: dict[str, pd.DataFrame], command: str, loaded: Any, params: dict[str, Any],
-          overwrite: bool) -> None:
+          overwrite: bool, figures: dict[str, Callable[[Path], Any]] | None = None) -> None:
+    """Write the run folder; `figures` ({file name: draw(path)}) are drawn in a scratch folder and saved with the
+    tables, so the manifest lists them with their checksums (the report embeds them)."""
+    import tempfile
+
     from sinkscope.analyses.profile import model_manifest
     from sinkscope.store import Run, make_manifest, save_run
 
-    save_run(out, Run(tables=tables, manifest=make_manifest(command, model_manifest(loaded), params)),
-             overwrite=overwrite)
-    console.print(f"wrote {out}/ ({', '.join(tables)} + manifest.json)")
+    run = Run(tables=tables, manifest=make_manifest(command, model_manifest(loaded), params))
+    with tempfile.TemporaryDirectory(prefix="sinkscope-figures-") as scratch:
+        files: dict[str, Path] = {}
+        for name, draw in (figures or {}).items():
+            draw(Path(scratch) / name)
+            files[name] = Path(scratch) / name
+        save_run(out, run, overwrite=overwrite, files=files)
+    console.print(f"wrote {out}/ ({', '.join([*tables, *files])} + manifest.json)")
 
 
 @user_errors
@@ -156,11 +166,13 @@ def tags_command(
                           f"across heads {cos.loc[cos['kind'] == 'cross_head', 'cosine'].abs().mean():.3f}); "
                           f"tag vs residual of tagged tokens: mean cos {align['cosine'].mean():.3f}")
     if out is not None:
-        _save(out, tables, "tags", loaded, {**result.params, "pca_layer": pca_layer, "pca_head": pca_head}, overwrite)
+        figures: dict[str, Callable[[Path], Any]] = {}
         if not no_figures:
-            plot_pca(view, out / "pca.png")
+            figures["pca.png"] = lambda path: plot_pca(view, path)
             if geometry and len(result.tables["tag_cosines"]):
-                plot_cosine_histogram(result.tables["cosine_histogram"], out / "tag_cosines.png")
+                figures["tag_cosines.png"] = lambda path: plot_cosine_histogram(result.tables["cosine_histogram"], path)
+        _save(out, tables, "tags", loaded, {**result.params, "pca_layer": pca_layer, "pca_head": pca_head}, overwrite,
+              figures)
 
 
 @user_errors
@@ -214,9 +226,8 @@ def tags_sensitivity_command(
                                                   "mean_var_explained_sink_heads", "share_heads_with_sink"]]
     if out is not None and loaded is not None:
         _save(out, {"sensitivity": table}, "tags-sensitivity", loaded,
-              {"models": model, "eps_grid": grid, "project": project, "n_prompts": len(texts0)}, overwrite)
-        if not no_figures:
-            plot_sensitivity(curves, out / "sensitivity.png")
+              {"models": model, "eps_grid": grid, "project": project, "n_prompts": len(texts0)}, overwrite,
+              {} if no_figures else {"sensitivity.png": lambda path: plot_sensitivity(curves, path)})
 
 
 @user_errors

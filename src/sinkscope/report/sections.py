@@ -65,7 +65,14 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 
 # Modules that register sections when imported; `write_report` imports them first (skipping any that is not
 # installed), so `sinkscope report RUN_DIR` shows their sections without the analysis having run in this process.
-SECTION_MODULES: list[str] = []
+SECTION_MODULES: list[str] = [
+    "sinkscope.report.views.eval",
+    "sinkscope.report.views.stream",
+    "sinkscope.report.views.tags",
+    "sinkscope.report.views.mechanisms",
+    "sinkscope.report.views.calibrate",
+    "sinkscope.report.views.mitigation",
+]
 
 
 def load_section_modules() -> None:

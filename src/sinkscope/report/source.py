@@ -9,6 +9,7 @@ file against its size and sha256, hashed in blocks) and read with pyarrow (`stor
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
@@ -16,6 +17,7 @@ from typing import Any, TypeVar
 import numpy as np
 import pandas as pd
 
+from sinkscope.errors import SinkscopeError
 from sinkscope.store import Run, check_run, read_table, table_batches
 
 BATCH_ROWS = 65_536  # rows per batch read from a folder's table (a few MB for the keys table)
@@ -52,6 +54,11 @@ class RunTables:
     def run(self) -> Run:
         """A Run for contributed sections' render functions (a folder's tables are read when first asked for)."""
         raise NotImplementedError
+
+    def file(self, name: str) -> bytes | None:
+        """The bytes of a file the run lists besides its tables (a figure, say), checked against its recorded size
+        and sha256; None when the run has no such file (a Run in memory has none)."""
+        return None
 
     def has(self, name: str, columns: Iterable[str] = ()) -> bool:
         """True when table `name` has rows and every one of `columns`."""
@@ -168,6 +175,18 @@ class FolderTables(RunTables):
     def run(self) -> Run:
         return Run(tables=_LazyTables(self), manifest=self.manifest)  # type: ignore[arg-type]
 
+    def file(self, name: str) -> bytes | None:
+        listed = self.manifest.get("files")
+        want = listed.get(name) if isinstance(listed, dict) else None
+        if not isinstance(want, dict) or "/" in name or name.endswith(".parquet"):
+            return None
+        path = self.folder / name
+        data = path.read_bytes() if path.is_file() else b""
+        if len(data) != want.get("bytes") or hashlib.sha256(data).hexdigest() != want.get("sha256"):
+            raise SinkscopeError(f"{self.folder}: {name} does not match its record in the manifest; rerun the command "
+                                 "that wrote this folder")
+        return data
+
 
 class _LazyTables(Mapping[str, pd.DataFrame]):
     """A folder's tables by name, each read whole when first asked for (for contributed sections)."""
@@ -191,9 +210,10 @@ class _LazyTables(Mapping[str, pd.DataFrame]):
 
 
 def run_tables(run: Run | RunTables | str | Path) -> RunTables:
-    """A RunTables for a Run in memory, a run folder (verified now), or itself."""
+    """A RunTables for a Run in memory, a run folder (verified now), or itself. The Run a report hands to section
+    render functions gives back the folder it reads (so a section can read a growing table a piece at a time)."""
     if isinstance(run, RunTables):
         return run
     if isinstance(run, Run):
-        return MemoryTables(run)
+        return run.tables._tables if isinstance(run.tables, _LazyTables) else MemoryTables(run)
     return FolderTables(run)

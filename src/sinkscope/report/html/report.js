@@ -418,7 +418,9 @@
     const span = hi - lo || 1, step0 = span / n, mag = Math.pow(10, Math.floor(Math.log10(step0)));
     const step = [1, 2, 2.5, 5, 10].map((m) => m * mag).find((s) => span / s <= n) || 10 * mag;
     const out = [];
-    for (let v = Math.ceil(lo / step) * step; v <= hi + 1e-9 * span; v += step) out.push(Number(v.toPrecision(12)));
+    for (let v = Math.ceil(lo / step) * step; v <= hi + 1e-9 * span; v += step) {
+      out.push(Math.abs(v) < step * 1e-6 ? 0 : Number(v.toPrecision(12)));
+    }
     return out;
   }
   function marker(kind, x, y, colour, g) {
@@ -430,7 +432,8 @@
       (-r - 1) + "," + (r + 1) + "l" + (-r - 1) + "," + (-r - 1) + "z", fill: colour }, g);
     return svg("circle", { cx: x, cy: y, r: r, fill: kind === 0 ? colour : "#fff", stroke: colour }, g);
   }
-  /** series: [{name, x: [], y: []}]; opts: {title, xlabel, ylabel, ymin, ymax, width, height}. */
+  /** series: [{name, x: [], y: []}]; opts: {title, xlabel, ylabel, ymin, ymax, width, height, markers (default:
+   * only up to 300 points), vlines: [{x, label}] (dashed vertical reference lines)}. */
   function lineChart(el, series, opts) {
     opts = opts || {};
     const W = opts.width || 520, Hh = opts.height || 300;
@@ -461,12 +464,19 @@
     svg("text", { x: (W + m.l) / 2, y: Hh - 6, "text-anchor": "middle" }, root).textContent = opts.xlabel || "";
     svg("text", { x: 12, y: (Hh - m.b + m.t) / 2, "text-anchor": "middle",
       transform: "rotate(-90 12 " + (Hh - m.b + m.t) / 2 + ")" }, root).textContent = opts.ylabel || "";
+    for (const v of opts.vlines || []) {
+      if (!(v.x >= x0 && v.x <= x1)) continue;
+      svg("line", { x1: X(v.x), x2: X(v.x), y1: m.t, y2: Hh - m.b, stroke: "#D55E00", "stroke-dasharray": "4 3",
+        class: "ss-vline" }, root);
+      svg("text", { x: X(v.x) + 4, y: m.t + 12, fill: "#D55E00" }, root).textContent = v.label || "";
+    }
+    const markers = opts.markers !== undefined ? opts.markers : xs.length <= 300;
     series.forEach((s, j) => {
       const colour = P.lines[j % P.lines.length], g = svg("g", {}, root);
       const pts = s.x.map((x, i) => [x, s.y[i]]).filter((p) => p[1] !== null);
       svg("path", { d: pts.map((p, i) => (i ? "L" : "M") + X(p[0]) + "," + Y(p[1])).join(""), fill: "none",
-        stroke: colour, "stroke-width": 2, "stroke-dasharray": P.dashes[j % P.dashes.length] }, g);
-      for (const p of pts) {
+        stroke: colour, "stroke-width": markers ? 2 : 1.2, "stroke-dasharray": P.dashes[j % P.dashes.length] }, g);
+      if (markers) for (const p of pts) {
         const mk = marker(j % 5, X(p[0]), Y(p[1]), colour, g);
         mk.dataset.tip = s.name + "\n" + (opts.xlabel || "x") + " " + p[0] + ": " + fmt(p[1]);
       }
@@ -492,8 +502,216 @@
     }
   }
 
+  function axes(root, W, Hh, m, X, Y, x0, x1, y0, y1, opts, xTicks) {
+    svg("text", { x: m.l, y: 16, "font-weight": 600 }, root).textContent = opts.title || "";
+    for (const v of ticks(y0, y1, 5)) {
+      svg("line", { x1: m.l, x2: W - m.r, y1: Y(v), y2: Y(v), stroke: "#e6e6e6" }, root);
+      svg("text", { x: m.l - 6, y: Y(v) + 4, "text-anchor": "end" }, root).textContent = String(Number(v.toPrecision(4)));
+    }
+    if (xTicks) for (const v of ticks(x0, x1, 8)) {
+      svg("text", { x: X(v), y: Hh - m.b + 16, "text-anchor": "middle" }, root).textContent =
+        String(Number(v.toPrecision(4)));
+    }
+    svg("line", { x1: m.l, x2: W - m.r, y1: Hh - m.b, y2: Hh - m.b, stroke: "#444" }, root);
+    svg("line", { x1: m.l, x2: m.l, y1: m.t, y2: Hh - m.b, stroke: "#444" }, root);
+    svg("text", { x: (W + m.l) / 2, y: Hh - 6, "text-anchor": "middle" }, root).textContent = opts.xlabel || "";
+    svg("text", { x: 12, y: (Hh - m.b + m.t) / 2, "text-anchor": "middle",
+      transform: "rotate(-90 12 " + (Hh - m.b + m.t) / 2 + ")" }, root).textContent = opts.ylabel || "";
+  }
+  function seriesLegend(root, series, m, swatch) {
+    series.forEach((s, j) => {
+      const ly = 30 + j * 16, lx = m.l + 4;
+      swatch(j, lx, ly);
+      svg("text", { x: lx + 30, y: ly + 4 }, root).textContent = s.name;
+    });
+  }
+  /** Grouped bars. categories: [label]; series: [{name, values: [number|null]}] (one bar per category each);
+   * opts: {title, xlabel, ylabel, ymin, ymax, width, height, refs: [{y, label}] (dashed horizontal lines)}. */
+  function barChart(el, categories, series, opts) {
+    opts = opts || {};
+    const W = opts.width || Math.max(320, Math.min(1100, 90 + categories.length * (18 * series.length + 18)));
+    const longest = Math.max(...categories.map((c) => Math.min(22, String(c).length)));
+    const band0 = (W - 66) / categories.length, turn = longest * 6.5 > band0;
+    const Hh = (opts.height || 300) + (turn ? longest * 4.5 : 0);
+    const m = { l: turn ? Math.max(52, longest * 4) : 52, r: 14, t: 30 + 16 * series.length, b: turn ? 30 + longest * 5 : 56 };
+    const vals = [];
+    for (const s of series) for (const v of s.values) if (Number.isFinite(v)) vals.push(v);
+    for (const r of opts.refs || []) vals.push(r.y);
+    if (!vals.length) { el.textContent = "no data"; return null; }
+    let y0 = opts.ymin !== undefined ? opts.ymin : Math.min(0, ...vals);
+    let y1 = opts.ymax !== undefined ? opts.ymax : Math.max(0, ...vals);
+    if (y1 <= y0) y1 = y0 + 1;
+    if (opts.ymax === undefined) y1 += (y1 - y0) * 0.05;
+    const band = (W - m.l - m.r) / categories.length, bw = Math.min(28, (band * 0.8) / series.length);
+    const Y = (y) => Hh - m.b - ((y - y0) / (y1 - y0)) * (Hh - m.t - m.b);
+    const root = svg("svg", { width: W, height: Hh, viewBox: "0 0 " + W + " " + Hh, role: "img",
+      class: "ss-bars" });
+    axes(root, W, Hh, m, null, Y, 0, 0, y0, y1, opts, false);
+    const every = Math.ceil(categories.length / Math.max(1, Math.floor((W - m.l - m.r) / (turn ? 13 : 40))));
+    categories.forEach((c, i) => {
+      const cx = m.l + band * (i + 0.5);
+      if (i % every === 0) {
+        const t = svg("text", turn ? { x: cx, y: Hh - m.b + 12, "text-anchor": "end",
+          transform: "rotate(-40 " + cx + " " + (Hh - m.b + 12) + ")" }
+          : { x: cx, y: Hh - m.b + 14, "text-anchor": "middle" }, root);
+        t.textContent = String(c).length > 22 ? String(c).slice(0, 21) + "…" : String(c);
+      }
+      series.forEach((s, j) => {
+        const v = s.values[i];
+        if (!Number.isFinite(v)) return;
+        const x = cx - (bw * series.length) / 2 + j * bw, base = Y(Math.min(Math.max(0, y0), y1));
+        const top = Y(Math.min(Math.max(v, y0), y1));
+        const r = svg("rect", { x: x, y: Math.min(top, base), width: Math.max(1, bw - 1),
+          height: Math.max(Math.abs(base - top), 0.5), fill: P.lines[j % P.lines.length], class: "ss-bar-rect" },
+          root);
+        r.dataset.tip = c + "\n" + s.name + ": " + fmt(v);
+      });
+    });
+    for (const ref of opts.refs || []) {
+      svg("line", { x1: m.l, x2: W - m.r, y1: Y(ref.y), y2: Y(ref.y), stroke: "#000", "stroke-dasharray": "5 3" },
+        root);
+      svg("text", { x: W - m.r - 4, y: Y(ref.y) - 4, "text-anchor": "end" }, root).textContent = ref.label || "";
+    }
+    seriesLegend(root, series, m, (j, lx, ly) => svg("rect", { x: lx, y: ly - 5, width: 24, height: 10,
+      fill: P.lines[j % P.lines.length] }, root));
+    addTip(root, (ev) => (ev.target.dataset && ev.target.dataset.tip) || null);
+    el.replaceChildren(root);
+    return root;
+  }
+  /** Points. series: [{name, x: [], y: [], labels: [] (tooltips), colour: [t ∈ 0..1] (optional, cividis)}];
+   * opts: {title, xlabel, ylabel, width, height, diagonal (y = x line), onClick: fn(series index, point index)}. */
+  function scatter(el, series, opts) {
+    opts = opts || {};
+    const W = opts.width || 480, Hh = opts.height || 360, m = { l: 52, r: 14, t: 30 + 16 * series.length, b: 40 };
+    const xs = [], ys = [];
+    for (const s of series) s.x.forEach((x, i) => {
+      if (Number.isFinite(x) && Number.isFinite(s.y[i])) { xs.push(x); ys.push(s.y[i]); }
+    });
+    if (!xs.length) { el.textContent = "no data"; return null; }
+    let x0 = Math.min(...xs), x1 = Math.max(...xs), y0 = Math.min(...ys), y1 = Math.max(...ys);
+    if (opts.diagonal) { x0 = y0 = Math.min(x0, y0); x1 = y1 = Math.max(x1, y1); }
+    const px = (x1 - x0) * 0.05 || 1, py = (y1 - y0) * 0.05 || 1;
+    x0 -= px; x1 += px; y0 -= py; y1 += py;
+    const X = (x) => m.l + ((x - x0) / (x1 - x0)) * (W - m.l - m.r);
+    const Y = (y) => Hh - m.b - ((y - y0) / (y1 - y0)) * (Hh - m.t - m.b);
+    const root = svg("svg", { width: W, height: Hh, viewBox: "0 0 " + W + " " + Hh, role: "img",
+      class: "ss-scatter" });
+    axes(root, W, Hh, m, X, Y, x0, x1, y0, y1, opts, true);
+    if (opts.diagonal) {
+      svg("line", { x1: X(x0), y1: Y(x0), x2: X(x1), y2: Y(x1), stroke: "#999", "stroke-dasharray": "4 3" }, root);
+    }
+    series.forEach((s, j) => {
+      const base = P.lines[j % P.lines.length], g = svg("g", {}, root);
+      s.x.forEach((x, i) => {
+        const y = s.y[i];
+        if (!Number.isFinite(x) || !Number.isFinite(y)) return;
+        const colour = s.colour ? rgb(cividis(s.colour[i])) : base;
+        const mk = marker(j % 5, X(x), Y(y), colour, g);
+        mk.setAttribute("class", "ss-point");
+        mk.dataset.s = j; mk.dataset.i = i;
+        mk.dataset.tip = (s.labels ? s.labels[i] + "\n" : s.name + "\n") + (opts.xlabel || "x") + ": " + fmt(x) +
+          "\n" + (opts.ylabel || "y") + ": " + fmt(y);
+        if (opts.onClick) mk.style.cursor = "pointer";
+      });
+    });
+    seriesLegend(root, series, m, (j, lx, ly) => marker(j % 5, lx + 12, ly, P.lines[j % P.lines.length], root));
+    addTip(root, (ev) => (ev.target.dataset && ev.target.dataset.tip) || null);
+    if (opts.onClick) root.addEventListener("click", (ev) => {
+      const t = ev.target.closest(".ss-point");
+      if (t) opts.onClick(Number(t.dataset.s), Number(t.dataset.i));
+    });
+    el.replaceChildren(root);
+    return root;
+  }
+  /** A canvas heat map (cividis) of values [rows × cols, row-major; null = no value]. opts: {rowLabels, colLabels,
+   * cell (px), lo, hi, label (legend), tip: fn(r, c, v) -> text, onClick: fn(r, c)}. The chosen cell is outlined;
+   * returns the canvas (its `select(r, c)` picks a cell as a click does). */
+  function heatMap(el, values, rows, cols, opts) {
+    opts = opts || {};
+    const cw = opts.cell || Math.max(2, Math.min(36, Math.floor(900 / cols)));
+    const ch = opts.cell || Math.max(4, Math.min(36, Math.floor(420 / rows)));
+    const longest = Math.max(1, ...(opts.rowLabels || [String(rows)]).map((x) => String(x).length));
+    const labW = 10 + 6 * longest, labH = 16, cv = document.createElement("canvas");
+    cv.width = labW + cols * cw; cv.height = labH + rows * ch;
+    cv.className = "ss-heat";
+    const g = cv.getContext("2d");
+    let lo = opts.lo, hi = opts.hi;
+    if (lo === undefined || hi === undefined) {
+      let a = Infinity, b = -Infinity;
+      for (const v of values) if (Number.isFinite(v)) { a = Math.min(a, v); b = Math.max(b, v); }
+      if (lo === undefined) lo = Number.isFinite(a) ? a : 0;
+      if (hi === undefined) hi = Number.isFinite(b) ? b : 1;
+    }
+    if (hi <= lo) hi = lo + 1;
+    let chosen = null;
+    function paint() {
+      g.clearRect(0, 0, cv.width, cv.height);
+      g.font = "10px system-ui, sans-serif";
+      g.fillStyle = "#5b5b5b";
+      g.textAlign = "right"; g.textBaseline = "middle";
+      const rEvery = Math.ceil(11 / ch), cEvery = Math.ceil(22 / cw);
+      for (let r = 0; r < rows; r += rEvery) {
+        g.fillText(opts.rowLabels ? String(opts.rowLabels[r]) : String(r), labW - 4, labH + r * ch + ch / 2);
+      }
+      g.textAlign = "center"; g.textBaseline = "alphabetic";
+      for (let c = 0; c < cols; c += cEvery) {
+        g.fillText(opts.colLabels ? String(opts.colLabels[c]) : String(c), labW + c * cw + cw / 2, labH - 4);
+      }
+      for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) {
+        const v = values[r * cols + c];
+        g.fillStyle = Number.isFinite(v) ? rgb(cividis((v - lo) / (hi - lo))) : "#eee";
+        g.fillRect(labW + c * cw, labH + r * ch, cw - (cw > 4 ? 1 : 0), ch - (ch > 4 ? 1 : 0));
+      }
+      if (chosen) {
+        g.strokeStyle = "#D55E00"; g.lineWidth = 2;
+        g.strokeRect(labW + chosen[1] * cw + 1, labH + chosen[0] * ch + 1, Math.max(cw - 2, 2), Math.max(ch - 2, 2));
+      }
+    }
+    function at(ev) {
+      const b = cv.getBoundingClientRect();
+      const c = Math.floor((ev.clientX - b.left - labW) / cw), r = Math.floor((ev.clientY - b.top - labH) / ch);
+      return r >= 0 && c >= 0 && r < rows && c < cols ? [r, c] : null;
+    }
+    paint();
+    addTip(cv, (ev) => {
+      const p = at(ev);
+      if (!p) return null;
+      const v = values[p[0] * cols + p[1]];
+      return opts.tip ? opts.tip(p[0], p[1], v) : "row " + p[0] + ", column " + p[1] + ": " + fmt(v);
+    });
+    cv.select = (r, c) => { chosen = [r, c]; paint(); if (opts.onClick) opts.onClick(r, c); };
+    cv.addEventListener("click", (ev) => { const p = at(ev); if (p) cv.select(p[0], p[1]); });
+    cv.cellCentre = (r, c) => [labW + c * cw + cw / 2, labH + r * ch + ch / 2];
+    const wrap = document.createElement("div"), lg = document.createElement("div");
+    wrap.className = "ss-heat-wrap";
+    wrap.appendChild(cv);
+    legend(lg, lo, hi, cividis, opts.label || "");
+    el.replaceChildren(wrap, lg);
+    return cv;
+  }
+  /** Tokens shaded by weights w (white → dark blue, scaled to the largest). opts: {sinks: [bool], name (of w),
+   * extra: fn(i) -> text for the tooltip}. */
+  function tokenStrip(el, tokens, w, opts) {
+    opts = opts || {};
+    el.classList.add("ss-strip");
+    strip(el, tokens, w, opts.sinks || null, w, opts.name || "weight", opts.name || "weight");
+    const name = opts.name || "weight";
+    el._tip = (i) => "position " + i + "  " + quote(tokens[i]) + "\n" + name + ": " + fmt(w[i]) +
+      (opts.extra ? "\n" + opts.extra(i) : "") + (opts.sinks && opts.sinks[i] ? "\nSINK" : "");
+    if (!el._tipped) {
+      el._tipped = true;
+      addTip(el, (ev) => {
+        const t = ev.target.closest(".ss-tok");
+        return t && el._tip ? el._tip(Number(t.dataset.i)) : null;
+      });
+    }
+  }
+
   // ---------------------------------------------------------------- sortable tables
-  function table(el, tj, caption) {
+  /** A sortable table of `tj` (encode.table_json). opts: {bars: true or [column names] (those float columns get a bar
+   * in each cell, scaled to the column's largest |value|), onRow: fn(row values, tr) (rows become clickable)}. */
+  function table(el, tj, caption, opts) {
+    opts = opts || {};
     const wrap = document.createElement("div"), t = document.createElement("table");
     wrap.className = "ss-tblwrap";
     t.className = "ss-tbl";
@@ -506,6 +724,9 @@
     const tbody = document.createElement("tbody");
     let rows = tj.rows.slice(), col = -1, dir = 1;
     const num = (k) => k === "int" || k === "float";
+    const barred = (j) => (Array.isArray(opts.bars) ? opts.bars.includes(tj.columns[j]) : opts.bars);
+    const peak = tj.columns.map((_, j) => (barred(j) && tj.kinds[j] === "float"
+      ? Math.max(0, ...tj.rows.map((r) => (Number.isFinite(r[j]) ? Math.abs(r[j]) : 0))) : 0));
     function body() {
       const frag = document.createDocumentFragment();
       for (const r of rows) {
@@ -514,8 +735,21 @@
           const td = document.createElement("td");
           td.textContent = tj.kinds[j] === "str" && v !== null ? String(v) : fmt(v, tj.kinds[j] === "float");
           if (num(tj.kinds[j])) td.className = "ss-num";
+          if (peak[j] > 0 && Number.isFinite(v)) {
+            const w = (100 * Math.abs(v)) / peak[j], c = v < 0 ? "rgba(213,94,0,.28)" : "rgba(0,114,178,.22)";
+            td.style.background = "linear-gradient(to left, " + c + " " + w + "%, transparent " + w + "%)";
+          }
           row.appendChild(td);
         });
+        if (opts.onRow) {
+          row.className = "ss-pick";
+          row.tabIndex = 0;
+          row.addEventListener("click", () => {
+            for (const o of tbody.querySelectorAll(".ss-on")) o.classList.remove("ss-on");
+            row.classList.add("ss-on");
+            opts.onRow(r, row);
+          });
+        }
         frag.appendChild(row);
       }
       tbody.replaceChildren(frag);
@@ -556,6 +790,7 @@
 
   // ---------------------------------------------------------------- start
   S.tip = addTip; S.lineChart = lineChart; S.table = table; S.colour = (t) => rgb(cividis(t));
+  S.barChart = barChart; S.scatter = scatter; S.heatMap = heatMap; S.tokenStrip = tokenStrip; S.fmt = fmt;
   S.unpack = unpack; S.parseSel = parseSel; S.aggregate = aggregate; S.dmr = dmr;
   function guarded(name, fn, el) {
     try { fn(); } catch (err) {
