@@ -173,6 +173,7 @@ def run_capture(
     padding_side: str | None = None,
     progress: bool = False,
     texts: Sequence[str] | None = None,
+    embed_delta: tuple[int, torch.Tensor] | None = None,
 ) -> Trace:
     """Run the model on prompts in batches under a capture session and return the Trace. The one code path that runs
     a model under capture: every analysis calls it (or takes its Trace).
@@ -182,6 +183,10 @@ def run_capture(
         their decoding). Batches are padded on `padding_side` (default: the tokenizer's); positions count real
         tokens only, so the padding side changes nothing but rounding. Token ids need no tokenizer
         (`loaded.tokenizer` None): padding then uses id 0, and tokens and prompt names are the ids as text.
+    embed_delta: (position, δ [d]) adds δ to the input embedding of that prompt position (negative counts from the
+        end) in every prompt: the model then runs on `inputs_embeds` = embed(ids) + δ at that position, where embed is
+        `model.get_input_embeddings()` (models that scale or add to the embeddings afterwards, e.g. Gemma's √d or
+        GPT-2's positions, do so to the shifted vector as well). The perturbation of the over-mixing analysis.
     Raises SinkscopeError for an empty prompt list, an empty prompt or a prompt longer than the context
     (use `validate_prompts` first to skip bad prompts instead).
     """
@@ -223,8 +228,12 @@ def run_capture(
 
         iterator = track(batches, description="capturing", transient=True)
     for batch in iterator:
-        parts.append(_capture_batch(loaded, batch, config, side))
-    return _assemble(loaded, names, parts, config)
+        parts.append(_capture_batch(loaded, batch, config, side, embed_delta))
+    trace = _assemble(loaded, names, parts, config)
+    if embed_delta is not None:
+        trace.info["embed_delta"] = {"position": int(embed_delta[0]),
+                                     "norm": float(torch.linalg.vector_norm(embed_delta[1].float()))}
+    return trace
 
 
 def padding_id(tokenizer: Any) -> int:
@@ -291,13 +300,16 @@ def logits_only_at(model: torch.nn.Module, inputs: dict[str, Any], last: torch.T
     return at
 
 
-def _capture_batch(loaded: LoadedModel, batch: list[list[int]], config: CaptureConfig, side: str) -> dict[str, Any]:
+def _capture_batch(loaded: LoadedModel, batch: list[list[int]], config: CaptureConfig, side: str,
+                   embed_delta: tuple[int, torch.Tensor] | None = None) -> dict[str, Any]:
     model = loaded.model
     ids, mask, offsets = pad_batch(batch, padding_id(loaded.tokenizer), side)  # [b, n], [b, n], [b]
     lengths = mask.sum(-1)
     rows = _row_positions(config.rows, offsets, lengths)
     columns = _row_positions(list(config.columns), offsets, lengths) if config.columns is not None else None
     inputs = forward_inputs(model, ids, mask, loaded.device)
+    if embed_delta is not None:
+        inputs["inputs_embeds"] = shifted_embeddings(model, inputs.pop("input_ids"), offsets, lengths, *embed_delta)
     last = offsets + lengths - 1  # [b] each prompt's last real token, padded coordinates
     at = last  # the loss needs the LM head at every position; otherwise it runs only where it is read ([b, n, V]
     if not config.loss:  # logits would cost more than the capture)
@@ -335,6 +347,36 @@ def _capture_batch(loaded: LoadedModel, batch: list[list[int]], config: CaptureC
         if config.loss:
             part["nll_sum"], part["nll_count"] = next_token_nll(logits, ids, mask)
     return part
+
+
+def shifted_embeddings(model: torch.nn.Module, ids: torch.Tensor, offsets: torch.Tensor, lengths: torch.Tensor,
+                       position: int, delta: torch.Tensor) -> torch.Tensor:
+    """embed(ids) with δ added at one prompt position of every row: ids [b, n] (padded), offsets and lengths [b],
+    position in prompt coordinates (negative counts from the end), δ [d] → inputs_embeds [b, n, d]."""
+    embed = model.get_input_embeddings()
+    if embed is None:
+        raise SinkscopeError(f"{type(model).__name__} has no input embeddings to perturb")
+    at = lengths + position if position < 0 else torch.full_like(lengths, position)  # [b]
+    if bool((at < 0).any() | (at >= lengths).any()):
+        raise SinkscopeError(f"cannot perturb position {position}: a prompt has only {int(lengths.min())} tokens")
+    with torch.inference_mode():
+        x = embed(ids).clone()  # [b, n, d]
+        if delta.shape != (x.shape[-1],):
+            raise SinkscopeError(f"the embedding perturbation has shape {tuple(delta.shape)}; the model's "
+                                 f"embeddings have {x.shape[-1]} dimensions")
+        rows = torch.arange(ids.shape[0], device=x.device)
+        x[rows, (offsets + at).to(x.device)] += delta.to(device=x.device, dtype=x.dtype)
+    return x
+
+
+def _at_sequence_positions(records: list[LayerRecord], past: int) -> None:
+    """Move the per-query statistics of a continued pass ([b, h, t]: the new tokens) to their sequence positions
+    ([b, h, past + t], zeros at the cached tokens), where the key axis already is."""
+    for record in records:
+        for name in ("entropy", "sink_share"):
+            value = getattr(record, name)
+            if value is not None:
+                setattr(record, name, F.pad(value, (past, 0)))
 
 
 def next_token_nll(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
