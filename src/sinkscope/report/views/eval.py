@@ -20,12 +20,14 @@ METRICS = {"mismatch": "Mismatch", "match": "Match", "precision_mismatch": "prec
 EXAMPLE_COLUMNS = ["dataset", "example_id", "label", "pred", "correct", "n_tokens", "n_keywords", "causal"]
 
 
-def chosen_examples(examples: pd.DataFrame, per_dataset: int = MAX_TOKEN_EXAMPLES) -> pd.DataFrame:
-    """The examples given a token view: per dataset, those with causal effects first, then the others, in order."""
+def chosen_examples(examples: pd.DataFrame, per_dataset: int | None = None) -> pd.DataFrame:
+    """The examples given a token view: per dataset (at most `per_dataset`, default MAX_TOKEN_EXAMPLES), those with
+    causal effects first, then the others, in order."""
     order = examples.assign(_c=(examples["causal"] != "done").astype(int) if "causal" in examples else 0,
                             _i=np.arange(len(examples)))
     order = order.sort_values(["_c", "_i"], kind="stable")
-    return order.groupby("dataset", sort=False).head(per_dataset)[["dataset", "example_id"]]
+    limit = MAX_TOKEN_EXAMPLES if per_dataset is None else per_dataset
+    return order.groupby("dataset", sort=False).head(limit)[["dataset", "example_id"]]
 
 
 def token_views(tables: Any, chosen: pd.DataFrame, methods: list[str]) -> dict[str, Any]:

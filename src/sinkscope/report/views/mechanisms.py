@@ -99,10 +99,10 @@ def mechanisms_section(run: Run) -> SectionContent | None:
             + html.escape(said)) + '<div class="ss-view-row"><div class="ss-chart ss-mech-p0"></div>'
             '<div class="ss-chart ss-mech-ratio"></div></div>')
     if tables.has("bos_layers", ["variant", "layer"]):
-        bos = tables.read("bos_layers").sort_values(["variant", "layer"], kind="stable")
-        data["bos"] = {key: [{"name": str(v), "x": floats(g["layer"]), "y": floats(g[key])}
-                             for v, g in bos.groupby("variant", sort=False)] for key in ("alpha0", "sink_share")
-                       if key in bos}
+        bos = tables.read("bos_layers")
+        variants = [(str(v), g.sort_values("layer")) for v, g in bos.groupby("variant", sort=False)]
+        data["bos"] = {key: [{"name": v, "x": floats(g["layer"]), "y": floats(g[key])} for v, g in variants]
+                       for key in ("alpha0", "sink_share") if key in bos}
         verdict = ((summary.get("bos") or {}).get("verdict")) or ""
         body += ("<h3>BOS removal</h3>" + help_text(
             "The same prompts with BOS, without it, and with BOS replaced by an ordinary token: attention to position "
