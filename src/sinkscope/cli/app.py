@@ -10,7 +10,21 @@ from typing import Annotated
 
 import typer
 
-from sinkscope.cli import evaluate, listing, mechanisms, mitigation, profile, report, stream, sweep, tags, toy, train
+from sinkscope.cli import (
+    dormant,
+    evaluate,
+    listing,
+    mechanisms,
+    mitigation,
+    overmixing,
+    profile,
+    report,
+    stream,
+    sweep,
+    tags,
+    toy,
+    train,
+)
 from sinkscope.cli.options import OneLineErrors, console
 
 app = typer.Typer(
@@ -47,6 +61,8 @@ COMMANDS = {
     "calibrate": mitigation.calibrate_command,
     "bench-mitigation": mitigation.bench_mitigation_command,
     "mechanisms": mechanisms.mechanisms_command,
+    "dormant": dormant.dormant_command,
+    "overmixing": overmixing.overmixing_command,
     "tags": tags.tags_command,
     "tags-sensitivity": tags.tags_sensitivity_command,
     "probe": tags.probe_command,
