@@ -115,12 +115,12 @@ class _SinkWindowCache:
         self.first_sinks: list[torch.Tensor] | None = None  # per layer [b, kvh, sink, d] as first computed
         self.offset = 0  # text position − model position
 
-    def evict(self) -> None:
-        """Drop the oldest window entry (index `sink`) of every layer, keeping the others' rotations."""
+    def evict(self, n: int = 1) -> None:
+        """Drop the `n` oldest window entries (from index `sink`) of every layer, keeping the others' rotations."""
         s = self.sink
         for layer in self.cache.layers:
-            layer.keys = torch.cat([layer.keys[:, :, :s], layer.keys[:, :, s + 1:]], dim=2)
-            layer.values = torch.cat([layer.values[:, :, :s], layer.values[:, :, s + 1:]], dim=2)
+            layer.keys = torch.cat([layer.keys[:, :, :s], layer.keys[:, :, s + n:]], dim=2)
+            layer.values = torch.cat([layer.values[:, :, :s], layer.values[:, :, s + n:]], dim=2)
 
     def place_sinks(self, t: int) -> None:
         """Before the query at text position t: sink j at model position t − offset − budget + j (one rotation of
