@@ -66,6 +66,7 @@ BASES: dict[str, Base] = {
     "toy success-rate": ([], [("--c-values", "10"), ("--seeds", "1"), ("--epochs", "1")]),
     "toy sep2": ([], [("--n-heads", "1"), ("--seeds", "1"), ("--epochs", "1")]),
     "toy plot": ([], [("--epochs", "1"), ("--out", "{tmp}/plot")]),
+    "vision": ([], [("--model", "tiny:vit"), ("--images", "{data}/images")]),
 }
 """A minimal valid command line per command. A command without an entry gets `--model`, `--prompt` and `--text` when
 it has them (`test_every_base_is_valid` says when that is not enough)."""
@@ -204,6 +205,11 @@ def make_data(folder: Path) -> Path:
     import json
 
     (folder / "text.txt").write_text("The quick brown fox jumps over the lazy dog. " * 2)
+    (folder / "images").mkdir()
+    for i, colour in enumerate([(200, 40, 40), (40, 40, 200)]):  # two small PNGs for `vision`
+        from PIL import Image
+
+        Image.new("RGB", (40, 30), colour).save(folder / "images" / f"square{i}.png")
     (folder / "sst2.jsonl").write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in [
         ("great fun", "positive"), ("dull", "negative"), ("fine film", "positive"), ("awful", "negative")]))
     (folder / "geometry_of_truth").mkdir()

@@ -17,7 +17,10 @@ How the ``attn`` site is read, per family (forward hooks on the decoder layer's 
 - GPT-NeoX (gpt_neox): block input + the output of ``attention`` (with the parallel residual the MLP reads the
   block input, so the half layer is defined as x + Attn(LN(x))).
 
-Other families (encoders, OPT, …) are refused with a `SinkscopeError`; their half layer is not in a known place.
+- vision transformers: the input of ``layernorm_after`` (ViT, DeiT), ``norm2`` (DINOv2, after its layer scale) or
+  ``layer_norm2`` (CLIP and SigLIP vision towers).
+
+Other families (text encoders, OPT, …) are refused with a `SinkscopeError`; their half layer is not in a known place.
 The block sites are the decoder layers' outputs; the ``embed`` site is block 0's input. They equal
 ``output_hidden_states`` except for the last block, which transformers reports after the final norm.
 """
@@ -40,9 +43,12 @@ _HALF_SITE: dict[str, str] = {
     **{t: "norm:pre_feedforward_layernorm" for t in ("gemma2", "gemma3", "gemma3_text")},
     "gpt2": "norm:ln_2",
     "gpt_neox": "attn+resid:attention",
+    **{t: "norm:layernorm_after" for t in ("vit", "deit")},  # vision transformers: pre-norm blocks as well
+    **{t: "norm:norm2" for t in ("dinov2", "dinov2_with_registers")},  # (after DINOv2's layer scale)
+    **{t: "norm:layer_norm2" for t in ("clip_vision_model", "siglip_vision_model")},
 }
 _LAYER_PATHS = ("model.layers", "transformer.h", "gpt_neox.layers", "layers", "h", "model.decoder.layers",
-                "encoder.layer")
+                "encoder.layer", "encoder.layers", "vision_model.encoder.layers")
 
 SUBLAYERS = ("embed", "attn", "block")
 

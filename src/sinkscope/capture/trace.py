@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from sinkscope.capture.attention import CaptureConfig, LayerRecord, capture_session, pad_to
 from sinkscope.capture.hidden import HiddenRecorder, Site
+from sinkscope.capture.images import VisionLayout, is_vision, pixel_values, vision_layout
 from sinkscope.capture.moments import MOMENT_K_DIMS
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
@@ -189,8 +190,13 @@ def run_capture(
         GPT-2's positions, do so to the shifted vector as well). The perturbation of the over-mixing analysis.
     Raises SinkscopeError for an empty prompt list, an empty prompt or a prompt longer than the context
     (use `validate_prompts` first to skip bad prompts instead).
+    A vision transformer (`capture.images.is_vision`) takes images instead of prompts: PIL images, image files,
+    folders of images or pixel values [P, C, H, W]; its Trace's tokens are "[CLS]", "[REG0]", …, "patch(r,c)", its
+    input_ids −1 and `info["image"]` the layout (prefix tokens, patch grid, patch and image size).
     """
     config = config or CaptureConfig()
+    if is_vision(loaded):
+        return _capture_images(loaded, prompts, config, batch_size, progress)
     if isinstance(prompts, str):
         prompts = [prompts]
     prompts = list(prompts)
@@ -330,12 +336,7 @@ def _capture_batch(loaded: LoadedModel, batch: list[list[int]], config: CaptureC
         )
     part: dict[str, Any] = {"ids": ids, "offsets": offsets, "lengths": lengths, "rows_at": rows, "records": records}
     if recorder is not None:
-        part["hidden_norms" if config.hidden_norms else "hidden"] = recorder.stacked()  # [b, S, n(, d)]
-        part["sites"] = recorder.sites
-        if config.hidden_top:
-            part["hidden_summary"] = recorder.summary()
-        if config.hidden_leading:
-            part["hidden_units"], part["hidden_unit_count"] = recorder.units, recorder.unit_count
+        part.update(_recorded(recorder, config))
     if config.logprobs or config.loss:
         logits = getattr(output, "logits", None)
         if logits is None:
@@ -346,6 +347,75 @@ def _capture_batch(loaded: LoadedModel, batch: list[list[int]], config: CaptureC
                                                  -1).cpu()  # [b, V]
         if config.loss:
             part["nll_sum"], part["nll_count"] = next_token_nll(logits, ids, mask)
+    return part
+
+
+def _recorded(recorder: HiddenRecorder, config: CaptureConfig) -> dict[str, Any]:
+    """A batch's residual-stream fields: hidden [b, S, n, d] or hidden_norms [b, S, n], sites, and the reductions."""
+    part: dict[str, Any] = {"hidden_norms" if config.hidden_norms else "hidden": recorder.stacked(),
+                            "sites": recorder.sites}
+    if config.hidden_top:
+        part["hidden_summary"] = recorder.summary()
+    if config.hidden_leading:
+        part["hidden_units"], part["hidden_unit_count"] = recorder.units, recorder.unit_count
+    return part
+
+
+def _capture_images(loaded: LoadedModel, images: Any, config: CaptureConfig, batch_size: int, progress: bool
+                    ) -> Trace:
+    """`run_capture` for a vision transformer: images (see `capture.images.pixel_values`) in batches; every image is
+    one sequence of the layout's tokens, with no padding and no token ids (input_ids −1)."""
+    if config.logprobs or config.loss:
+        raise SinkscopeError(f"{loaded.info.name} is a vision encoder: it has no next-token head (no logprobs or loss)")
+    if batch_size < 1:
+        raise SinkscopeError("batch size must be at least 1")
+    names, pixels = pixel_values(loaded, images)  # [P, C, H, W]
+    layout = vision_layout(loaded, pixels.shape[-2], pixels.shape[-1])
+    batches = [pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size)]
+    iterator: Any = batches
+    if progress and len(batches) > 1:
+        from rich.progress import track
+
+        iterator = track(batches, description="capturing", transient=True)
+    parts = [_capture_pixels(loaded, batch, config, layout) for batch in iterator]
+    trace = _assemble(loaded, names, parts, config)
+    trace.info["image"] = {**layout.info(), "size": [int(pixels.shape[-2]), int(pixels.shape[-1])]}
+    return trace
+
+
+def _capture_pixels(loaded: LoadedModel, pixels: torch.Tensor, config: CaptureConfig, layout: VisionLayout
+                    ) -> dict[str, Any]:
+    """One batch of images, pixels [b, C, H, W], under a capture session: the records of every layer in a part as
+    `_capture_batch` makes it (every image is `layout.n_tokens` real tokens)."""
+    model = loaded.model
+    b, n = pixels.shape[0], layout.n_tokens
+    mask = torch.ones(b, n, dtype=torch.long)  # [b, n]
+    offsets, lengths = torch.zeros(b, dtype=torch.long), torch.full((b,), n)
+    rows = _row_positions(config.rows, offsets, lengths)
+    columns = _row_positions(list(config.columns), offsets, lengths) if config.columns is not None else None
+    recorder = HiddenRecorder(model, config.hidden, norms=config.hidden_norms, top=config.hidden_top,
+                              leading=config.hidden_leading, real=mask) if config.hidden else None
+    dtype = next(model.parameters()).dtype
+    with ExitStack() as stack:
+        stack.enter_context(torch.inference_mode())
+        if recorder is not None:
+            stack.enter_context(recorder)
+        session = stack.enter_context(capture_session(model, config, mask, rows, columns))
+        model(pixel_values=pixels.to(loaded.device, dtype))
+    records = session.records
+    if len(records) != loaded.info.n_layers:
+        raise SinkscopeError(
+            f"captured {len(records)} attention calls for a model with {loaded.info.n_layers} layers: "
+            f"{type(model).__name__} does not route all its attention through transformers' AttentionInterface"
+        )
+    if records[0].key_mass_sum.shape[-1] != n:
+        raise SinkscopeError(f"{type(model).__name__} ran {records[0].key_mass_sum.shape[-1]} tokens per image, not "
+                             f"the {n} of its layout ({len(layout.prefix)} + {layout.rows}×{layout.cols} patches); "
+                             "this model version is unsupported")
+    part: dict[str, Any] = {"ids": torch.full((b, n), -1), "offsets": offsets, "lengths": lengths, "rows_at": rows,
+                            "records": records, "tokens": [layout.tokens() for _ in range(b)]}
+    if recorder is not None:
+        part.update(_recorded(recorder, config))
     return part
 
 
@@ -509,7 +579,8 @@ def _assemble(loaded: LoadedModel, prompts: list[str], parts: list[dict[str, Any
         padded = [_pad_moments(m, k) for m in moment_parts]
         tag_moments = {name: torch.cat([m[name] for m in padded]) for name in padded[0]}
     key_mass = merged["key_mass_sum"] / merged["key_count"][:, :, None].clamp(min=1)
-    tokens = [_token_strings(loaded.tokenizer, row) for row in ids]
+    given = [t for p in parts for t in p.get("tokens", [None] * len(p["lengths"]))]
+    tokens = [t if t is not None else _token_strings(loaded.tokenizer, row) for t, row in zip(given, ids, strict=True)]
     info = {
         "model": loaded.info.name,
         "model_type": loaded.info.model_type,

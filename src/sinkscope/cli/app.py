@@ -24,6 +24,7 @@ from sinkscope.cli import (
     tags,
     toy,
     train,
+    vision,
 )
 from sinkscope.cli.options import OneLineErrors, console
 
@@ -73,6 +74,7 @@ COMMANDS = {
     "models": listing.models_command,
     "detectors": listing.detectors_command,
     "datasets": listing.datasets_command,
+    "vision": vision.vision_command,
 }
 for _name, _command in COMMANDS.items():
     app.command(_name)(_command)

@@ -6,6 +6,7 @@
 from sinkscope.models.loading import (
     BUILTINS,
     ENCODER_TYPES,
+    VISION_TYPES,
     LoadedModel,
     ModelInfo,
     check_device,
@@ -16,12 +17,21 @@ from sinkscope.models.loading import (
     parse_dtype,
     register_builtin,
 )
-from sinkscope.models.tiny import TINY_FAMILIES, byte_tokenizer, tiny_config, tiny_model
+from sinkscope.models.tiny import (
+    TINY_FAMILIES,
+    TINY_VISION_FAMILIES,
+    byte_tokenizer,
+    tiny_config,
+    tiny_image_processor,
+    tiny_model,
+)
 
 __all__ = [
     "BUILTINS",
     "ENCODER_TYPES",
     "TINY_FAMILIES",
+    "TINY_VISION_FAMILIES",
+    "VISION_TYPES",
     "LoadedModel",
     "ModelInfo",
     "byte_tokenizer",
@@ -33,5 +43,6 @@ __all__ = [
     "parse_dtype",
     "register_builtin",
     "tiny_config",
+    "tiny_image_processor",
     "tiny_model",
 ]

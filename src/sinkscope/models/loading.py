@@ -28,6 +28,12 @@ ENCODER_TYPES = frozenset(
     {"bert", "roberta", "xlm-roberta", "distilbert", "electra", "albert", "camembert", "mpnet", "deberta",
      "deberta-v2", "modernbert", "ernie", "nomic_bert"}
 )
+# model_type values of the vision transformers sinkscope captures (bidirectional, images in; see capture.images).
+# A CLIP or SigLIP checkpoint (text + vision) loads its vision tower (`VISION_TOWERS`).
+VISION_TYPES = frozenset(
+    {"vit", "deit", "dinov2", "dinov2_with_registers", "clip_vision_model", "siglip_vision_model"}
+)
+VISION_TOWERS = {"clip": "CLIPVisionModel", "siglip": "SiglipVisionModel"}
 
 
 @dataclass
@@ -50,12 +56,14 @@ class ModelInfo:
 
 @dataclass
 class LoadedModel:
-    """A model with its tokenizer and facts. `model` is in eval mode."""
+    """A model with its tokenizer (None for a vision model, which has an `image_processor` instead) and facts.
+    `model` is in eval mode."""
 
     model: transformers.PreTrainedModel
     tokenizer: Any
     info: ModelInfo
     extra: dict[str, Any] = field(default_factory=dict)
+    image_processor: Any = None
 
     @property
     def device(self) -> torch.device:
@@ -95,7 +103,7 @@ def model_info(model: transformers.PreTrainedModel, tokenizer: Any, name: str) -
     n_kv = _config_int(config, "num_key_value_heads", "num_kv_heads") or n_heads
     hidden = _config_int(config, "hidden_size", "n_embd", "d_model") or 0
     head_dim = _config_int(config, "head_dim") or (hidden // n_heads if hidden else 0)
-    is_causal = config.model_type not in ENCODER_TYPES or bool(getattr(config, "is_decoder", False))
+    is_causal = config.model_type not in ENCODER_TYPES | VISION_TYPES or bool(getattr(config, "is_decoder", False))
     adds_bos, bos = _tokenizer_bos(tokenizer)
     max_pos = _config_int(config, "max_position_embeddings", "n_positions", "n_ctx", "seq_length")
     dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
@@ -152,9 +160,9 @@ def _load_zoo() -> None:
 
 def list_builtins() -> list[str]:
     _load_zoo()
-    from sinkscope.models.tiny import TINY_FAMILIES
+    from sinkscope.models.tiny import TINY_FAMILIES, TINY_VISION_FAMILIES
 
-    return sorted(BUILTINS) + [f"tiny:{family}" for family in sorted(TINY_FAMILIES)]
+    return sorted(BUILTINS) + [f"tiny:{family}" for family in sorted({**TINY_FAMILIES, **TINY_VISION_FAMILIES})]
 
 
 def load_model(
@@ -173,8 +181,10 @@ def load_model(
     """Load a model + tokenizer from a Hub id, a local directory, a GGUF file, a built-in name or a constructed model.
 
     - A `.gguf` file is dequantised to float32 once and cached as safetensors (`sinkscope.models.gguf`).
-    - Built-in names: `tiny:<family>` (random-config test models, see `TINY_FAMILIES`) and names registered
-      with `register_builtin`.
+    - Built-in names: `tiny:<family>` (random-config test models, see `TINY_FAMILIES` and `TINY_VISION_FAMILIES`)
+      and names registered with `register_builtin`.
+    - A vision transformer (`VISION_TYPES`; a CLIP or SigLIP checkpoint loads its vision tower) comes with its image
+      processor (`LoadedModel.image_processor`) and no tokenizer.
     - Weights load from safetensors only, unless `allow_pickle=True` (pickle checkpoints can run arbitrary code).
     - Code shipped in a model repository runs only with `trust_remote_code=True`.
     - Model parallel: `device="auto"` (or `device_map="auto"` / an explicit accelerate device map, with optional
@@ -381,6 +391,8 @@ def _from_pretrained(
     config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
     if not allow_pickle:
         _refuse_pickle_shards(name, revision, local)
+    if config.model_type in VISION_TYPES or config.model_type in VISION_TOWERS:
+        return _vision_from_pretrained(name, config.model_type, dtype, revision, trust_remote_code, allow_pickle)
     text_config = _text_config(config)
     auto = AutoModel if text_config.model_type in ENCODER_TYPES else AutoModelForCausalLM
     try:  # before the weights: a folder without a tokenizer fails at once
@@ -415,3 +427,22 @@ def _from_pretrained(
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     model.eval()
     return LoadedModel(model=model, tokenizer=tokenizer, info=model_info(model, tokenizer, name))
+
+
+def _vision_from_pretrained(name: str, model_type: str, dtype: torch.dtype, revision: str | None,
+                            trust_remote_code: bool, allow_pickle: bool) -> LoadedModel:
+    """A vision transformer with its image processor (transformers picks the PIL backend when torchvision is absent);
+    a CLIP or SigLIP checkpoint loads as its vision tower."""
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, ImportError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise SinkscopeError(f"'{name}' has no image processor that transformers can load ({first[:160]}): save one "
+                             "beside the model with image_processor.save_pretrained") from None
+    auto = getattr(transformers, VISION_TOWERS[model_type]) if model_type in VISION_TOWERS else AutoModel
+    model = auto.from_pretrained(name, revision=revision, dtype=dtype, trust_remote_code=trust_remote_code,
+                                 use_safetensors=None if allow_pickle else True)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=None, info=model_info(model, None, name), image_processor=processor)

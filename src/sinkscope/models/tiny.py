@@ -1,4 +1,5 @@
-"""Tiny random-config models (one per architecture family) with an offline byte-level tokenizer, for tests."""
+"""Tiny random-config models (one per architecture family) with an offline byte-level tokenizer, for tests; the vision
+families get an offline image processor instead (built from a config dict, no download)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import transformers
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, PretrainedConfig
 
 from sinkscope.errors import SinkscopeError
-from sinkscope.models.loading import ENCODER_TYPES, LoadedModel, model_info
+from sinkscope.models.loading import ENCODER_TYPES, VISION_TYPES, LoadedModel, model_info
 
 _COMMON = {"vocab_size": 262, "bos_token_id": 256, "eos_token_id": 257, "pad_token_id": 258}
 _LLAMA_LIKE = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -34,6 +35,30 @@ TINY_FAMILIES: dict[str, dict[str, Any]] = {
                 "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
     "bert": {"model_type": "bert", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
              "num_attention_heads": 4, "max_position_embeddings": 512},
+}
+# Vision transformers: 64×64 images in 8×8 patches (an 8×8 grid of 64 patches after the [CLS], distillation or
+# register tokens).
+_VIT_LIKE = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 64, "patch_size": 8}
+TINY_VISION_FAMILIES: dict[str, dict[str, Any]] = {
+    "vit": {"model_type": "vit", **_VIT_LIKE, "intermediate_size": 64},
+    "deit": {"model_type": "deit", **_VIT_LIKE, "intermediate_size": 64},
+    "dinov2": {"model_type": "dinov2", **_VIT_LIKE, "mlp_ratio": 2},
+    "dinov2_registers": {"model_type": "dinov2_with_registers", **_VIT_LIKE, "mlp_ratio": 2, "num_register_tokens": 4},
+    "clip_vision": {"model_type": "clip_vision_model", **_VIT_LIKE, "intermediate_size": 64},
+    "siglip_vision": {"model_type": "siglip_vision_model", **_VIT_LIKE, "intermediate_size": 64},
+}
+_CLIP_NORM = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711]}
+_SQUARE = {"height": 64, "width": 64}
+# model_type → (transformers' PIL-backend image processor, its settings), as the released checkpoints configure them
+# at 64 pixels (ViT and SigLIP resize; DeiT, DINOv2 and CLIP resize the short side, then crop the centre).
+TINY_IMAGE_PROCESSORS: dict[str, tuple[str, dict[str, Any]]] = {
+    "vit": ("ViTImageProcessorPil", {"size": _SQUARE}),
+    "deit": ("DeiTImageProcessorPil", {"size": {"height": 73, "width": 73}, "crop_size": _SQUARE}),
+    "dinov2": ("BitImageProcessorPil", {"size": {"shortest_edge": 73}, "crop_size": _SQUARE, **_CLIP_NORM}),
+    "dinov2_with_registers": ("BitImageProcessorPil", {"size": {"shortest_edge": 73}, "crop_size": _SQUARE,
+                                                       **_CLIP_NORM}),
+    "clip_vision_model": ("CLIPImageProcessorPil", {"size": {"shortest_edge": 64}, "crop_size": _SQUARE}),
+    "siglip_vision_model": ("SiglipImageProcessorPil", {"size": _SQUARE}),
 }
 
 
@@ -81,10 +106,13 @@ def _bytes_to_unicode() -> dict[str, int]:
 
 
 def tiny_config(family: str, **overrides: Any) -> PretrainedConfig:
-    """A 2-layer random config of `family` (see `TINY_FAMILIES`), small enough for unit tests."""
-    if family not in TINY_FAMILIES:
-        raise SinkscopeError(f"unknown tiny family '{family}': use one of {', '.join(sorted(TINY_FAMILIES))}")
-    params = {**_COMMON, **TINY_FAMILIES[family], **overrides}
+    """A 2-layer random config of `family` (see `TINY_FAMILIES` and `TINY_VISION_FAMILIES`), small enough for unit
+    tests."""
+    families = {**TINY_FAMILIES, **TINY_VISION_FAMILIES}
+    if family not in families:
+        raise SinkscopeError(f"unknown tiny family '{family}': use one of {', '.join(sorted(families))}")
+    tokens = {} if family in TINY_VISION_FAMILIES else _COMMON  # a vision model has no token ids
+    params = {**tokens, **families[family], **overrides}
     model_type = params.pop("model_type")
     config = AutoConfig.for_model(model_type, **params)
     if family == "bert":
@@ -92,19 +120,28 @@ def tiny_config(family: str, **overrides: Any) -> PretrainedConfig:
     return config
 
 
+def tiny_image_processor(model_type: str) -> Any:
+    """The offline image processor of a tiny vision family (see `TINY_IMAGE_PROCESSORS`)."""
+    cls, settings = TINY_IMAGE_PROCESSORS[model_type]
+    return getattr(transformers, cls).from_dict(settings)
+
+
 def tiny_model(family: str, seed: int = 0, dtype: torch.dtype = torch.float32, **overrides: Any) -> LoadedModel:
     """Build a random-weight tiny model of an architecture family, with an offline byte tokenizer."""
     config = tiny_config(family, **overrides)
     torch.manual_seed(seed)
+    vision = config.model_type in VISION_TYPES
     encoder = config.model_type in ENCODER_TYPES
-    auto = AutoModel if encoder else AutoModelForCausalLM
+    auto = AutoModel if encoder or vision else AutoModelForCausalLM
     model = auto.from_config(config, dtype=dtype)
     _spread_init(model, seed)
     model.eval()
-    tokenizer = byte_tokenizer(encoder=encoder)
+    tokenizer = None if vision else byte_tokenizer(encoder=encoder)
     name = f"tiny:{family}"
     model.config._name_or_path = name
-    return LoadedModel(model=model, tokenizer=tokenizer, info=model_info(model, tokenizer, name))
+    processor = tiny_image_processor(config.model_type) if vision else None
+    return LoadedModel(model=model, tokenizer=tokenizer, info=model_info(model, tokenizer, name),
+                       image_processor=processor)
 
 
 def _spread_init(model: torch.nn.Module, seed: int) -> None:

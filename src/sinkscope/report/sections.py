@@ -72,6 +72,7 @@ SECTION_MODULES: list[str] = [
     "sinkscope.report.views.mechanisms",
     "sinkscope.report.views.calibrate",
     "sinkscope.report.views.mitigation",
+    "sinkscope.report.views.vision",
     "sinkscope.report.views.dormant",
     "sinkscope.report.views.overmixing",
 ]
