@@ -39,6 +39,7 @@ BASES: dict[str, Base] = {
     "sweep": ([], [("--model", MODEL), ("--prompt", PROMPT), ("--out", "{tmp}/sweep")]),
     "stream": ([], [("--model", MODEL), ("--text-file", "{data}/text.txt"), ("--sink", "2"), ("--window", "8"),
                     ("--max-tokens", "24")]),
+    "generate": ([], [("--model", MODEL), ("--prompt", PROMPT), ("--max-new-tokens", "3"), ("--min-later", "1")]),
     "eval": ([], [("--model", MODEL), ("--dataset", "sst2"), ("--data", "{data}/sst2.jsonl"), ("--limit", "2"),
                   ("--causal-limit", "1"), ("--causal-max-tokens", "48")]),
     "calibrate": ([], [("--model", MODEL), ("--dataset", "sst2"), ("--data", "{data}/sst2.jsonl"), ("--calib", "2"),

@@ -537,7 +537,8 @@ def _statistics(
     row_rz = torch.zeros(b, h, nq, device=dev) if want_columns else None  # A_ik is exp(s_ik − max)/Z afterwards
     scale = head_scale.view(1, h, 1, 1).to(dev) if head_scale is not None else None
 
-    step = chunk_size_for(b, h, nk, dev, cfg.chunk_size)
+    # one query (a decode step) is one chunk whatever the memory: no probe of free memory per layer and token
+    step = 1 if nq == 1 else chunk_size_for(b, h, nk, dev, cfg.chunk_size)
     for c0 in range(0, nq, step):
         c1 = min(nq, c0 + step)
         c = c1 - c0

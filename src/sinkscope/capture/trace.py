@@ -16,6 +16,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 from sinkscope.capture.attention import CaptureConfig, LayerRecord, capture_session, pad_to
 from sinkscope.capture.hidden import HiddenRecorder, Site
@@ -130,6 +131,30 @@ class Trace:
 PromptsLike = str | Sequence[str] | Sequence[Sequence[int]]
 
 
+@dataclass
+class Continuation:
+    """A sequence whose keys and values sit in a KV cache, for captures that continue it (decoding, one token at a
+    time): `run_capture(loaded, [new_ids], config, continuation=c)` runs only the new tokens, each query attending to
+    every cached key and to the new keys up to itself, and appends them to `c`. The first capture fills an empty one.
+
+    cache: a transformers `DynamicCache` that keeps every key (sliding-window layers see them through their mask),
+        updated in place by each pass; ids, tokens: the token ids and strings it holds. A continued Trace is in
+        sequence coordinates: its key axis is `ids` (every earlier token plus the new ones), and per-query statistics
+        (entropy, sink share) sit at the new tokens' positions, zeros before them.
+    """
+
+    cache: Any = field(default_factory=DynamicCache)
+    ids: list[int] = field(default_factory=list)
+    tokens: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+_CONTINUED = ("rows", "entropy", "values", "value_norms", "logprobs", "chunk_size", "fused", "max_map_tokens")
+"""The CaptureConfig fields a continued capture supports; any other statistic must stay at its default (off)."""
+
+
 def _is_ids(prompts: Sequence[Any]) -> bool:
     """True when `prompts` holds token-id sequences rather than texts."""
     first = prompts[0]
@@ -175,6 +200,7 @@ def run_capture(
     progress: bool = False,
     texts: Sequence[str] | None = None,
     embed_delta: tuple[int, torch.Tensor] | None = None,
+    continuation: Continuation | None = None,
 ) -> Trace:
     """Run the model on prompts in batches under a capture session and return the Trace. The one code path that runs
     a model under capture: every analysis calls it (or takes its Trace).
@@ -188,6 +214,9 @@ def run_capture(
         end) in every prompt: the model then runs on `inputs_embeds` = embed(ids) + δ at that position, where embed is
         `model.get_input_embeddings()` (models that scale or add to the embeddings afterwards, e.g. Gemma's √d or
         GPT-2's positions, do so to the shifted vector as well). The perturbation of the over-mixing analysis.
+    continuation: continue the sequence held in this KV cache (`Continuation`): one prompt of new token ids (or
+        text, tokenised with special tokens); the key mass, rows, entropy, values and logprobs only. The cache and the
+        continuation's ids grow by the new tokens; the Trace is in sequence coordinates.
     Raises SinkscopeError for an empty prompt list, an empty prompt or a prompt longer than the context
     (use `validate_prompts` first to skip bad prompts instead).
     A vision transformer (`capture.images.is_vision`) takes images instead of prompts: PIL images, image files,
@@ -223,6 +252,8 @@ def run_capture(
             raise SinkscopeError(f"prompt {i + 1}: {reason}")
         seqs = [s for s in ids if s is not None]
         names = list(prompts)
+    if continuation is not None:
+        _check_continuation(loaded, continuation, seqs, config, embed_delta)
     side = padding_side or getattr(tok, "padding_side", None) or "right"
     if side not in ("left", "right"):
         raise SinkscopeError("padding side must be 'left' or 'right'")
@@ -234,12 +265,32 @@ def run_capture(
 
         iterator = track(batches, description="capturing", transient=True)
     for batch in iterator:
-        parts.append(_capture_batch(loaded, batch, config, side, embed_delta))
+        parts.append(_capture_batch(loaded, batch, config, side, embed_delta, continuation))
+    if continuation is not None and texts is None:
+        names = [_decode(tok, continuation.ids)]
     trace = _assemble(loaded, names, parts, config)
     if embed_delta is not None:
         trace.info["embed_delta"] = {"position": int(embed_delta[0]),
                                      "norm": float(torch.linalg.vector_norm(embed_delta[1].float()))}
     return trace
+
+
+def _check_continuation(loaded: LoadedModel, continuation: Continuation, seqs: list[list[int]],
+                        config: CaptureConfig, embed_delta: Any) -> None:
+    """A continued capture takes one sequence, fits the context, and asks only for statistics it supports."""
+    if len(seqs) != 1:
+        raise SinkscopeError(f"a capture that continues a KV cache takes one sequence, not {len(seqs)}")
+    limit = loaded.info.max_positions
+    if limit is not None and len(continuation) + len(seqs[0]) > limit:
+        raise SinkscopeError(f"continuing {len(continuation)} cached tokens by {len(seqs[0])} would pass the model's "
+                             f"context of {limit} tokens; generate fewer tokens")
+    default = CaptureConfig()
+    extra = [name for name, value in vars(config).items() if name not in _CONTINUED and value != getattr(default, name)]
+    if embed_delta is not None:
+        extra.append("embed_delta")
+    if extra:
+        raise SinkscopeError("a capture that continues a KV cache collects the key mass, rows, entropy, values and "
+                             f"logprobs only; turn off {', '.join(extra)}")
 
 
 def padding_id(tokenizer: Any) -> int:
@@ -307,16 +358,22 @@ def logits_only_at(model: torch.nn.Module, inputs: dict[str, Any], last: torch.T
 
 
 def _capture_batch(loaded: LoadedModel, batch: list[list[int]], config: CaptureConfig, side: str,
-                   embed_delta: tuple[int, torch.Tensor] | None = None) -> dict[str, Any]:
+                   embed_delta: tuple[int, torch.Tensor] | None = None,
+                   continuation: Continuation | None = None) -> dict[str, Any]:
     model = loaded.model
     ids, mask, offsets = pad_batch(batch, padding_id(loaded.tokenizer), side)  # [b, n], [b, n], [b]
+    past = len(continuation) if continuation is not None else 0
+    inputs = forward_inputs(model, ids, mask, loaded.device, past=past, use_cache=continuation is not None)
+    last = offsets + mask.sum(-1) - 1  # [b] each prompt's last real token, in the pass's padded coordinates
+    if continuation is not None:  # the session sees the whole sequence: the cached tokens, then the new ones
+        inputs["cache" if "cache" in forward_args(model) else "past_key_values"] = continuation.cache
+        mask = torch.cat([torch.ones(1, past, dtype=mask.dtype), mask], dim=-1)  # [1, past + t]
+        ids = torch.cat([torch.tensor(continuation.ids, dtype=torch.long).view(1, past), ids], dim=-1)
     lengths = mask.sum(-1)
     rows = _row_positions(config.rows, offsets, lengths)
     columns = _row_positions(list(config.columns), offsets, lengths) if config.columns is not None else None
-    inputs = forward_inputs(model, ids, mask, loaded.device)
     if embed_delta is not None:
         inputs["inputs_embeds"] = shifted_embeddings(model, inputs.pop("input_ids"), offsets, lengths, *embed_delta)
-    last = offsets + lengths - 1  # [b] each prompt's last real token, padded coordinates
     at = last  # the loss needs the LM head at every position; otherwise it runs only where it is read ([b, n, V]
     if not config.loss:  # logits would cost more than the capture)
         at = logits_only_at(model, inputs, last if config.logprobs else None, loaded.device)
@@ -335,6 +392,11 @@ def _capture_batch(loaded: LoadedModel, batch: list[list[int]], config: CaptureC
             f"{type(model).__name__} does not route all its attention through transformers' AttentionInterface"
         )
     part: dict[str, Any] = {"ids": ids, "offsets": offsets, "lengths": lengths, "rows_at": rows, "records": records}
+    if continuation is not None:
+        _at_sequence_positions(records, past)
+        continuation.ids.extend(batch[0])
+        continuation.tokens.extend(_token_strings(loaded.tokenizer, list(batch[0])))
+        part["tokens"] = [list(continuation.tokens)]
     if recorder is not None:
         part.update(_recorded(recorder, config))
     if config.logprobs or config.loss:

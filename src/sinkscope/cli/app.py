@@ -13,6 +13,7 @@ import typer
 from sinkscope.cli import (
     dormant,
     evaluate,
+    generate,
     listing,
     mechanisms,
     mitigation,
@@ -58,6 +59,7 @@ COMMANDS = {
     "explain": profile.explain_command,
     "sweep": sweep.sweep_command,
     "stream": stream.stream_command,
+    "generate": generate.generate_command,
     "eval": evaluate.eval_command,
     "calibrate": mitigation.calibrate_command,
     "bench-mitigation": mitigation.bench_mitigation_command,

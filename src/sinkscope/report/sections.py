@@ -75,6 +75,7 @@ SECTION_MODULES: list[str] = [
     "sinkscope.report.views.vision",
     "sinkscope.report.views.dormant",
     "sinkscope.report.views.overmixing",
+    "sinkscope.report.views.generate",
 ]
 
 
