@@ -19,7 +19,10 @@ if (P.keys && P.keys.length && data.methods.some((m) => P.after[m])) {
   const methods = data.methods.filter((m) => P.after[m]);
   ss.scatter(q(".ss-eval-scatter"), methods.map((m) => ({ name: "after " + m, x: P.before, y: P.after[m],
     labels: P.keys })), { title: "Causal alignment per example (Spearman ρ)", xlabel: "ρ before",
-    ylabel: "ρ after", diagonal: true, onClick: (s, i) => open(P.keys[i]) });
+    ylabel: "ρ after", diagonal: true, onClick: (s, i) => {
+      for (const o of el.querySelectorAll(".ss-eval-examples .ss-on")) o.classList.remove("ss-on");
+      open(P.keys[i]);
+    } });
 } else {
   q(".ss-eval-scatter").textContent = "No causal effects in this run (eval --causal), so no alignment scatter.";
 }
