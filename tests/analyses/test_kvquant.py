@@ -177,3 +177,28 @@ def test_bad_input(lm):
         quantize_values(torch.zeros(1, 1, 2, 2), 0)
     with pytest.raises(SinkscopeError, match="rotary"):
         kv_quant_nll(tiny_model("gpt2"), [1, 2, 3], [Condition(4, "none")], cache="sink_window", window=2, group=1)
+
+
+def test_kv_quant_cli_writes_tables_figure_and_report(tmp_path):
+    """The command end to end on sinkscope-tiny: the printed table, a run folder with the three tables (shared key
+    columns), the curve listed in the manifest, and the report section built from the folder."""
+    from typer.testing import CliRunner
+
+    from sinkscope.cli.app import app
+    from sinkscope.report.page import write_report
+    from sinkscope.store import load_run
+
+    text = tmp_path / "text.txt"
+    text.write_text("Attention sinks are tokens that draw attention while carrying little meaning. " * 8)
+    res = CliRunner().invoke(app, ["kv-quant", "--model", "sinkscope-tiny", "--text-file", str(text), "--bits", "4,2",
+                                   "--sink", "2", "--window", "16", "--group", "8", "--chunk", "8", "--max-tokens",
+                                   "64", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    assert "detected sinks" in res.output and "sink_window" in res.output
+    run = load_run(tmp_path / "run")
+    assert len(run["kvquant"]) == 2 * 7 and {"prompt_id", "position", "token"} <= set(run["tokens"].columns)
+    assert "kvquant.png" in run.manifest["files"]
+    page = write_report(tmp_path / "run").read_text(encoding="utf-8")
+    assert "KV-cache quantisation" in page and "detected sinks kept" in page
+    bad = CliRunner().invoke(app, ["kv-quant", "--model", "sinkscope-tiny", "--text-file", str(text), "--bits", "4,x"])
+    assert bad.exit_code == 2 and "--bits" in bad.output

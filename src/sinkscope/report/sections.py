@@ -68,6 +68,7 @@ _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]*$")
 SECTION_MODULES: list[str] = [
     "sinkscope.report.views.eval",
     "sinkscope.report.views.stream",
+    "sinkscope.report.views.kvquant",
     "sinkscope.report.views.tags",
     "sinkscope.report.views.mechanisms",
     "sinkscope.report.views.calibrate",
