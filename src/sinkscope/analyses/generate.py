@@ -113,9 +113,9 @@ class GenerateResult:
 
 
 # ------------------------------------------------------------------------------------------------ per-step statistics
-STEP_CAPTURE = CaptureConfig(rows="last", entropy=True, logprobs=True, fused=False)
-"""A decode step: the new token's full row, its entropy and the next-token log-probabilities; the layer output from
-the model's own kernel, so the generated text is the model's."""
+STEP_CAPTURE = CaptureConfig(rows=None, entropy=True, logprobs=True, fused=False)
+"""A decode step: the key mass (for one query, its row), its entropy and the next-token log-probabilities; the layer
+output from the model's own kernel, so the generated text is the model's."""
 PREFILL_CAPTURE = CaptureConfig(rows=None, entropy=False, logprobs=True, fused=False)
 
 
@@ -435,8 +435,8 @@ def _generate_one(loaded: LoadedModel, ids: list[int], settings: GenerateSetting
             token = next_token(trace.logprobs[0], settings, generator)
             generated.append(token)
             trace = run_capture(loaded, [[token]], STEP_CAPTURE, continuation=cont, texts=["step"])
-            assert trace.rows is not None and trace.entropy is not None
-            row = trace.rows[0, :, :, 0]  # [L, H, n]
+            assert trace.entropy is not None
+            row = trace.key_mass[0]  # [L, H, n]: one query's key mass is its row
             entropy = trace.entropy[0, :, :, -1]  # [L, H]
             emit(step_table(row, entropy, cont.tokens, step, settings.n_top, settings.sink_threshold, prompt_id))
             keys.add(row)
