@@ -98,3 +98,9 @@ def test_vision_command_on_a_folder_of_images(tmp_path):
     assert (tmp_path / "run" / "patches_1.png").exists()
     bad = runner.invoke(app, ["vision", "--model", "tiny:vit", "--images", str(images), "--layer", "5"])
     assert bad.exit_code == 2 and "--layer 5" in bad.stderr
+    text = runner.invoke(app, ["vision", "--model", "tiny:llama", "--images", str(images)])
+    assert text.exit_code == 2 and "is a text model" in text.stderr
+    for line in (["profile", "--model", "tiny:vit", "--prompt", "hi"],
+                 ["stream", "--model", "tiny:vit", "--text-file", str(images / "shape0.png")]):
+        refused = runner.invoke(app, line)  # text commands refuse a vision model in one line
+        assert refused.exit_code == 2 and "is a vision model" in refused.stderr, refused.output

@@ -151,6 +151,9 @@ def pixel_values(loaded: LoadedModel, images: Any) -> tuple[list[str], torch.Ten
     opened: list[Any] = []
     for i, item in enumerate(images):
         if isinstance(item, str | Path):
+            if not Path(item).expanduser().exists():
+                raise SinkscopeError(f"no such image file or folder: '{item}' ({loaded.info.name} is a vision model: "
+                                     "it reads images, not text)")
             for path in image_files([item]):
                 names.append(path.name)
                 opened.append(open_image(path))

@@ -167,6 +167,11 @@ def _is_ids(prompts: Sequence[Any]) -> bool:
 def tokenize(loaded: LoadedModel, prompts: Sequence[str]) -> tuple[list[list[int] | None], list[tuple[int, str]]]:
     """Each prompt's token ids (special tokens as the tokenizer adds them), tokenised once; None for an unusable
     prompt, with (index, reason) for it: empty, or longer than the model's context."""
+    if loaded.tokenizer is None:
+        if is_vision(loaded):
+            raise SinkscopeError(f"{loaded.info.name} is a vision model: it reads images, not text; run `sinkscope "
+                                 f"vision --model {loaded.info.name} --images DIR`")
+        raise SinkscopeError(f"{loaded.info.name} has no tokenizer: save one beside the model, or pass token ids")
     ids: list[list[int] | None] = []
     bad: list[tuple[int, str]] = []
     limit = loaded.info.max_positions

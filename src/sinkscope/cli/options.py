@@ -261,13 +261,22 @@ def progress_bars() -> Iterator[Callable[[str, int, int | None], None]]:
 
 
 def load(model: str, device: str | None = None, dtype: str = "float32", trust_remote_code: bool = False,
-         allow_pickle: bool = False) -> LoadedModel:
-    """`sinkscope.models.load_model` with the shared options, behind a spinner."""
+         allow_pickle: bool = False, *, images: bool = False) -> LoadedModel:
+    """`sinkscope.models.load_model` with the shared options, behind a spinner. A command that reads text refuses a
+    vision model in one line; `images=True` (`sinkscope vision`) refuses a text model instead."""
+    from sinkscope.capture.images import is_vision
     from sinkscope.models import load_model
 
     with console.status(f"loading {model}"):
-        return load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                          allow_pickle=allow_pickle)
+        loaded = load_model(model, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                            allow_pickle=allow_pickle)
+    if is_vision(loaded) and not images:
+        raise SinkscopeError(f"{loaded.info.name} is a vision model: it reads images, not text; run `sinkscope vision "
+                             f"--model {model} --images DIR`")
+    if images and not is_vision(loaded):
+        raise SinkscopeError(f"{loaded.info.name} is a text model; sinkscope vision needs a vision transformer (ViT, "
+                             "DeiT, DINOv2, CLIP or SigLIP vision tower; `sinkscope models` lists tiny:vit and others)")
+    return loaded
 
 
 def method_params(method: str, threshold: float | None, min_queries: int | None = None) -> dict[str, Any]:

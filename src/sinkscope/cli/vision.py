@@ -60,7 +60,7 @@ def vision_command(
         raise SinkscopeError(f"--norm-ratio {norm_ratio}: a high-norm patch is a multiple of the median, so pass a "
                              "ratio above 1")
     files = image_files(images)[:limit]
-    loaded = load(model, device, dtype, trust_remote_code, allow_pickle)
+    loaded = load(model, device, dtype, trust_remote_code, allow_pickle, images=True)
     if not -loaded.info.n_layers <= layer < loaded.info.n_layers:
         raise SinkscopeError(f"--layer {layer}: the model has {loaded.info.n_layers} layers (0 to "
                              f"{loaded.info.n_layers - 1}, or -1 for the last)")
