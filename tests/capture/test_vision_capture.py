@@ -19,7 +19,6 @@ FAMILIES = sorted(TINY_VISION_FAMILIES)
 PREFIX = {"vit": 1, "deit": 2, "dinov2": 1, "dinov2_registers": 5, "clip_vision": 1, "siglip_vision": 0}
 
 
-
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
     """The tiny models gain nothing from threads; on a busy machine one thread runs them faster."""
