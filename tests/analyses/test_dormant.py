@@ -136,6 +136,9 @@ def test_refusals(tiny_llama) -> None:
     result = head_domains(tiny_llama, {"a": [*TEXTS, "", "x"]}, max_tokens=8)
     assert result.tables["skipped"]["prompt_id"].tolist() == [3]  # "x" is <s> x: two tokens, enough
     assert result.tables["prompts"]["n_tokens"].max() == 8
+    fixed = head_domains(tiny_llama, {"a": TEXTS}, max_tokens=20, min_tokens=20)  # 48, 40 and 17 tokens
+    assert set(fixed.tables["prompts"]["n_tokens"]) == {20}
+    assert "min-tokens 20" in fixed.tables["skipped"]["reason"].iloc[0]
     with pytest.raises(SinkscopeError, match="unknown dataset"):
         domain_names("sst2,nope")
     with pytest.raises(SinkscopeError, match="twice"):

@@ -190,12 +190,12 @@ def truncate(tokenizer: Any, text: str, max_tokens: int | None) -> list[int]:
     return [*seq[: max_tokens - 1], seq[-1]] if seq[-1] in special and max_tokens > 1 else seq[:max_tokens]
 
 
-def _prepare(loaded: LoadedModel, texts: Sequence[str], max_tokens: int | None, sink: int
+def _prepare(loaded: LoadedModel, texts: Sequence[str], max_tokens: int | None, sink: int, min_tokens: int = 0
              ) -> tuple[list[list[int]], list[int], list[tuple[int, str]]]:
-    """Token ids (cut to `max_tokens`), the indices kept and (index, reason) for the prompts left out: unusable, or
-    too short to have the sink and at least one other query."""
+    """Token ids (cut to `max_tokens`), the indices kept and (index, reason) for the prompts left out: unusable,
+    shorter than `min_tokens`, or too short to have the sink and at least one other query."""
     kept_ids, kept, bad = [], [], []
-    need = max(2, sink + 2 if sink >= 0 else -sink + 1)
+    need = max(2, min_tokens, sink + 2 if sink >= 0 else -sink + 1)
     for i, text in enumerate(texts):
         seq = truncate(loaded.tokenizer, text, max_tokens) if isinstance(text, str) and text.strip() else None
         if seq is None:
@@ -206,7 +206,9 @@ def _prepare(loaded: LoadedModel, texts: Sequence[str], max_tokens: int | None, 
             bad.append((i, f"{len(seq)} tokens, more than the model's context of {limit}; lower the token limit"))
             continue
         if len(seq) < need:
-            bad.append((i, f"{len(seq)} token(s): the sink at position {sink} needs another query to attend to it"))
+            bad.append((i, f"{len(seq)} token(s), fewer than the {need} needed" + (
+                f" (--min-tokens {min_tokens})" if need == min_tokens else
+                f": the sink at position {sink} needs another query to attend to it")))
             continue
         kept_ids.append(seq)
         kept.append(i)
@@ -230,6 +232,7 @@ def head_domains(
     output_ratio: float = 0.5,
     active_share: float = 0.5,
     max_tokens: int | None = 128,
+    min_tokens: int = 0,
     batch_size: int = 8,
     progress: Any = None,
 ) -> DormantResult:
@@ -244,7 +247,9 @@ def head_domains(
       median ‖h_j‖ of the other positions and their ratio).
 
     domains: name → texts (at least one domain); sink: the sink key (0, or negative from the end, e.g. −1 for an
-    encoder's [SEP]); max_tokens: prompts are cut to this many tokens; progress: `update(task, done, total)`.
+    encoder's [SEP]); max_tokens: prompts are cut to this many tokens; min_tokens: shorter prompts are left out —
+    σ falls with the prompt's length (more keys share the mass), so domains of different lengths compare fairly only
+    at one length (min_tokens = max_tokens); progress: `update(task, done, total)`.
     """
     if not domains:
         raise SinkscopeError("no domains: pass --datasets NAMES or --domain NAME=FILE")
@@ -263,7 +268,7 @@ def head_domains(
     for done, (name, texts) in enumerate(domains.items()):
         if progress is not None:
             progress("domains", done, len(domains))
-        ids, kept, bad = _prepare(loaded, list(texts), max_tokens, sink)
+        ids, kept, bad = _prepare(loaded, list(texts), max_tokens, sink, min_tokens)
         skipped[name] = bad
         skipped_rows += [{"domain": name, "prompt_id": i, "reason": why} for i, why in bad]
         if not ids:
@@ -294,7 +299,7 @@ def head_domains(
         "residual": residual,
     }
     params = {"domains": list(domains), "sink": sink, "dormant_share": dormant_share, "output_ratio": output_ratio,
-              "active_share": active_share, "max_tokens": max_tokens,
+              "active_share": active_share, "max_tokens": max_tokens, "min_tokens": min_tokens,
               "n_prompts": {name: int((tables["prompts"]["domain"] == name).sum()) for name in domains}}
     return DormantResult(tables=tables, summary=summarise(heads, switch, residual, info.name), params=params,
                          skipped=skipped)

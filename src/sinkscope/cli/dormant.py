@@ -85,6 +85,9 @@ def dormant_command(
     limit: described(LimitOpt, " prompts per data set (a seeded draw, as eval draws)") = 16,
     seed: described(SeedOpt, " of the draw from each data set") = 0,
     max_tokens: MaxTokensOpt = 128,
+    min_tokens: Annotated[int, typer.Option(
+        min=0, max=1_000_000, help="Leave out prompts shorter than this; with --max-tokens the same, every domain is "
+                                   "compared at one length (σ falls as prompts grow)")] = 0,
     sink: Annotated[int, typer.Option(help="The sink key's position (0; negative counts from the end, e.g. -1 for an "
                                            "encoder's [SEP])")] = 0,
     dormant_share: Annotated[float, typer.Option(
@@ -109,6 +112,8 @@ def dormant_command(
     domain and active in another."""
     from sinkscope.analyses.dormant import domain_names, head_domains, load_domains
 
+    if min_tokens > max_tokens:
+        raise SinkscopeError(f"--min-tokens {min_tokens} is above --max-tokens {max_tokens}")
     if output_ratio <= 0:
         raise SinkscopeError(f"--output-ratio {output_ratio}: pass a positive ratio")
     if not 0 < active_share <= dormant_share:
@@ -127,7 +132,8 @@ def dormant_command(
                              "queries see")
     with progress_bars() as update:
         result = head_domains(loaded, domains, sink=sink, dormant_share=dormant_share, output_ratio=output_ratio,
-                              active_share=active_share, max_tokens=max_tokens, batch_size=batch_size,
+                              active_share=active_share, max_tokens=max_tokens, min_tokens=min_tokens,
+                              batch_size=batch_size,
                               progress=update)
     _print_summary(result, loaded)
     for name, bad in result.skipped.items():
