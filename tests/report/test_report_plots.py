@@ -14,7 +14,7 @@ pytest.importorskip("matplotlib")
 from sinkscope.analyses.maps import add_maps, capture_maps
 from sinkscope.errors import SinkscopeError
 from sinkscope.report.figures import profile as plots
-from sinkscope.report.palette import CIVIDIS, DASHES, MARKERS, OKABE_ITO
+from sinkscope.report.palette import DASHES, MARKERS, OKABE_ITO, VIRIDIS
 from sinkscope.store import Run, save_run
 
 PROMPTS = ["The cat sat on the mat.", "Sinks draw attention."]
@@ -91,7 +91,7 @@ def test_trace_figures(tmp_path):
     assert len(fig.axes[0].lines) == 4
     assert fig.axes[1].get_yscale() == "log"  # loss spans > 100×
     written = plots.save_figure(fig, tmp_path / "trace_by_layer", formats=("png", "svg", "pdf"))
-    many = table.assign(layer=table["layer"] * 8 + table["head"])  # 32 values: the cividis ramp with a colour bar
+    many = table.assign(layer=table["layer"] * 8 + table["head"])  # 32 values: the heat ramp with a colour bar
     written += plots.save_figure(plots.trace_curves(many, metrics=["alpha0"], by="layer"), tmp_path / "trace_ramp.png")
     written += plots.save_figure(plots.trace_curves(table, metrics=["alpha0", "loss"]), tmp_path / "trace_mean.png")
     for path in written:
@@ -130,7 +130,7 @@ def test_style_does_not_depend_on_colour():
     assert len({s["marker"] for s in styles}) == len(styles) == len(MARKERS)
     assert len(set(DASHES)) == len(DASHES)
     assert len(set(plots.HATCHES)) == len(plots.HATCHES)
-    lightness = [0.2126 * r + 0.7152 * g + 0.0722 * b for r, g, b in CIVIDIS]
+    lightness = [0.2126 * r + 0.7152 * g + 0.0722 * b for r, g, b in VIRIDIS]
     assert lightness == sorted(lightness)  # the heatmap ramp reads in greyscale
 
 

@@ -133,5 +133,6 @@ def plot_trace(
         target = target / "trace.png"
     elif not target.suffix:
         target = target.with_suffix(".png")  # what matplotlib writes for a name without a suffix
-    path = draw_trace(trace, target, title=title or str(run))
+    folder = run.parent if run.is_file() else run
+    path = draw_trace(trace, target, title=title or f"tiny LM trace: {folder.resolve().name}")  # a name, not a path
     console.print(f"wrote {path}")

@@ -1,7 +1,7 @@
 """Figure of a `sinkscope dormant` run: heads × domains (Guo et al. 2024), in the style of `report.palette`.
 
 ``head_domains.png``: two heat maps over the same grid (columns: every head, layer by layer, numbered from 0; rows:
-the domains) — the sink share σ (cividis), and each head's state (dormant / mixed / active); the heads that are
+the domains) — the sink share σ (the heat ramp), and each head's state (dormant / mixed / active); the heads that are
 dormant in one domain and active in another are marked below the grid.
 """
 
@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sinkscope.report.palette import CIVIDIS, OKABE_ITO
+from sinkscope.report.palette import HEATMAP_CMAP, OKABE_ITO, figure_title, styled
 
 STATE_CODE = {"active": 0, "mixed": 1, "dormant": 2}
 
@@ -21,12 +21,13 @@ STATE_CODE = {"active": 0, "mixed": 1, "dormant": 2}
 def _pyplot() -> Any:
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     return plt
 
 
+@styled
 def plot_head_domains(heads: pd.DataFrame, switch: pd.DataFrame, path: str | Path, model: str = "") -> Path:
     """heads: the head_domains table; switch: the domain_switch table. Writes a PNG and returns its path."""
     plt = _pyplot()
@@ -44,8 +45,7 @@ def plot_head_domains(heads: pd.DataFrame, switch: pd.DataFrame, path: str | Pat
         state[d, c] = STATE_CODE[row.state]
     width = min(22.0, max(8.0, 0.045 * len(keys) + 3))
     fig, axes = plt.subplots(2, 1, figsize=(width, 1.2 + 0.7 * len(domains)), sharex=True)
-    cividis = ListedColormap(np.asarray(CIVIDIS) / 255.0)
-    im = axes[0].imshow(share, aspect="auto", cmap=cividis, vmin=0, vmax=1, interpolation="nearest")
+    im = axes[0].imshow(share, aspect="auto", cmap=HEATMAP_CMAP, vmin=0, vmax=1, interpolation="nearest")
     fig.colorbar(im, ax=axes[0], label="sink share σ", fraction=0.03, pad=0.01)
     states = ListedColormap([OKABE_ITO[5], "#dddddd", OKABE_ITO[1]])
     im2 = axes[1].imshow(state, aspect="auto", cmap=states, vmin=-0.5, vmax=2.5, interpolation="nearest")
@@ -64,10 +64,10 @@ def plot_head_domains(heads: pd.DataFrame, switch: pd.DataFrame, path: str | Pat
     axes[1].set_xticks(starts[::step], [str(v) for v in layers[starts][::step]], fontsize=8)
     axes[1].set_xlabel("layer (each column one head, heads 0… within the layer)"
                        + ("; ▲ dormant in one domain, active in another" if len(switch) else ""))
-    axes[0].set_title(f"{model}: sink share per head and domain" if model else "sink share per head and domain")
+    axes[0].set_title(figure_title(model, "sink share per head and domain"))
     axes[1].set_title("state: dormant (σ ≥ threshold, small output), active (σ below the active share), mixed")
     fig.tight_layout()
     out = Path(path)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out)
     plt.close(fig)
     return out

@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from sinkscope.report.palette import MARKERS, OKABE_ITO
+from sinkscope.report.palette import MARKERS, OKABE_ITO, figure_title, plain_log_axis, styled
 
 KEEP_LABELS = {"none": "all tokens quantised", "sinks": "detected sinks kept", "first": "first k kept"}
 CACHE_LABELS = {"full": "full cache", "sink_window": "sinks + window (StreamingLLM)"}
@@ -22,12 +22,13 @@ _DASH = {"none": "-", "sinks": "--", "first": ":"}
 def _pyplot() -> Any:
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     return plt
 
 
+@styled
 def plot_kvquant(table: pd.DataFrame, path: str | Path, model: str = "") -> Path:
     """table: the kvquant table (cache, bits, keep, perplexity). Writes a PNG and returns its path."""
     plt = _pyplot()
@@ -47,15 +48,15 @@ def plot_kvquant(table: pd.DataFrame, path: str | Path, model: str = "") -> Path
                     ls=_DASH.get(keep, "-"), label=KEEP_LABELS[keep])
         ax.set_xticks(range(len(widths)), [f"{b}" + (" (none)" if b >= 16 else "") for b in widths])
         ax.set_xlabel("bits per key and value")
-        ax.set_yscale("log")
-        ax.set_title(CACHE_LABELS.get(cache, cache), fontsize=10)
+        plain_log_axis(ax, "y")
+        ax.set_title(CACHE_LABELS.get(cache, cache))
         ax.grid(True, which="both", color="#e6e6e6", lw=0.6)
     axes[0][0].set_ylabel("perplexity (log scale)")
-    axes[0][-1].legend(fontsize=8)
+    axes[0][-1].legend()
     if model:
-        fig.suptitle(f"{model}: perplexity with a fake-quantised KV cache", fontsize=11)
+        fig.suptitle(figure_title(model, "perplexity with a fake-quantised KV cache"))
     fig.tight_layout()
     out = Path(path)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out)
     plt.close(fig)
     return out

@@ -1,4 +1,5 @@
-"""Figures of a mechanisms run (matplotlib, Agg backend), written as PNG files into the run folder.
+"""Figures of a mechanisms run (matplotlib, Agg backend, in `report.palette`'s style), written as PNG files into the
+run folder.
 
 - ``norm_heatmap.png``: log₁₀ ‖h‖ per site (depth) × position for the first prompt (seed 001 Figs. 2-3);
 - ``pos0_norm.png``: ‖h₀‖ and the median ‖h_j‖ (j ≥ 1) per depth, with the per-layer sink share;
@@ -15,14 +16,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
+from sinkscope.report.palette import DIVERGING_CMAP, OKABE_ITO, figure_title, plain_log_axis, styled
+
 if TYPE_CHECKING:
     from sinkscope.analyses.mechanisms.analysis import MechanismsResult
 
 
 def _plt() -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
@@ -38,6 +38,7 @@ def _depth_ticks(ax: Any, depths: np.ndarray, axis: str = "y", every: int = 0) -
         ax.set_xticks(idx, labels)
 
 
+@styled
 def norm_heatmap(result: MechanismsResult, path: Path) -> None:
     plt = _plt()
     norms = result.tables["norms"]
@@ -46,46 +47,48 @@ def norm_heatmap(result: MechanismsResult, path: Path) -> None:
     grid = one.pivot_table(index="depth", columns="position", values="norm").sort_index()
     tokens = one.drop_duplicates("position").sort_values("position")["token"].tolist()
     fig, ax = plt.subplots(figsize=(max(6, 0.35 * grid.shape[1] + 2), max(4, 0.12 * grid.shape[0] + 1.5)))
-    im = ax.imshow(np.log10(grid.to_numpy().clip(min=1e-6)), aspect="auto", cmap="viridis", origin="lower")
+    im = ax.imshow(np.log10(grid.to_numpy().clip(min=1e-6)), aspect="auto", origin="lower")
     _depth_ticks(ax, grid.index.to_numpy())
-    ax.set_xticks(range(len(tokens)), [repr(t)[1:-1] for t in tokens], rotation=90, fontsize=7)
+    ax.set_xticks(range(len(tokens)), [repr(t)[1:-1] for t in tokens], rotation=90)
     ax.set_ylabel("depth (x.5: after attention + residual, x: after block)")
-    ax.set_title(f"{result.summary['model']}: log10 ‖h‖ per position (prompt {pid})")
+    ax.set_title(figure_title(result.summary["model"], f"log10 ‖h‖ per position (prompt {pid})"))
     fig.colorbar(im, ax=ax, label="log10 ‖h‖")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path)
     plt.close(fig)
 
 
+@styled
 def pos0_curve(result: MechanismsResult, path: Path) -> None:
     plt = _plt()
     prof = result.tables["norm_profile"]
     shares = result.tables["layers"]
     form = result.summary["formation"]
     fig, ax = plt.subplots(figsize=(8, 4.5))
-    ax.plot(prof["depth"], prof["pos0_norm"], "o-", ms=3, label="‖h₀‖ (position 0)", color="#c0392b")
-    ax.plot(prof["depth"], prof["median_norm"], "s-", ms=3, label="median ‖h_j‖, j ≥ 1", color="#2c3e50")
-    ax.set_yscale("log")
+    ax.plot(prof["depth"], prof["pos0_norm"], "o-", ms=3, label="‖h₀‖ (position 0)", color=OKABE_ITO[1])
+    ax.plot(prof["depth"], prof["median_norm"], "s-", ms=3, label="median ‖h_j‖, j ≥ 1", color=OKABE_ITO[0])
+    plain_log_axis(ax, "y")
     ax.set_xlabel("depth (x.5: after attention + residual, x: after block)")
     ax.set_ylabel("ℓ2 norm (mean over prompts)")
     twin = ax.twinx()
-    twin.bar(shares["layer"] + 0.5, shares["sink_share"], width=0.4, alpha=0.25, color="#2980b9",
+    twin.bar(shares["layer"] + 0.5, shares["sink_share"], width=0.4, alpha=0.25, color=OKABE_ITO[2],
              label="sink share (α₀ > ε)")
     twin.set_ylim(0, 1.05)
     twin.set_ylabel("share of heads with α₀ > ε")
     if form.get("sink_layer") is not None:
-        ax.axvline(form["sink_layer"] + 0.5, ls="--", color="#2980b9", lw=1)
+        ax.axvline(form["sink_layer"] + 0.5, ls="--", color=OKABE_ITO[2], lw=1)
     if form.get("norm_depth") is not None:
-        ax.axvline(form["norm_depth"], ls=":", color="#c0392b", lw=1)
+        ax.axvline(form["norm_depth"], ls=":", color=OKABE_ITO[1], lw=1)
     handles = ax.get_legend_handles_labels()
     extra = twin.get_legend_handles_labels()
-    ax.legend(handles[0] + extra[0], handles[1] + extra[1], loc="upper left", fontsize=8)
-    ax.set_title(f"{result.summary['model']}: position-0 norm vs the median position")
+    ax.legend(handles[0] + extra[0], handles[1] + extra[1], loc="upper left")
+    ax.set_title(figure_title(result.summary["model"], "position-0 norm vs the median position"))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path)
     plt.close(fig)
 
 
+@styled
 def bos_figure(result: MechanismsResult, path: Path) -> None:
     plt = _plt()
     layers = result.tables["bos_layers"]
@@ -98,14 +101,15 @@ def bos_figure(result: MechanismsResult, path: Path) -> None:
     a.set_ylim(-0.02, 1.02)
     b.set_xlabel("layer")
     b.set_ylabel("‖h₀‖ / median ‖h_j‖ after the block")
-    b.set_yscale("log")
-    a.legend(fontsize=8)
-    fig.suptitle(f"{result.summary['model']}: BOS removal")
+    plain_log_axis(b, "y")
+    a.legend()
+    fig.suptitle(figure_title(result.summary["model"], "BOS removal"))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path)
     plt.close(fig)
 
 
+@styled
 def similarity_figure(result: MechanismsResult, path: Path) -> None:
     plt = _plt()
     sim = result.tables["similarity"]
@@ -113,7 +117,7 @@ def similarity_figure(result: MechanismsResult, path: Path) -> None:
     fig, axes = plt.subplots(1, len(variants), figsize=(4.5 * len(variants), 5), squeeze=False)
     for ax, variant in zip(axes[0], variants, strict=True):
         grid = sim[sim["variant"] == variant].pivot_table(index="depth", columns="position", values="cos_sim")
-        im = ax.imshow(grid.to_numpy(), aspect="auto", origin="lower", cmap="magma", vmin=-0.2, vmax=1)
+        im = ax.imshow(grid.to_numpy(), aspect="auto", origin="lower", vmin=-0.2, vmax=1)
         _depth_ticks(ax, grid.index.to_numpy())
         step = max(1, grid.shape[1] // 12)
         ax.set_xticks(range(0, grid.shape[1], step), [str(c) for c in grid.columns[::step]])
@@ -121,11 +125,12 @@ def similarity_figure(result: MechanismsResult, path: Path) -> None:
         ax.set_title(variant)
     axes[0][0].set_ylabel("depth")
     fig.colorbar(im, ax=axes[0].tolist(), label="mean cosine across inputs")
-    fig.suptitle(f"{result.summary['model']}: cross-input similarity of hidden states")
-    fig.savefig(path, dpi=120)
+    fig.suptitle(figure_title(result.summary["model"], "cross-input similarity of hidden states"))
+    fig.savefig(path)
     plt.close(fig)
 
 
+@styled
 def ablation_figure(result: MechanismsResult, path: Path) -> None:
     plt = _plt()
     prof = result.tables["ablation_profile"]
@@ -142,14 +147,14 @@ def ablation_figure(result: MechanismsResult, path: Path) -> None:
     for ax, data, title in ((a, d_alpha, "Δ α₀ (ablated − baseline)"),
                             (b, d_ratio, "log2 of ‖h₀‖/median after the block, ablated / baseline")):
         lim = float(np.nanmax(np.abs(data))) if np.isfinite(data).any() else 1.0
-        im = ax.imshow(data, aspect="auto", cmap="RdBu_r", vmin=-lim or -1, vmax=lim or 1)
-        ax.set_yticks(range(len(rows)), rows, fontsize=7)
+        im = ax.imshow(data, aspect="auto", cmap=DIVERGING_CMAP, vmin=-lim or -1, vmax=lim or 1)
+        ax.set_yticks(range(len(rows)), rows)
         ax.set_xlabel("layer")
-        ax.set_title(title, fontsize=9)
+        ax.set_title(title)
         fig.colorbar(im, ax=ax)
-    fig.suptitle(f"{result.summary['model']}: head ablation")
+    fig.suptitle(figure_title(result.summary["model"], "head ablation"))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path)
     plt.close(fig)
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 import pandas as pd
 
-from sinkscope.report.palette import MARKERS, OKABE_ITO
+from sinkscope.report.palette import MARKERS, OKABE_ITO, figure_title, plain_log_axis, styled
 
 PANELS = (("spread_mean", "spread ‖Δh_j‖ / ‖h_j‖ (j after i)", True),
           ("entropy", "representation entropy (nats)", False),
@@ -25,12 +25,13 @@ STYLE = {"intact": (OKABE_ITO[0], MARKERS[0], "-"), "masked": (OKABE_ITO[1], MAR
 def _pyplot() -> Any:
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     return plt
 
 
+@styled
 def plot_overmixing(layers: pd.DataFrame, path: str | Path, model: str = "", position: int | None = None) -> Path:
     """layers: the `layers` table of an overmixing run (condition × layer). Writes a PNG and returns its path."""
     plt = _pyplot()
@@ -44,16 +45,15 @@ def plot_overmixing(layers: pd.DataFrame, path: str | Path, model: str = "", pos
             ax.plot(part["layer"], part[column], marker=marker, ms=3, ls=dash, color=colour,
                     label=f"sink {condition}")
         if log:
-            ax.set_yscale("log")
+            plain_log_axis(ax, "y")
         ax.set_xlabel("layer (−1: embeddings)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    axes[0].legend()
     where = f", token {position} perturbed" if position is not None else ""
-    fig.suptitle(f"{model}: over-mixing with the sink intact and masked{where}" if model else
-                 f"over-mixing with the sink intact and masked{where}")
+    fig.suptitle(figure_title(model, f"over-mixing with the sink intact and masked{where}"))
     fig.tight_layout()
     out = Path(path)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out)
     plt.close(fig)
     return out

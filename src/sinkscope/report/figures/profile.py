@@ -1,9 +1,10 @@
 """Publication-quality figures (matplotlib, Agg backend): heatmaps, attention maps, token strips, curves, bars.
 
 Every function takes tidy tables (or arrays), returns a matplotlib Figure drawn in one consistent style, and never
-shows it; `save_figure(fig, path, formats)` writes PNG, SVG and/or PDF. Style: cividis for heatmaps (colour-blind
-safe, lightness monotone, so it survives greyscale), white → dark blue for token shading, the Okabe-Ito palette
-for lines and bars, always paired with distinct markers, dash patterns or hatches so nothing depends on colour.
+shows it; `save_figure(fig, path, formats)` writes PNG, SVG and/or PDF. Style (`report.palette.apply_style`):
+viridis for heatmaps (perceptually uniform, lightness monotone, so it survives greyscale), white → dark blue for
+token shading, the Okabe-Ito palette for lines and bars, always paired with distinct markers, dash patterns or
+hatches so nothing depends on colour.
 
 `write_figures(run, out_dir)` draws whatever suits a run's tables: heatmaps, per-layer curves, a token strip and
 an attention map for a profile run; one trace-curve figure per table with a `step` column; bars for tables with an
@@ -13,8 +14,7 @@ accuracy-like column.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,18 @@ import numpy as np
 import pandas as pd
 
 from sinkscope.errors import SinkscopeError
-from sinkscope.report.palette import DASHES, MARKERS, OKABE_ITO, TOKEN_HIGH, TOKEN_LOW, lerp_colour
+from sinkscope.report.palette import (
+    DASHES,
+    FIGURE_STYLE,
+    HEATMAP_CMAP,
+    MARKERS,
+    OKABE_ITO,
+    TOKEN_HIGH,
+    TOKEN_LOW,
+    apply_style,
+    lerp_colour,
+    plain_log_axis,
+)
 from sinkscope.store import Run, load_run
 
 if TYPE_CHECKING:
@@ -30,35 +41,12 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 FORMATS = ("png", "svg", "pdf")
-HEATMAP_CMAP = "cividis"
 HATCHES = ["", "//", "..", "xx", "\\\\", "oo", "++", "--"]
 ID_COLUMNS = {"prompt_id", "layer", "head", "position", "token", "seed", "run", "model", "step", "epoch", "query",
               "key", "example", "example_id", "id", "n", "n_tokens", "n_queries"}
 METRIC_NAMES = ("accuracy", "acc", "exact_match", "match", "score", "f1", "correct")
 
-STYLE: dict[str, Any] = {
-    "figure.dpi": 100,
-    "savefig.dpi": 200,
-    "savefig.bbox": "tight",
-    "savefig.pad_inches": 0.05,
-    "font.size": 9,
-    "axes.titlesize": 10,
-    "axes.labelsize": 9,
-    "legend.fontsize": 8,
-    "legend.frameon": False,
-    "xtick.labelsize": 8,
-    "ytick.labelsize": 8,
-    "axes.spines.top": False,
-    "axes.spines.right": False,
-    "axes.grid": False,
-    "grid.color": "#dddddd",
-    "grid.linewidth": 0.6,
-    "lines.linewidth": 1.6,
-    "lines.markersize": 4.5,
-    "image.cmap": HEATMAP_CMAP,
-    "svg.fonttype": "none",  # text stays text in SVG
-    "pdf.fonttype": 42,  # TrueType in PDF (editable, embeds cleanly)
-}
+STYLE = FIGURE_STYLE  # the house style (report.palette), under its older name
 
 
 def _plt() -> Any:
@@ -70,13 +58,7 @@ def _plt() -> Any:
     return plt
 
 
-@contextmanager
-def figure_style() -> Iterator[None]:
-    """The house style as a matplotlib rc context (every function here draws inside it)."""
-    import matplotlib
-
-    with matplotlib.rc_context(STYLE):
-        yield
+figure_style = apply_style  # every function here draws inside it
 
 
 def _new(ax: Axes | None, size: tuple[float, float]) -> tuple[Figure, Axes]:
@@ -406,7 +388,7 @@ def trace_curves(table: pd.DataFrame, x: str = "step", metrics: Sequence[str] | 
 
     One panel per metric (default: every numeric column but identifiers). Without `by`, the mean over the other
     rows at each x, with a min-max band where there are several; with `by` (e.g. "layer"), one line per value:
-    up to `max_lines` values in the categorical palette with markers, more on the cividis ramp with a colour bar.
+    up to `max_lines` values in the categorical palette with markers, more on the heat ramp with a colour bar.
     `logy`: True, False, a list of metrics, or "auto" (log scale for positive metrics spanning > 100×).
     """
     if x not in table:
@@ -423,7 +405,7 @@ def trace_curves(table: pd.DataFrame, x: str = "step", metrics: Sequence[str] | 
             ax = axes[k // cols][k % cols]
             _trace_panel(fig, ax, table, x, metric, by, band, max_lines)
             if _use_log(metric, table[metric].to_numpy(dtype=float), logy):
-                ax.set_yscale("log")
+                plain_log_axis(ax, "y")
             ax.set_title(metric)
             ax.grid(True, axis="y")
             if k // cols == rows - 1 or k + cols >= len(metrics):

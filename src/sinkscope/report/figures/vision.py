@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from sinkscope.report.palette import MARKERS, OKABE_ITO
+from sinkscope.report.palette import HEATMAP_CMAP, MARKERS, OKABE_ITO, figure_title, styled
 
 MAX_FIGURES = 16  # images drawn per run (the first ones)
 
@@ -22,12 +22,13 @@ MAX_FIGURES = 16  # images drawn per run (the first ones)
 def _plt() -> Any:
     import matplotlib
 
-    matplotlib.use("Agg")
+    matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
     return plt
 
 
+@styled
 def patch_figure(mean_patches: pd.DataFrame, norms: pd.DataFrame | None, image: np.ndarray | None, prompt_id: int,
                  layer: int, path: Path, name: str = "") -> None:
     """One image at one layer: mean_patches rows (prompt_id, layer, token, kind, row, col, key_mass, sink), norms
@@ -46,7 +47,7 @@ def patch_figure(mean_patches: pd.DataFrame, norms: pd.DataFrame | None, image: 
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(9.5, 4.6), gridspec_kw={"width_ratios": [1.25, 1]})
     if image is not None:
         ax.imshow(image, extent=(0, width, height, 0))
-    im = ax.imshow(grid, extent=(0, width, height, 0), cmap="cividis", alpha=0.6 if image is not None else 1.0,
+    im = ax.imshow(grid, extent=(0, width, height, 0), cmap=HEATMAP_CMAP, alpha=0.6 if image is not None else 1.0,
                    interpolation="nearest", vmin=0)
     for r in patches[patches["sink"]].itertuples():
         ax.add_patch(Rectangle((r.col * cw, r.row * ch), cw, ch, fill=False, edgecolor=OKABE_ITO[1], linewidth=2))
@@ -58,13 +59,12 @@ def patch_figure(mean_patches: pd.DataFrame, norms: pd.DataFrame | None, image: 
     ax.set_xlim(0, width)
     ax.set_ylim(height, 0)
     ax.set_xticks([(c + 0.5) * cw for c in range(cols)], [str(c) if cols <= 16 or c % 4 == 0 else ""
-                                                          for c in range(cols)], fontsize=7)
+                                                          for c in range(cols)])
     ax.set_yticks([(r + 0.5) * ch for r in range(rows)], [str(r) if rows <= 16 or r % 4 == 0 else ""
-                                                          for r in range(rows)], fontsize=7)
+                                                          for r in range(rows)])
     ax.set_xlabel("patch column")
     ax.set_ylabel("patch row")
-    ax.set_title(f"patch key mass α, layer {layer} (mean over heads)\noutlined: sink patches; ×: high-norm patches",
-                 fontsize=9)
+    ax.set_title(f"patch key mass α, layer {layer} (mean over heads)\noutlined: sink patches; ×: high-norm patches")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="α")
     labels = [str(t) for t in prefix["token"]] + ["mean patch", "largest patch"]
     values = [*prefix["key_mass"], float(patches["key_mass"].mean()), float(patches["key_mass"].max())]
@@ -75,13 +75,14 @@ def patch_figure(mean_patches: pd.DataFrame, norms: pd.DataFrame | None, image: 
     bx.set_yticks(y, labels, fontsize=8)
     bx.invert_yaxis()
     bx.set_xlabel("key mass α (mean over heads)")
-    bx.set_title("[CLS], distillation and register tokens", fontsize=9)
-    fig.suptitle(f"{name or f'image {prompt_id}'}: layer {layer}", fontsize=10)
+    bx.set_title("[CLS], distillation and register tokens")
+    fig.suptitle(figure_title(name or f"image {prompt_id}", f"layer {layer}"))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path)
     plt.close(fig)
 
 
+@styled
 def layers_figure(layers: pd.DataFrame, path: Path, model: str = "") -> None:
     """Per layer, the mass on [CLS], on the registers and distillation token, and on the sink patches (mean over
     images, head-mean α)."""
@@ -96,11 +97,10 @@ def layers_figure(layers: pd.DataFrame, path: Path, model: str = "") -> None:
     ax.set_ylabel("key mass α (mean over heads and images)")
     ax.set_xticks(mean.index)
     ax.set_ylim(bottom=0)
-    ax.legend(fontsize=8)
-    ax.set_title(f"{model}: where attention goes, per layer" if model else "where attention goes, per layer",
-                 fontsize=10)
+    ax.legend()
+    ax.set_title(figure_title(model, "where attention goes, per layer"))
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path)
     plt.close(fig)
 
 

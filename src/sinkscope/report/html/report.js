@@ -12,8 +12,8 @@
   // ---------------------------------------------------------------- colours, numbers, decoding
   function mix(a, b, t) { return [0, 1, 2].map((i) => Math.round(a[i] + (b[i] - a[i]) * t)); }
   function clamp01(t) { return Number.isFinite(t) ? Math.min(1, Math.max(0, t)) : 0; }
-  function cividis(t) {
-    const c = P.cividis, x = clamp01(t) * (c.length - 1), i = Math.min(Math.floor(x), c.length - 2);
+  function heat(t) {  // the heat-map ramp (viridis, palette.VIRIDIS)
+    const c = P.heat, x = clamp01(t) * (c.length - 1), i = Math.min(Math.floor(x), c.length - 2);
     return mix(c[i], c[i + 1], x - i);
   }
   function tokenShade(t) { return mix(P.token_low, P.token_high, clamp01(t)); }
@@ -291,9 +291,9 @@
       for (const x of v) if (x !== null && x > hi) hi = x;
       if (hi <= 0) hi = 1;
       for (let i = 0; i < cells.length; i++) {
-        cells[i].style.background = v[i] === null ? "#eee" : rgb(cividis(v[i] / hi));
+        cells[i].style.background = v[i] === null ? "#eee" : rgb(heat(v[i] / hi));
       }
-      legend($("#ss-grid-legend"), 0, hi, cividis, "");
+      legend($("#ss-grid-legend"), 0, hi, heat, "");
     }
     metric.addEventListener("change", colour);
     which.addEventListener("change", colour);
@@ -372,10 +372,10 @@
     function paint() {
       const f = scale.value === "sqrt" ? Math.sqrt : (x) => x;
       for (let q = 0; q < n; q++) for (let k = 0; k < n; k++) {
-        g.fillStyle = rgb(cividis(hi > 0 ? f(w[q * n + k] / hi) : 0));
+        g.fillStyle = rgb(heat(hi > 0 ? f(w[q * n + k] / hi) : 0));
         g.fillRect(k * cell, q * cell, cell, cell);
       }
-      legend(lg, 0, hi, (t) => cividis(f(t)), "attention weight");
+      legend(lg, 0, hi, (t) => heat(f(t)), "attention weight");
     }
     scale.addEventListener("change", paint);
     panel.append(scale, cv, lg);
@@ -578,7 +578,7 @@
     el.replaceChildren(root);
     return root;
   }
-  /** Points. series: [{name, x: [], y: [], labels: [] (tooltips), colour: [t ∈ 0..1] (optional, cividis)}];
+  /** Points. series: [{name, x: [], y: [], labels: [] (tooltips), colour: [t ∈ 0..1] (optional, the heat ramp)}];
    * opts: {title, xlabel, ylabel, width, height, diagonal (y = x line), onClick: fn(series index, point index)}. */
   function scatter(el, series, opts) {
     opts = opts || {};
@@ -605,7 +605,7 @@
       s.x.forEach((x, i) => {
         const y = s.y[i];
         if (!Number.isFinite(x) || !Number.isFinite(y)) return;
-        const colour = s.colour ? rgb(cividis(s.colour[i])) : base;
+        const colour = s.colour ? rgb(heat(s.colour[i])) : base;
         const mk = marker(j % 5, X(x), Y(y), colour, g);
         mk.setAttribute("class", "ss-point");
         mk.dataset.s = j; mk.dataset.i = i;
@@ -623,7 +623,7 @@
     el.replaceChildren(root);
     return root;
   }
-  /** A canvas heat map (cividis) of values [rows × cols, row-major; null = no value]. opts: {rowLabels, colLabels,
+  /** A canvas heat map (viridis) of values [rows × cols, row-major; null = no value]. opts: {rowLabels, colLabels,
    * cell (px), lo, hi, label (legend), tip: fn(r, c, v) -> text, onClick: fn(r, c)}. The chosen cell is outlined;
    * returns the canvas (its `select(r, c)` picks a cell as a click does). */
   function heatMap(el, values, rows, cols, opts) {
@@ -659,7 +659,7 @@
       }
       for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) {
         const v = values[r * cols + c];
-        g.fillStyle = Number.isFinite(v) ? rgb(cividis((v - lo) / (hi - lo))) : "#eee";
+        g.fillStyle = Number.isFinite(v) ? rgb(heat((v - lo) / (hi - lo))) : "#eee";
         g.fillRect(labW + c * cw, labH + r * ch, cw - (cw > 4 ? 1 : 0), ch - (ch > 4 ? 1 : 0));
       }
       if (chosen) {
@@ -685,7 +685,7 @@
     const wrap = document.createElement("div"), lg = document.createElement("div");
     wrap.className = "ss-heat-wrap";
     wrap.appendChild(cv);
-    legend(lg, lo, hi, cividis, opts.label || "");
+    legend(lg, lo, hi, heat, opts.label || "");
     el.replaceChildren(wrap, lg);
     return cv;
   }
@@ -789,7 +789,7 @@
   }
 
   // ---------------------------------------------------------------- start
-  S.tip = addTip; S.lineChart = lineChart; S.table = table; S.colour = (t) => rgb(cividis(t));
+  S.tip = addTip; S.lineChart = lineChart; S.table = table; S.colour = (t) => rgb(heat(t));
   S.barChart = barChart; S.scatter = scatter; S.heatMap = heatMap; S.tokenStrip = tokenStrip; S.fmt = fmt;
   S.unpack = unpack; S.parseSel = parseSel; S.aggregate = aggregate; S.dmr = dmr;
   function guarded(name, fn, el) {
