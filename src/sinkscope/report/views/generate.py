@@ -84,9 +84,9 @@ def generate_section(run: Run) -> SectionContent | None:
     body = (help_text("Each generated token's attention row was captured during decoding (KV cache, one token at a "
                       "time). A key's share m is the attention the later generated tokens give it, mean over them and "
                       f"over heads; a key after position 0 is a secondary sink of a layer when {rule}. The token view "
-                      "shades every position by m (the largest over layers, or one layer's) and marks the secondary "
-                      "sinks; the curves follow the attention each generated token pays to position 0 and to the "
-                      "strongest secondary sinks.")
+                      "shades every position by m in the chosen layer (by default the one with the strongest "
+                      "secondary sink) and marks that layer's secondary sinks; the curves follow the attention each "
+                      "generated token pays to position 0 and to the strongest secondary sinks.")
             + texts
             + '<div class="ss-controls"><label>prompt <select class="ss-gen-prompt"></select></label> '
               '<label>layer <select class="ss-gen-layer"></select></label></div>'
