@@ -12,7 +12,7 @@ from typing import Any
 
 import pandas as pd
 
-from sinkscope.report.palette import MARKERS, OKABE_ITO, figure_title, plain_log_axis, styled
+from sinkscope.report.palette import MARKERS, OKABE_ITO, figure_title, styled
 
 KEEP_LABELS = {"none": "all tokens quantised", "sinks": "detected sinks kept", "first": "first k kept"}
 CACHE_LABELS = {"full": "full cache", "sink_window": "sinks + window (StreamingLLM)"}
@@ -48,10 +48,9 @@ def plot_kvquant(table: pd.DataFrame, path: str | Path, model: str = "") -> Path
                     ls=_DASH.get(keep, "-"), label=KEEP_LABELS[keep])
         ax.set_xticks(range(len(widths)), [f"{b}" + (" (none)" if b >= 16 else "") for b in widths])
         ax.set_xlabel("bits per key and value")
-        plain_log_axis(ax, "y")
         ax.set_title(CACHE_LABELS.get(cache, cache))
-        ax.grid(True, which="both", color="#e6e6e6", lw=0.6)
-    axes[0][0].set_ylabel("perplexity (log scale)")
+        ax.grid(True, color="#e6e6e6", lw=0.6)
+    axes[0][0].set_ylabel("perplexity")
     axes[0][-1].legend()
     if model:
         fig.suptitle(figure_title(model, "perplexity with a fake-quantised KV cache"))
