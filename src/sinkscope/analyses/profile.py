@@ -214,6 +214,7 @@ def profile_in_batches(
     batch_size: int = 8,
     progress: bool = False,
     command: str = "profile",
+    maps: int = 0,
 ) -> ProfileSummary:
     """`profile` a batch at a time, holding one batch's tables: memory does not grow with the number of prompts.
 
@@ -226,7 +227,13 @@ def profile_in_batches(
 
     The tables equal `profile(...).run(loaded)`'s, row for row and bit for bit: the batches are the ones
     `run_capture` forms, and each batch's statistics are padded to the longest prompt of the run (`_widened`).
+
+    maps: with `out`, also keep the full attention maps of the first `maps` prompts of at most `MAX_MAP_TOKENS`
+    tokens (the `maps` table, `analyses.maps`; a second, map-only capture of those short prompts), so the report
+    shows a map when a head is clicked. L·H·n² rows per prompt, hence the caps.
     """
+    from sinkscope.analyses.maps import MAX_MAP_TOKENS, maps_table
+
     if isinstance(prompts, str):
         prompts = [prompts]
     params = resolved_params(method, params)
@@ -242,6 +249,8 @@ def profile_in_batches(
 
         batches = track(batches, description="profiling", transient=True)
     summary = LayerSummary()
+    map_left = max(0, int(maps)) if out is not None else 0
+    map_config = CaptureConfig(rows=None, entropy=False, maps=True, max_map_tokens=MAX_MAP_TOKENS)
     excluded = 0
     rows: dict[str, int] = {}
     captured: Any = None
@@ -262,13 +271,21 @@ def profile_in_batches(
                 rows[name] = rows.get(name, 0) + len(table)
                 if stream is not None:
                     stream.append(name, table)
+            short = [i for i in batch if len(ids[i]) <= MAX_MAP_TOKENS][:map_left]
+            if short and stream is not None:
+                one = run_capture(loaded, [ids[i].tolist() for i in short], map_config, batch_size=batch_size)
+                table = maps_table(one, short, MAX_MAP_TOKENS)  # [rows: prompt × layer × head × query × key]
+                rows["maps"] = rows.get("maps", 0) + len(table)
+                stream.append("maps", table)
+                map_left -= len(short)
             captured = trace.info.get("capture")
         small = {"layers": summary.table(), "skipped": skipped_table(bad)}
         rows.update({name: len(table) for name, table in small.items()})
         if folder is not None:
             run = Run(small, profile_manifest(loaded, command, method, params, captured))
-            folder.save(run, streams=stream, order=TABLES)
-    return ProfileSummary(layers=small["layers"], skipped=bad, rows={t: rows[t] for t in TABLES if t in rows},
+            folder.save(run, streams=stream, order=(*TABLES, "maps"))
+    return ProfileSummary(layers=small["layers"], skipped=bad,
+                          rows={t: rows[t] for t in (*TABLES, "maps") if t in rows},
                           method=method, params=params, folder=None if out is None else Path(out),
                           excluded=excluded)
 

@@ -40,6 +40,10 @@ if TYPE_CHECKING:
 
 AVERAGED = "; their last-token attention is averaged"
 TopKOpt = Annotated[int, typer.Option("--top-k", min=1, help="How many top tokens to list")]
+MAP_PROMPTS = 8
+MapsOpt = Annotated[int, typer.Option(
+    "--maps", min=0, help="With --out: keep the full attention maps of the first N prompts of ≤ 64 tokens (L·H·n² "
+    "rows each), shown when a head is clicked in the report; 0 keeps none")]
 
 
 def _calibrated(loaded: LoadedModel, calibration: Path | None) -> Any:
@@ -75,6 +79,7 @@ def profile_command(
     overwrite: OverwriteOpt = False,
     batch_size: BatchSizeOpt = 8,
     calibration: CalibrationOpt = None,
+    maps: MapsOpt = MAP_PROMPTS,
     device: DeviceOpt = None,
     dtype: DtypeOpt = "float32",
     trust_remote_code: TrustOpt = False,
@@ -91,7 +96,7 @@ def profile_command(
     loaded = load(model, device, dtype, trust_remote_code, allow_pickle)
     with _calibrated(loaded, calibration):  # a batch's tables at a time: written to --out, or only summarised
         summary = profile_in_batches(loaded, texts, method, params, out=out, overwrite=overwrite,
-                                     capture=CaptureConfig(), batch_size=batch_size, progress=True)
+                                     capture=CaptureConfig(), batch_size=batch_size, progress=True, maps=maps)
     skipped = dict(summary.skipped)
     skipped.update(dict(file_bad))
     info = loaded.info

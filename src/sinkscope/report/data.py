@@ -28,6 +28,14 @@ METRICS: dict[str, str] = {
     "pos0_alpha": "α at position 0",
     "last_row_sink_mass": "last token's attention on sinks",
 }
+# What each grid metric means and the range it can take, stated under the grid's colour legend.
+METRIC_NOTES: dict[str, str] = {
+    "sink_mass": "Σ α_k over the keys the detector flags. α_k is key k's attention averaged over the queries that "
+                 "see it; a causal map's column means add up to more than 1, so this sum can exceed 1.",
+    "top_alpha": "α_k of the head's strongest key, in [0, 1].",
+    "pos0_alpha": "α_0, the attention position 0 receives averaged over the queries, in [0, 1].",
+    "last_row_sink_mass": "the share of the last token's attention that goes to the detector's sinks, in [0, 1].",
+}
 
 
 @dataclass(frozen=True)
@@ -241,8 +249,7 @@ def grid_data(run: Run | RunTables, limits: ReportLimits, keys: KeysSummary | No
             sub = keys.metrics[keys.metrics["prompt_id"] == pid]
             views.append(_grid_view(f"prompt {pid}", sub, names, L, H,
                                     {k[1:]: v for k, v in labels.items() if k[0] == pid}, pid))
-    out = {"L": L, "H": H, "metrics": [{"name": m, "label": METRICS[m]} for m in names], "views": views,
-           "n_prompts": n}
+    out = {"L": L, "H": H, "metrics": _metric_json(names), "views": views, "n_prompts": n}
     limited = _limited("The mean is over all prompts; grids of single prompts are embedded for", shown, n,
                        prompts is None) if n > 1 else ""
     if limited:
@@ -287,8 +294,12 @@ def _grid_from_heads(tables: RunTables) -> dict[str, Any] | None:
             for layer, head, text in firsts.itertuples(index=False):
                 tips.setdefault((int(layer), int(head)), str(text))
     mean = (sums / counts).reset_index()
-    return {"L": L, "H": H, "metrics": [{"name": m, "label": METRICS[m]} for m in names],
+    return {"L": L, "H": H, "metrics": _metric_json(names),
             "views": [_grid_view("mean over prompts", mean, names, L, H, tips, None)], "n_prompts": None}
+
+
+def _metric_json(names: Sequence[str]) -> list[dict[str, str]]:
+    return [{"name": m, "label": METRICS[m], "note": METRIC_NOTES.get(m, "")} for m in names]
 
 
 def token_data(run: Run | RunTables, limits: ReportLimits, keys: KeysSummary | None = None,
@@ -335,10 +346,25 @@ def token_data(run: Run | RunTables, limits: ReportLimits, keys: KeysSummary | N
         return {"mode": "none", "notes": notes, **({"limited": limited} if limited else {})}
     params = tables.manifest.get("parameters", {}) or {}
     out = {"mode": "interactive", "stat": stat, "L": L, "H": H, "prompts": prompts_out, "notes": notes,
-           "run_method": params.get("method"), "default": {"layers": "-1", "heads": "all", "method": "zscore",
-                                                           "threshold": 2.0}}
+           "run_method": params.get("method"), "detectors": detector_json(),
+           "default": {"layers": "-1", "heads": "all", "method": "zscore", "threshold": 2.0}}
     if limited:
         out["limited"] = limited
+    return out
+
+
+def detector_json() -> list[dict[str, Any]]:
+    """The registered detectors as the token view offers them: name, statistic (row / column), the threshold
+    parameter and its default, and the one-line description `sinkscope detectors` prints."""
+    from sinkscope.detect import get_detector, list_detectors
+
+    out = []
+    for name in list_detectors():
+        d = get_detector(name)
+        numeric = [(k, v) for k, v in d.params.items() if isinstance(v, int | float) and not isinstance(v, bool)]
+        param, value = numeric[0] if numeric else ("", None)
+        out.append({"name": name, "statistic": d.statistic, "returns": d.returns, "param": param, "value": value,
+                    "description": f"{d.doc} ({d.source})"})
     return out
 
 

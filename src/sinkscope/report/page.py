@@ -214,15 +214,17 @@ def _readable(value: Any) -> str:
 
 
 def _grid_html(grid: Mapping[str, Any], has_maps: bool) -> str:
-    click = ("its attention map (short prompts) or its attention row" if has_maps
-             else "its attention row (maps are kept only for prompts of ≤ 64 tokens)")
+    click = ("its attention map (prompts with a stored map) or its attention row" if has_maps
+             else "its attention row (this run stored no attention maps: sinkscope profile --out keeps them for the "
+                  "first 8 prompts of ≤ 64 tokens, --maps N)")
     return (
         f'<p class="ss-help">Sink strength of each of the {grid["L"]} layers × {grid["H"]} heads (rows are layers). '
         f"Hover a cell for its sink tokens and their mass; click it for {click}.</p>{_limited_html(grid)}"
         '<div class="ss-controls"><label>colour <select id="ss-grid-metric"></select></label>'
         '<label>prompt <select id="ss-grid-prompt"></select></label><span id="ss-grid-legend"></span></div>'
-        '<div class="ss-grid-wrap"><div id="ss-grid" role="grid" aria-label="sink strength per layer and head">'
-        '</div></div><div id="ss-head" class="ss-head-panel" aria-live="polite"></div>'
+        '<p id="ss-grid-scale" class="ss-note"></p><div class="ss-grid-wrap">'
+        '<div id="ss-grid" role="grid" aria-label="sink strength per layer and head"></div></div>'
+        '<div id="ss-head" class="ss-head-panel" aria-live="polite"></div>'
     )
 
 
@@ -252,13 +254,16 @@ def _tokens_html(tokens: Mapping[str, Any]) -> str:
             '<label>prompt <select id="ss-tok-prompt"></select></label>'
             '<label>layers <input type="text" id="ss-tok-layers" value="-1" spellcheck="false"></label>'
             '<label>heads <input type="text" id="ss-tok-heads" value="all" spellcheck="false"></label>'
-            '<label>detector <select id="ss-tok-method"><option value="zscore">z-score (z &gt; α)</option>'
-            '<option value="mean_multiple">mean multiple (a &gt; θ·μ)</option></select></label>'
-            '<label>threshold <input type="number" id="ss-tok-thr" value="2" step="0.1" min="0"></label>'
+            '<label>detector <select id="ss-tok-method"></select></label>'
+            '<label><span id="ss-tok-param">threshold</span> <input type="number" id="ss-tok-thr" value="2" '
+            'step="0.05" min="0"></label>'
         )
+        help_ += (" Every detector of <code>sinkscope detectors</code> is offered; column detectors (column_mass, "
+                  "sink_rate, act) are applied to the shown values, and sink_rate marks the keys above ε in at least "
+                  "half of the chosen heads.")
     return (
         f'<p class="ss-help">{help_}</p><div class="ss-controls" id="ss-tok-controls">{controls}</div>{notes}'
-        '<p id="ss-tok-msg" class="ss-note" aria-live="polite"></p>'
+        '<p id="ss-tok-detector" class="ss-note"></p><p id="ss-tok-msg" class="ss-note" aria-live="polite"></p>'
         '<div class="ss-strip-label">raw attention a</div><div id="ss-before" class="ss-strip"></div>'
         '<div class="ss-strip-label">sink-free b (detect-mask-renormalise)</div><div id="ss-after" class="ss-strip">'
         '</div><h3>Top tokens</h3><div id="ss-topk"></div>'

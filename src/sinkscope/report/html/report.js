@@ -122,7 +122,25 @@
     for (let i = 0; i < n; i++) a[i] /= count;
     return a;
   }
-  /** Sinks by z-score (z_i = (a_i − μ)/σ > α, population σ; none if σ = 0) or mean multiple (a_i > θ·μ). */
+  /** ΔH_i = H(a) − H(a without i, renormalised) (natural log; 0 when i holds all the mass), as detect.py's
+   * entropy_delta_scores: sums over j ≠ i taken before + after i, never as a total minus a_i. */
+  function entropyDelta(a) {
+    const n = a.length, xl = new Float64Array(n), out = new Float64Array(n);
+    let s = 0, sl = 0;
+    for (let i = 0; i < n; i++) { xl[i] = a[i] > 0 ? a[i] * Math.log(a[i]) : 0; s += a[i]; sl += xl[i]; }
+    const H = (S, T) => (S > 0 ? Math.log(S) - T / S : 0), all = H(s, sl);
+    const before = new Float64Array(n + 1), beforeL = new Float64Array(n + 1);
+    for (let i = 0; i < n; i++) { before[i + 1] = before[i] + a[i]; beforeL[i + 1] = beforeL[i] + xl[i]; }
+    let after = 0, afterL = 0;
+    for (let i = n - 1; i >= 0; i--) {
+      out[i] = all - H(before[i] + after, beforeL[i] + afterL);
+      after += a[i]; afterL += xl[i];
+    }
+    return out;
+  }
+  /** The registry's mask detectors (detect.py) on one vector a: zscore (z_i = (a_i − μ)/σ > α, population σ; none
+   * if σ = 0), mean_multiple (a_i > θ·μ), entropy_delta (|ΔH_i| > τ), column_mass (a_i > ε), act (a_i > threshold,
+   * the first such key excluded). sink_rate needs the per-head values: see `rateSinks`. */
   function detect(a, method, thr) {
     const n = a.length, sinks = new Array(n).fill(false);
     if (!n) return sinks;
@@ -130,6 +148,18 @@
     for (let i = 0; i < n; i++) { sum += a[i]; hi = Math.max(hi, a[i]); lo = Math.min(lo, a[i]); }
     const mu = sum / n;
     if (method === "mean_multiple") { for (let i = 0; i < n; i++) sinks[i] = a[i] > thr * mu; return sinks; }
+    if (method === "column_mass") { for (let i = 0; i < n; i++) sinks[i] = a[i] > thr; return sinks; }
+    if (method === "act") {
+      let first = true;
+      for (let i = 0; i < n; i++) if (a[i] > thr) { if (first) first = false; else sinks[i] = true; }
+      return sinks;
+    }
+    if (method === "entropy_delta") {
+      const d = entropyDelta(a);
+      for (let i = 0; i < n; i++) sinks[i] = Math.abs(d[i]) > thr;
+      return sinks;
+    }
+    if (method !== "zscore") throw new Error("detector " + method + " is not available in the page");
     let v = 0;
     for (let i = 0; i < n; i++) v += (a[i] - mu) * (a[i] - mu);
     const sigma = Math.sqrt(v / n);
@@ -137,9 +167,27 @@
     for (let i = 0; i < n; i++) sinks[i] = (a[i] - mu) / sigma > thr;
     return sinks;
   }
-  /** Algorithm 1: zero the sinks and renormalise (if nothing is left, a renormalised as it is). */
-  function dmr(a, method, thr) {
-    const sinks = detect(a, method, thr), n = a.length, b = new Float64Array(n);
+  /** sink_rate (Gu et al.): per key, the share of the chosen (layer, head) rows with a value > ε; a key counts as a
+   * sink when that share is at least one half. rows: [Float64Array] of the chosen heads (or layers). */
+  function rateSinks(rows, eps) {
+    const n = rows.length ? rows[0].length : 0, rate = new Float64Array(n);
+    for (const r of rows) for (let i = 0; i < n; i++) if (r[i] > eps) rate[i] += 1 / rows.length;
+    return { rate: rate, sinks: Array.from(rate, (x) => x >= 0.5) };
+  }
+  function headRows(view, layers, heads) {
+    const n = view.tokens.length, v = view.values, out = [];
+    if (view.layout === "head") {
+      for (const l of layers) for (const h of heads) {
+        const off = (l * S.tokenData.H + h) * n;
+        out.push(v.subarray(off, off + n));
+      }
+    } else for (const l of layers) out.push(v.subarray(l * n, l * n + n));
+    return out;
+  }
+  /** Algorithm 1: zero the sinks and renormalise (if nothing is left, a renormalised as it is). `given`: a sink mask
+   * found elsewhere (sink_rate). */
+  function dmr(a, method, thr, given) {
+    const sinks = given || detect(a, method, thr), n = a.length, b = new Float64Array(n);
     let kept = 0, all = 0;
     for (let i = 0; i < n; i++) { all += a[i]; if (!sinks[i]) kept += a[i]; }
     for (let i = 0; i < n; i++) {
@@ -197,7 +245,29 @@
       return t && el._tip ? el._tip(Number(t.dataset.i)) : null;
     });
     const method = $("#ss-tok-method"), thr = $("#ss-tok-thr");
-    if (method) method.addEventListener("change", () => { thr.value = method.value === "zscore" ? 2 : 5; update(); });
+    const dets = {};
+    const describe = () => {
+      const d = dets[method.value];
+      $("#ss-tok-param").textContent = d && d.param ? d.param : "threshold";
+      $("#ss-tok-detector").textContent = d ? d.name + ": " + d.description : "";
+    };
+    if (method) {
+      for (const d of T.detectors || []) {
+        dets[d.name] = d;
+        const o = document.createElement("option");
+        o.value = d.name;
+        o.textContent = d.name + " (" + d.statistic + ")";
+        method.appendChild(o);
+      }
+      method.value = dets.zscore ? "zscore" : method.options.length ? method.options[0].value : "";
+      describe();
+      method.addEventListener("change", () => {
+        const d = dets[method.value];
+        if (d && d.value !== null) thr.value = d.value;
+        describe();
+        update();
+      });
+    }
     function update() {
       const t1 = performance.now();
       const view = T.prompts[Number(pick.value) || 0];
@@ -213,10 +283,12 @@
           heads = view.layout === "head" ? parseSel($("#ss-tok-heads").value, T.H) : [];
         } catch (err) { msg.textContent = String(err.message); return; }
         a = aggregate(view, layers, heads);
-        const r = dmr(a, method.value, Number(thr.value));
+        const rated = method.value === "sink_rate" ? rateSinks(headRows(view, layers, heads), Number(thr.value)) : null;
+        const r = dmr(a, method.value, Number(thr.value), rated && rated.sinks);
         b = r.b; sinks = r.sinks;
         S.last = { prompt: view.prompt_id, layers: layers, heads: heads, method: method.value,
-          threshold: Number(thr.value), a: Array.from(a), b: Array.from(b), sinks: sinks };
+          threshold: Number(thr.value), a: Array.from(a), b: Array.from(b), sinks: sinks,
+          rate: rated ? Array.from(rated.rate) : null };
         const names = sinks.map((s, i) => (s ? quote(view.tokens[i]) + "@" + i + " (" + fmt(a[i]) + ")" : null))
           .filter((s) => s);
         msg.textContent = names.length ? "sinks: " + names.join(", ") : "no sinks at this threshold";
@@ -233,7 +305,7 @@
       if (j >= 0) pick.value = String(j);
       if (opts.layers !== undefined) $("#ss-tok-layers").value = String(opts.layers);
       if (opts.heads !== undefined) $("#ss-tok-heads").value = String(opts.heads);
-      if (opts.method !== undefined) method.value = opts.method;
+      if (opts.method !== undefined) { method.value = opts.method; describe(); }
       if (opts.threshold !== undefined) thr.value = String(opts.threshold);
       update();
       return S.last;
@@ -293,7 +365,12 @@
       for (let i = 0; i < cells.length; i++) {
         cells[i].style.background = v[i] === null ? "#eee" : rgb(heat(v[i] / hi));
       }
+      const m = G.metrics.find((x) => x.name === metric.value);
       legend($("#ss-grid-legend"), 0, hi, heat, "");
+      const scale = $("#ss-grid-scale");
+      if (scale) scale.textContent = "Colour: " + m.label + ", from 0 (dark purple) to " + fmt(hi) +
+        " (yellow), the largest value in this grid; grey: no value. " + (m.note || "");
+      S.gridScale = { metric: m.name, lo: 0, hi: hi, text: scale ? scale.textContent : "" };
     }
     metric.addEventListener("change", colour);
     which.addEventListener("change", colour);
@@ -357,35 +434,76 @@
         S.setTokenView({ layers: String(l), heads: String(h), prompt: promptId });
         $("#sec-tokens").scrollIntoView();
       });
-      panel.appendChild(btn);
+      title.after(btn);  // above the map, which can be taller than the window
     }
   }
+  /** An n × n attention map (rows: queries, columns: keys) with token labels on both axes while they fit, a linear or
+   * square-root colour scale, and zoom (cell size) for long prompts; the canvas scrolls inside its box. */
   function drawMap(panel, w, n, tokens) {
-    const cell = Math.max(3, Math.min(12, Math.floor(480 / n))), cv = document.createElement("canvas");
-    cv.width = cv.height = n * cell;
-    const g = cv.getContext("2d"), scale = document.createElement("select"), lg = document.createElement("div");
+    const cv = document.createElement("canvas"), g = cv.getContext("2d"), lg = document.createElement("div");
+    const bar = document.createElement("div"), box = document.createElement("div"), scale = document.createElement("select");
+    bar.className = "ss-controls";
+    box.className = "ss-map-box";
+    cv.className = "ss-map";
     for (const [v, t] of [["linear", "linear colour scale"], ["sqrt", "square-root colour scale"]]) {
       const o = document.createElement("option"); o.value = v; o.textContent = t; scale.appendChild(o);
     }
+    let cell = Math.max(6, Math.min(32, Math.floor(640 / n)));
+    const zoom = (f) => { cell = Math.max(2, Math.min(48, Math.round(cell * f))); paint(); };
+    const zin = document.createElement("button"), zout = document.createElement("button");
+    zin.textContent = "zoom in"; zout.textContent = "zoom out";
+    zin.className = "ss-zoom-in"; zout.className = "ss-zoom-out";
+    zin.addEventListener("click", () => zoom(1.5));
+    zout.addEventListener("click", () => zoom(1 / 1.5));
+    bar.append(scale, zout, zin);
     let hi = 0;
     for (const x of w) hi = Math.max(hi, x);
+    const label = (i) => {  // the token (spaces shown as ␣, cut at 14 characters) and its position
+      const t = showTok(tokens[i]).replace(/ /g, "\u2423");
+      return (t.length > 14 ? t.slice(0, 13) + "…" : t) + " " + i;
+    };
+    let pad = 0, every = 1;
     function paint() {
+      const font = Math.max(9, Math.min(13, cell - 2));
+      every = Math.ceil((font + 2) / cell);
+      g.font = font + "px ui-monospace, monospace";
+      pad = 8;
+      for (let i = 0; i < n; i += every) pad = Math.max(pad, g.measureText(label(i)).width + 8);
+      cv.width = pad + n * cell; cv.height = pad + n * cell;
+      g.font = font + "px ui-monospace, monospace";
       const f = scale.value === "sqrt" ? Math.sqrt : (x) => x;
       for (let q = 0; q < n; q++) for (let k = 0; k < n; k++) {
         g.fillStyle = rgb(heat(hi > 0 ? f(w[q * n + k] / hi) : 0));
-        g.fillRect(k * cell, q * cell, cell, cell);
+        g.fillRect(pad + k * cell, pad + q * cell, cell, cell);
       }
-      legend(lg, 0, hi, (t) => heat(f(t)), "attention weight");
+      g.fillStyle = "#333";
+      g.textAlign = "right"; g.textBaseline = "middle";
+      for (let q = 0; q < n; q += every) g.fillText(label(q), pad - 4, pad + q * cell + cell / 2);
+      for (let k = 0; k < n; k += every) {
+        g.save();
+        g.translate(pad + k * cell + cell / 2, pad - 4);
+        g.rotate(-Math.PI / 2);
+        g.textAlign = "left";
+        g.fillText(label(k), 0, 0);
+        g.restore();
+      }
+      cv.dataset.cell = cell; cv.dataset.pad = pad; cv.dataset.every = every;
+      legend(lg, 0, hi, (t) => heat(f(t)), "attention weight (each query's row sums to 1; colour up to this map's " +
+        "largest weight, " + fmt(hi) + ")");
     }
     scale.addEventListener("change", paint);
-    panel.append(scale, cv, lg);
+    box.appendChild(cv);
+    panel.append(bar, box, lg);
     paint();
     addTip(cv, (ev) => {
-      const r = cv.getBoundingClientRect(), k = Math.floor((ev.clientX - r.left) / cell);
-      const q = Math.floor((ev.clientY - r.top) / cell);
+      const r = cv.getBoundingClientRect(), k = Math.floor((ev.clientX - r.left - pad) / cell);
+      const q = Math.floor((ev.clientY - r.top - pad) / cell);
       if (q < 0 || k < 0 || q >= n || k >= n) return null;
       return "query " + q + " " + quote(tokens[q]) + " → key " + k + " " + quote(tokens[k]) + ": " + fmt(w[q * n + k]);
     });
+    /** What the map shows, for tests: its size, cell, and the labels drawn on each axis. */
+    S.mapShown = () => ({ n: n, cell: cell, every: every, labels: Array.from({ length: Math.ceil(n / every) },
+      (_, j) => label(j * every)), width: cv.width, height: cv.height });
   }
   function drawBars(panel, w, tokens) {
     const n = w.length, bw = Math.min(14, 900 / n), height = 120;
