@@ -184,8 +184,10 @@ def bench_mitigation_command(
                                                alignment=alignment, causal_ids=causal_ids,
                                                step=lambda done, total, name=name: update(name, done, total)))
     table = pd.concat(frames, ignore_index=True)
-    console.print(render_mitigation_table(table, f"{loaded.info.name}: inference-time mitigations "
-                                                 f"(same prompts, seed {seed})", alignment.k))
+    from sinkscope.cli.render import print_table
+
+    print_table(console, render_mitigation_table(table, f"{loaded.info.name}: inference-time mitigations "
+                                                 f"(same prompts, seed {seed})", alignment.k), keep=2)
     if out is not None:
         manifest = make_manifest("bench-mitigation", {"name": loaded.info.name},
                                  {"datasets": dataset, "limit": limit, "beta": beta, "gammas": gammas,

@@ -107,6 +107,8 @@ def overmixing_command(
 def _print_summary(result: Any, loaded: Any) -> None:
     from rich.table import Table
 
+    from sinkscope.cli.render import print_table
+
     p, s = result.params, result.summary
     console.print(f"{loaded.info.name}: {p['n_prompts']} prompt(s), token {p['position']} perturbed by ε = {p['eps']} "
                   f"(‖δ‖ = {p['delta_norm']:.3g}); spread = mean ‖Δh_j‖/‖h_j‖ over the later tokens; sink rate = "
@@ -122,7 +124,7 @@ def _print_summary(result: Any, loaded: Any) -> None:
         for column, spec in (("spread_mean", ".3g"), ("entropy", ".3f"), ("sink_rate", ".2f"), ("bos_ratio", ".1f")):
             cells += [_fmt(row.get((column, c)), spec) for c in ("intact", "masked")]
         table.add_row(*cells)
-    console.print(table)
+    print_table(console, table)  # split in two when the terminal is narrow
     if "masked_over_intact" in s:
         console.print(f"last layer: masking the sink multiplies the spread by {s['masked_over_intact']:.2f}")
 

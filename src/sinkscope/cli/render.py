@@ -1,4 +1,5 @@
-"""Terminal rendering (rich): the per-layer sink table of `profile` and the token strips of `explain`."""
+"""Terminal rendering (rich): the per-layer sink table of `profile`, the token strips of `explain`, and
+`split_table`, which splits a table too wide for the terminal into parts that fit instead of cutting cells to '…'."""
 
 from __future__ import annotations
 
@@ -24,6 +25,44 @@ def layer_table(layers: pd.DataFrame, title: str) -> Table:
     for row in layers.itertuples():
         table.add_row(str(row.layer), f"{row.head_share:.0%}", f"{row.pos0_alpha:.3f}", row.sink_tokens or "-")
     return table
+
+
+def split_table(table: Table, width: int, keep: int = 1) -> list[Table]:
+    """[table] when its natural width fits `width` columns, else parts that each repeat the first `keep` columns
+    (the row labels) and take as many of the other columns, in order, as fit; titles are numbered (1/k) and the
+    caption goes under the last part. Cells are never cut: the full precision is in the run folder's Parquet."""
+    console = Console(width=100_000)  # measures natural widths (a measurement is capped at the console's width)
+    if console.measure(table).maximum <= width or len(table.columns) <= keep + 1:
+        return [table]
+    columns = list(table.columns)
+    head, rest = columns[:keep], columns[keep:]
+    cells = {id(c): list(c.cells) for c in columns}
+
+    def part(chosen: list[object]) -> Table:
+        out = Table(title=table.title, title_justify=table.title_justify, box=table.box, show_edge=table.show_edge)
+        for c in chosen:
+            out.add_column(c.header, justify=c.justify, min_width=c.min_width)  # type: ignore[attr-defined]
+        for r in range(table.row_count):
+            out.add_row(*(cells[id(c)][r] for c in chosen))
+        return out
+
+    groups: list[list[object]] = [[]]
+    for column in rest:
+        trial = [*head, *groups[-1], column]
+        if groups[-1] and console.measure(part(trial)).maximum > width:
+            groups.append([])
+        groups[-1].append(column)
+    parts = [part([*head, *g]) for g in groups]
+    for i, p in enumerate(parts):
+        p.title = f"{table.title or ''} ({i + 1}/{len(parts)})".strip()
+    parts[-1].caption, parts[-1].caption_justify = table.caption, table.caption_justify
+    return parts
+
+
+def print_table(console: Console, table: Table, keep: int = 1) -> None:
+    """Print `table`, split into parts that fit the console's width when it is too wide (`split_table`)."""
+    for part in split_table(table, console.width, keep):
+        console.print(part)
 
 
 def _shade(weight: float, peak: float) -> str:
