@@ -52,6 +52,12 @@ class DormantResult:
     params: dict[str, Any]
     skipped: dict[str, list[tuple[int, str]]] = field(default_factory=dict)
 
+    def _repr_html_(self) -> str:
+        """A notebook view: the summary or parameters and each table's first rows (`report.notebook`)."""
+        from sinkscope.report.notebook import result_html
+
+        return result_html(self)
+
 
 # ---------------------------------------------------------------------------------------------------- the domains
 def domain_names(spec: str) -> list[str]:

@@ -289,6 +289,12 @@ class KVQuantResult:
 
     tables: dict[str, pd.DataFrame] = field(default_factory=dict)
 
+    def _repr_html_(self) -> str:
+        """A notebook view: the summary or parameters and each table's first rows (`report.notebook`)."""
+        from sinkscope.report.notebook import result_html
+
+        return result_html(self)
+
 
 def kv_quant(loaded: LoadedModel, ids: Sequence[int], bits: Sequence[int] = (8, 4, 2), keep_first: int = 4,
              caches: Sequence[str] = CACHES, sink: int = 4, window: int = 256, group: int = 32, chunk: int = 32,

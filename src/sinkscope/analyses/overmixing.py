@@ -51,6 +51,12 @@ class OvermixingResult:
     params: dict[str, Any]
     skipped: list[tuple[int, str]] = field(default_factory=list)
 
+    def _repr_html_(self) -> str:
+        """A notebook view: the summary or parameters and each table's first rows (`report.notebook`)."""
+        from sinkscope.report.notebook import result_html
+
+        return result_html(self)
+
 
 def perturbation(model: torch.nn.Module, eps: float, seed: int = 0) -> torch.Tensor:
     """δ = ε·r·u [d] (float32): u a unit vector drawn from N(0, I) with `seed`, r the RMS norm of the rows of the

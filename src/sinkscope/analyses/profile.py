@@ -511,8 +511,9 @@ def sink_rate_table(trace: Trace, ids: Sequence[int], **params: Any) -> pd.DataF
 
 def profile_html(result: ProfileResult) -> str:
     """The per-layer table and a layer × head grid of `sink_alpha` (Σ α over the detector's sinks, mean over
-    prompts) as plain HTML: cells coloured by the report's cividis ramp on a fixed 0 → 1 scale, no script."""
-    from sinkscope.report.palette import cividis
+    prompts) as plain HTML, no script: cells on the report's heat ramp from 0 to the grid's largest value, which the
+    caption states (`report.notebook`)."""
+    from sinkscope.report.notebook import heat_grid_html
 
     layers, heads = result.tables["layers"], result.tables["heads"]
     grid = heads.groupby(["layer", "head"])["sink_alpha"].mean().unstack("head")  # [layer, head]
@@ -523,22 +524,12 @@ def profile_html(result: ProfileResult) -> str:
         "</td></tr>" for r in layers.itertuples())
     table = ("<table><thead><tr><th>layer</th><th>heads with sink</th><th>α at pos 0</th>"
              f"<th>sink tokens (mean α)</th></tr></thead><tbody>{rows}</tbody></table>")
-
-    def colour(value: float) -> str:
-        r, g, b = cividis(value)
-        ink = "#000" if 0.299 * r + 0.587 * g + 0.114 * b > 140 else "#fff"
-        return f"background:rgb({r},{g},{b});color:{ink}"
-
-    head_row = "".join(f"<th style='padding:1px 4px'>{int(h)}</th>" for h in grid.columns)
-    grid_rows = "".join(
-        f"<tr><th style='padding:1px 4px'>{int(layer)}</th>" + "".join(
-            f"<td title='layer {int(layer)}, head {int(h)}: {v:.3f}' style='{colour(v)};padding:1px 4px;"
-            f"font-size:80%;text-align:right'>{v:.2f}</td>" for h, v in values.items()) + "</tr>"
-        for layer, values in grid.iterrows())
     info = result.trace.info
     title = html.escape(f"{info.get('model', '')} profile: {result.trace.n_prompts} prompt(s), method "
                         f"{result.method} {result.params or ''}".strip())
+    note = ("α_k is key k's attention averaged over the queries that see it; a causal map's column means add up to "
+            "more than 1, so this sum can exceed 1")
+    grid_html = heat_grid_html(grid.to_numpy(dtype=float), "mass on sinks Σα per layer × head (mean over prompts)",
+                               note)
     return (f"<div><p><b>{title}</b></p><div style='display:flex;gap:24px;align-items:flex-start;flex-wrap:wrap'>"
-            f"<div>{table}</div><div><table style='border-collapse:collapse'><caption>mass on sinks Σα, layer × "
-            f"head (0 → 1)</caption><thead><tr><th>L \\ H</th>{head_row}</tr></thead><tbody>{grid_rows}</tbody>"
-            "</table></div></div></div>")
+            f"<div>{table}</div><div>{grid_html}</div></div></div>")

@@ -383,6 +383,12 @@ class TagResult:
     tables: dict[str, pd.DataFrame]
     params: dict[str, Any]
 
+    def _repr_html_(self) -> str:
+        """A notebook view: the summary or parameters and each table's first rows (`report.notebook`)."""
+        from sinkscope.report.notebook import result_html
+
+        return result_html(self)
+
 
 def tag_statistics(
     loaded: LoadedModel,

@@ -61,6 +61,13 @@ class Trace:
     nll_count: torch.Tensor | None = None  # [P]  the number of next tokens in nll_sum (length − 1)
     info: dict[str, Any] = field(default_factory=dict)
 
+    def _repr_html_(self) -> str:
+        """A notebook view: model, shape, what was captured, the first prompt's tokens and a layer × head grid of α at
+        position 0 (`report.notebook`)."""
+        from sinkscope.report.notebook import trace_html
+
+        return trace_html(self)
+
     @property
     def n_prompts(self) -> int:
         return len(self.prompts)

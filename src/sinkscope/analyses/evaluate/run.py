@@ -117,6 +117,12 @@ class EvalResult:
     datasets: list[str]
     info: dict[str, Any] = field(default_factory=dict)
 
+    def _repr_html_(self) -> str:
+        """A notebook view: the summary or parameters and each table's first rows (`report.notebook`)."""
+        from sinkscope.report.notebook import result_html
+
+        return result_html(self)
+
     @property
     def summary(self) -> pd.DataFrame:
         return self.tables["summary"]

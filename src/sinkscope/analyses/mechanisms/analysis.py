@@ -62,6 +62,12 @@ class MechanismsResult:
     traces: dict[str, MechTrace] = field(default_factory=dict, repr=False)
     skipped: list[tuple[int, str]] = field(default_factory=list)
 
+    def _repr_html_(self) -> str:
+        """A notebook view: the summary or parameters and each table's first rows (`report.notebook`)."""
+        from sinkscope.report.notebook import result_html
+
+        return result_html(self)
+
     def run(self, loaded: LoadedModel, command: str = "mechanisms", figures: Sequence[str] = ()) -> Run:
         info = loaded.info
         model = {"name": info.name, "model_type": info.model_type, "revision": info.revision, "dtype": info.dtype,
