@@ -129,13 +129,14 @@ def styled(fn: F) -> F:
 
 def plain_log_axis(ax: Any, axis: str = "y") -> None:
     """A log scale whose ticks read as plain numbers (0.5, 2, 40), not matplotlib's 2.4×10⁰ minor labels."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     def plain(value: float, _pos: int) -> str:
         return f"{value:g}"
 
     target = ax.yaxis if axis == "y" else ax.xaxis
     (ax.set_yscale if axis == "y" else ax.set_xscale)("log")
+    target.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))  # 1, 2, 5, 10, 20, …: labels within a decade
     target.set_major_formatter(FuncFormatter(plain))
     target.set_minor_formatter(NullFormatter())
 
