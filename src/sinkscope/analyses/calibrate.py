@@ -34,6 +34,7 @@ from sinkscope.analyses.evaluate.run import (
     example_records,
     summarise_records,
 )
+from sinkscope.analyses.trained import prompt_sinks
 from sinkscope.capture import Calibrate, Intervention, MaskKeys, ReweightSinks, intervene
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
@@ -196,7 +197,9 @@ def mitigation_benchmark(
     ms_per_example (forward rows: the prediction; DMR rows: the prediction with the attention captured, plus
     DMR), cost_vs_none, dmr_ms (DMR alone), and for none and the DMR rows the evaluation's mismatch, match
     (keyword match of the top-K attention on wrong / right predictions), spearman, topk_overlap (attention against
-    causal effects, over n_causal examples: those in `causal_ids` when alignment.causal, else none).
+    causal effects, over n_causal examples: those in `causal_ids` when alignment.causal, else none); for the rows
+    that change the forward pass, sink_share, null_mass and loss on the examples' prompts under the method
+    (`sinkscope.analyses.trained.prompt_sinks`; NaN for the interpretation-only rows).
     Methods run interleaved batch by batch, so a load from other processes slows them alike. `step(done, total)`
     is called after each batch of each stage (a progress bar's update).
     """
@@ -246,6 +249,9 @@ def mitigation_benchmark(
                 "ms_per_example": 1000 * seconds[name] / len(examples), "dmr_ms": math.nan}
 
     rows = [row(name, name, "baseline" if name == "none" else "forward") for name, _ in methods]
+    prompts = _prompts(loaded, spec, examples)
+    for r, (_, interventions) in zip(rows, methods, strict=True):
+        r.update(prompt_sinks(loaded, prompts, interventions, batch_size))
     if alignment is not None:
         records = []
         for i, (idx, done) in enumerate(zip(batches, classified, strict=True), 1):
@@ -265,4 +271,5 @@ def mitigation_benchmark(
     frame["n_causal"] = frame["n_causal"].fillna(0).astype("int64") if "n_causal" in frame else 0
     frame["cost_vs_none"] = frame["ms_per_example"] / rows[0]["ms_per_example"]
     return frame[["dataset", "method", "kind", "n", "accuracy", "changed_predictions", "ms_per_example",
-                  "cost_vs_none", "dmr_ms", "mismatch", "match", "spearman", "topk_overlap", "n_causal"]]
+                  "cost_vs_none", "dmr_ms", "mismatch", "match", "spearman", "topk_overlap", "n_causal",
+                  "sink_share", "null_mass", "loss"]]

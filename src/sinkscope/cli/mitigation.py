@@ -152,6 +152,16 @@ def bench_mitigation_command(
     causal_limit: Annotated[int | None, typer.Option(
         min=0, help="Causal ρ and top-K overlap on this many examples (the first of the seeded order, as in eval)")
     ] = None,
+    trained_variants: Annotated[str | None, typer.Option(
+        "--trained-variants", help="Also train these attention variants of the tiny LM from scratch on one budget "
+        "(comma list of softmax, off_by_one, sink_logit, gated) and add them as rows of kind 'training'")] = None,
+    train_steps: Annotated[int, typer.Option(min=1, help="Optimizer steps of each trained variant")] = 600,
+    train_data: Annotated[Path | None, typer.Option(
+        help="Text the variants train on: a .txt/.jsonl file or a folder of */test.jsonl (default: ../shared/data, "
+             "sinkscope-tiny's corpus)")] = None,
+    train_out: Annotated[Path | None, typer.Option(
+        help="Keep the variants' train-lm run folders here (one per variant; reused when run again with the same "
+             "settings; default: a temporary folder)")] = None,
     batch_size: BatchSizeOpt = 8,
     seed: SampleSeedOpt = 0,
     out: OutOpt = None,
@@ -162,8 +172,10 @@ def bench_mitigation_command(
     allow_pickle: PickleOpt = False,
 ) -> None:
     """One table: accuracy, alignment and cost of no mitigation, position-0 masking, sink reweighting, ACT (all heads,
-    searched heads) and detect-mask-renormalise (interpretation only), on the same examples."""
+    searched heads) and detect-mask-renormalise (interpretation only), on the same examples; with
+    --trained-variants, training-time mitigations (softmax variants trained from scratch on one budget) beside them."""
     import dataclasses
+    import tempfile
 
     import pandas as pd
 
@@ -174,26 +186,68 @@ def bench_mitigation_command(
     alignment = dataclasses.replace(ALIGNMENT, methods=tuple(method) if method else ALIGNMENT.methods,
                                     causal=bool(causal_limit), causal_limit=causal_limit)
     alignment.check()
+    variants = _variants(trained_variants)
+    text = _train_data(train_data) if variants else None
     loaded = load(model, device, dtype, trust_remote_code, allow_pickle)
     calib = Calibration.load(calibration) if calibration is not None else None
-    frames = []
-    for name in dataset:
-        spec, examples, causal_ids = _examples(name, data, limit, seed, causal_limit)
-        with progress_bars() as update:
-            frames.append(mitigation_benchmark(loaded, spec, examples, calib, beta, batch_size, gammas=gammas,
-                                               alignment=alignment, causal_ids=causal_ids,
-                                               step=lambda done, total, name=name: update(name, done, total)))
+    with tempfile.TemporaryDirectory(prefix="sinkscope-variants-") as tmp:
+        trained = _train(variants, text, train_out or Path(tmp), train_steps, seed) if variants else []
+        frames = []
+        for name in dataset:
+            spec, examples, causal_ids = _examples(name, data, limit, seed, causal_limit)
+            with progress_bars() as update:
+                frames.append(mitigation_benchmark(loaded, spec, examples, calib, beta, batch_size, gammas=gammas,
+                                                   alignment=alignment, causal_ids=causal_ids,
+                                                   step=lambda done, total, name=name: update(name, done, total)))
+            if trained:
+                from sinkscope.analyses.trained import variant_rows
+
+                frames.append(variant_rows(trained, spec, examples, batch_size))
     table = pd.concat(frames, ignore_index=True)
+    if trained:
+        order = {name: i for i, name in enumerate(dataset)}
+        table = table.sort_values("dataset", key=lambda d: d.map(order), kind="stable").reset_index(drop=True)
+    title = "inference-time" + (" and training-time" if trained else "")
     from sinkscope.cli.render import print_table
 
-    print_table(console, render_mitigation_table(table, f"{loaded.info.name}: inference-time mitigations "
-                                                 f"(same prompts, seed {seed})", alignment.k), keep=2)
+    print_table(console, render_mitigation_table(table, f"{loaded.info.name}: {title} mitigations (same prompts, "
+                                                 f"seed {seed})", alignment.k), keep=2)  # split when too wide
     if out is not None:
         manifest = make_manifest("bench-mitigation", {"name": loaded.info.name},
                                  {"datasets": dataset, "limit": limit, "beta": beta, "gammas": gammas,
                                   "calibration": str(calibration) if calibration else None,
-                                  "alignment": alignment.fingerprint(), "batch_size": batch_size}, seed)
+                                  "alignment": alignment.fingerprint(), "batch_size": batch_size,
+                                  "trained_variants": variants, "train_steps": train_steps if variants else None,
+                                  "train_data": str(text) if variants else None}, seed)
         console.print(f"wrote {save_run(out, Run({'mitigation': table}, manifest), overwrite=overwrite)}/")
+
+
+def _variants(spec: str | None) -> list[str]:
+    from sinkscope.toy.tinylm.variants import check_variant
+
+    names = [v.strip() for v in (spec or "").split(",") if v.strip()]
+    for name in names:
+        check_variant(name)
+    if len(set(names)) < len(names):
+        raise SinkscopeError(f"--trained-variants names a variant twice: {spec}")
+    return names
+
+
+def _train_data(path: Path | None) -> Path:
+    from sinkscope.analyses.evaluate.datasets import default_data_dir
+
+    text = path or default_data_dir()
+    if text is None or not Path(text).exists():
+        raise SinkscopeError("--trained-variants needs text to train on: pass --train-data FILE_OR_FOLDER")
+    return Path(text)
+
+
+def _train(variants: list[str], text: Path, out: Path, steps: int, seed: int) -> list:
+    from sinkscope.analyses.trained import train_variants
+
+    console.print(f"training {', '.join(variants)} from scratch: {steps} steps each on {text}, seed {seed}")
+    return train_variants(variants, text, out, steps, seed,
+                          log=lambda msg: console.print(f"  {msg}") if "step" in msg else None)
 
 
 def render_mitigation_table(table: pd.DataFrame, title: str, k: int = 10) -> Table:
@@ -202,7 +256,7 @@ def render_mitigation_table(table: pd.DataFrame, title: str, k: int = 10) -> Tab
 
     view = Table(title=title, title_justify="left", caption_justify="left")
     cols = ["dataset", "method", "n", "accuracy", "changed", "ms/example", "cost ×", "Mismatch", "Match", "ρ",
-            f"top-{k}", "n causal"]
+            f"top-{k}", "n causal", "α₀", "null", "loss"]
     for col in cols:
         view.add_column(col, justify="left" if col in ("dataset", "method") else "right")
     for row in table.itertuples():
@@ -210,7 +264,9 @@ def render_mitigation_table(table: pd.DataFrame, title: str, k: int = 10) -> Tab
         view.add_row(row.dataset, row.method, str(row.n), f"({row.accuracy:.1%})" if interp else _pct(row.accuracy),
                      "—" if interp else _pct(row.changed_predictions), f"{row.ms_per_example:.0f}",
                      f"{row.cost_vs_none:.2f}", _num(row.mismatch), _num(row.match), _num(row.spearman),
-                     _num(row.topk_overlap), str(row.n_causal) if row.n_causal else "—")
+                     _num(row.topk_overlap), str(row.n_causal) if row.n_causal else "—",
+                     _num(getattr(row, "sink_share", math.nan)), _num(getattr(row, "null_mass", math.nan)),
+                     _num(getattr(row, "loss", math.nan)))
     dmr = table[table["kind"] == "interpretation"]
     notes = [
         "(accuracy): interpretation-only rows (dmr_*) re-read the baseline's attention after the forward pass; they "
@@ -224,6 +280,17 @@ def render_mitigation_table(table: pd.DataFrame, title: str, k: int = 10) -> Tab
         own = ", ".join(f"{m[4:]} {ms:.2f} ms" for m, ms in dmr.groupby("method", sort=False)["dmr_ms"].mean().items())
         notes.append(f"ms/example of dmr_* rows: the prediction with the last token's attention captured, plus DMR "
                      f"itself ({own} per example).")
+    notes.append("α₀ / null / loss: on the prompts, under the method — the attention on position 0 (queries i ≥ 1) and "
+                 "on the extra logit (off-by-one, learned sink), mean over queries, layers and heads; next-token "
+                 "loss (nats/token).")
+    trained = table[table["kind"] == "training"]
+    if not trained.empty:
+        steps = int(trained.iloc[0].train_steps)
+        notes.append(f"trained_*: the tiny LM trained from scratch with that attention variant ({steps}"
+                     " steps each, same text, seed and architecture); changed and cost × compare with "
+                     "trained_softmax. Held-out text loss: " + ", ".join(
+                         f"{m[8:]} {v:.3f}" for m, v in trained.groupby("method", sort=False)["heldout_loss"]
+                         .first().items()) + ".")
     notes.append("Times from one run on this machine; compare them within the table only.")
     view.caption = "\n".join(notes)
     return view

@@ -8,7 +8,7 @@ from sinkscope.report.views import floats, grid, help_text, script, tables_of
 from sinkscope.store import Run
 
 BARRED = ["accuracy", "changed_predictions", "ms_per_example", "cost_vs_none", "mismatch", "match", "spearman",
-          "topk_overlap"]
+          "topk_overlap", "sink_share", "null_mass", "loss", "heldout_loss"]
 
 
 @register_section("bench-mitigation", title="Mitigation benchmark", order=60)
@@ -27,7 +27,10 @@ def mitigation_section(run: Run) -> SectionContent | None:
     data = {"table": grid(table), "bars": [c for c in BARRED if c in table], "charts": list(charts.values())}
     body = (help_text("Accuracy, alignment and cost of each inference-time mitigation on the same examples. Rows of "
                       "kind <code>interpretation</code> (dmr_*) re-read the baseline's attention after the forward "
-                      "pass: they change no prediction, so their accuracy is the baseline's. Click a column header to "
-                      "sort; bars are scaled to each column's largest value.")
+                      "pass: they change no prediction, so their accuracy is the baseline's. Rows of kind "
+                      "<code>training</code> (trained_*) are the tiny LM trained from scratch with that attention "
+                      "variant on one budget (<code>--trained-variants</code>). sink_share: attention on position 0 "
+                      "(queries after the first), null_mass: on the extra logit, loss: next-token loss on the "
+                      "prompts. Click a column header to sort; bars are scaled to each column's largest value.")
             + '<div class="ss-mit-table"></div><div class="ss-view-row ss-mit-charts"></div>')
     return SectionContent(html=body, data=data, script=script("mitigation"))
