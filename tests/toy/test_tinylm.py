@@ -108,6 +108,29 @@ def test_bigram_backcopy_copies_after_triggers():
     assert hits > 0
 
 
+def test_bigram_backcopy_copy_distances():
+    """With D copy distances, trigger k copies the token 1 + (k mod D) places before it; D = 1 is the paper's task
+    and draws the same sequences as before distances existed."""
+    task = BigramBackcopy.make(list(range(10, 30)), seed=1, trigger_ids=[40, 41, 42, 43, 44], distances=3)
+    assert task.distance[task.trigger].tolist() == [1, 2, 3, 1, 2] and int(task.distance[~task.trigger].max()) == 0
+    x = task.sample(32, 50, torch.Generator().manual_seed(0))
+    dist = dict(zip(task.ids.tolist(), task.distance.tolist(), strict=True))
+    seen = set()
+    for row in x.tolist():
+        for t in range(2, 50):
+            d = dist[row[t - 1]]
+            if d and t - 1 - d >= 0:
+                assert row[t] == row[t - 1 - d]
+                seen.add(d)
+    assert seen == {1, 2, 3}
+    one = BigramBackcopy.make(list(range(10, 30)), n_triggers=3, seed=1)
+    assert torch.equal(one.sample(4, 20, torch.Generator().manual_seed(0)),
+                       BigramBackcopy.make(list(range(10, 30)), n_triggers=3, seed=1, distances=1)
+                       .sample(4, 20, torch.Generator().manual_seed(0)))
+    with pytest.raises(SinkscopeError, match="copy distances"):
+        TrainConfig(synthetic="bigram_backcopy", synthetic_triggers=2, synthetic_distances=3).validate()
+
+
 @pytest.fixture(scope="module")
 def variant_runs(corpus, tmp_path_factory) -> dict[str, tinylm.TrainResult]:
     root = tmp_path_factory.mktemp("runs")

@@ -140,19 +140,23 @@ class BigramBackcopy:
     """The Bigram-Backcopy task (Guo et al. 2024, "Active-Dormant Attention Heads", §2): tokens follow a sparse
     random bigram chain, except that after a trigger token the next token copies the token before the trigger.
     Heads that implement the copy are only needed after triggers and learn to park their attention on BOS
-    (a dormant head = an attention sink) everywhere else.
+    (a dormant head = an attention sink) everywhere else. With `distances` D > 1, trigger k (in alphabet order)
+    copies the token d_k = 1 + (k mod D) places before it instead — D copy rules, each needed only after its own
+    triggers, so more heads have a dormant role (D = 1 is the task of the paper).
 
-    ids: [V] token ids of the alphabet; succ: [V, k] successor indices; cdf: [V, k]; trigger: [V] bool.
+    ids: [V] token ids of the alphabet; succ: [V, k] successor indices; cdf: [V, k]; trigger: [V] bool;
+    distance: [V] long, the copy distance of each trigger (0 for the other symbols).
     """
 
     ids: torch.Tensor
     succ: torch.Tensor
     cdf: torch.Tensor
     trigger: torch.Tensor
+    distance: torch.Tensor
 
     @classmethod
     def make(cls, ids: Sequence[int], n_triggers: int = 3, branching: int = 8, seed: int = 0,
-             trigger_ids: Sequence[int] = ()) -> BigramBackcopy:
+             trigger_ids: Sequence[int] = (), distances: int = 1) -> BigramBackcopy:
         """A fixed random instance over the token ids `ids` (the same `seed` gives the same chain).
 
         Triggers: `trigger_ids` if given (added to the alphabet), else `n_triggers` random members of `ids`.
@@ -168,7 +172,9 @@ class BigramBackcopy:
             trigger[len(ids):] = True
         else:
             trigger[torch.randperm(v, generator=gen)[:n_triggers]] = True
-        return cls(torch.tensor(alphabet, dtype=torch.long), succ, cdf, trigger)
+        distance = torch.zeros(v, dtype=torch.long)
+        distance[trigger] = 1 + torch.arange(int(trigger.sum())) % distances
+        return cls(torch.tensor(alphabet, dtype=torch.long), succ, cdf, trigger, distance)
 
     def sample(self, n: int, length: int, gen: torch.Generator) -> torch.Tensor:
         """n sequences of `length` tokens (no BOS). Returns [n, length] token ids."""
@@ -181,7 +187,9 @@ class BigramBackcopy:
             j = (self.cdf[prev] < u[:, None]).sum(-1).clamp(max=self.succ.shape[1] - 1)
             nxt = self.succ[prev, j]
             if t >= 2:
-                nxt = torch.where(self.trigger[prev], x[:, t - 2], nxt)
+                src = t - 1 - self.distance[prev]  # [n]: the position the copy reads
+                copy = x.gather(1, src.clamp(min=0)[:, None]).squeeze(1)
+                nxt = torch.where(self.trigger[prev] & (src >= 0), copy, nxt)
             x[:, t] = nxt
         return self.ids[x]
 
@@ -240,12 +248,14 @@ def prepare_data(cfg: TrainConfig, tokenizer_dir: Path, with_pool: bool = True) 
     if cfg.synthetic is not None:
         if train_ids is None:
             alphabet = [tokenizer.convert_tokens_to_ids(f"t{i}") for i in range(64)]
-            task = BigramBackcopy.make(alphabet, n_triggers=cfg.synthetic_triggers, seed=0)
+            task = BigramBackcopy.make(alphabet, n_triggers=cfg.synthetic_triggers, seed=0,
+                                       distances=cfg.synthetic_distances)
         else:
             specials = set(tokenizer.all_special_ids)
             counts = torch.bincount(train_ids, minlength=len(tokenizer))
             alphabet = [int(i) for i in counts.argsort(descending=True, stable=True) if int(i) not in specials][:64]
-            task = BigramBackcopy.make(alphabet, seed=0, trigger_ids=tokenizer.convert_tokens_to_ids(triggers))
+            task = BigramBackcopy.make(alphabet, seed=0, trigger_ids=tokenizer.convert_tokens_to_ids(triggers),
+                                       distances=cfg.synthetic_distances)
     pool = None
     if task is not None and with_pool:  # sampling is sequential in the position: draw many sequences up front
         pool = task.sample(cfg.synthetic_pool, cfg.seq_len - 1, torch.Generator().manual_seed(cfg.seed + 1))

@@ -31,6 +31,7 @@ class TrainConfig:
     synthetic: str | None = None  # a SYNTHETIC task name
     synthetic_frac: float = 0.5  # share of each batch drawn from the synthetic task when data is also given
     synthetic_triggers: int = 3  # trigger tokens of the Bigram-Backcopy task
+    synthetic_distances: int = 1  # copy rules: trigger k copies the token 1 + (k mod this) places before it
     synthetic_pool: int = 32768  # synthetic sequences drawn up front (batches pick from them)
     out: str = "runs/tinylm"
     steps: int = 1000
@@ -75,6 +76,9 @@ class TrainConfig:
             raise SinkscopeError("the synthetic pool needs at least one sequence")
         if not 1 <= self.synthetic_triggers <= 32:
             raise SinkscopeError("the synthetic task needs between 1 and 32 trigger tokens")
+        if not 1 <= self.synthetic_distances <= min(8, self.synthetic_triggers):
+            raise SinkscopeError("the synthetic task's copy distances must be between 1 and 8, and at most its "
+                                 "number of trigger tokens")
         if not 0.0 <= self.synthetic_frac <= 1.0:
             raise SinkscopeError("synthetic fraction must be between 0 and 1")
         need, have = self.memory_estimate(), _physical_memory()
