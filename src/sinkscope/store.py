@@ -37,7 +37,7 @@ import shutil
 import signal
 import sys
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -116,10 +116,25 @@ def _move_into_place(tmp: Path, path: Path) -> None:
     os.replace(tmp, path)
 
 
+def dictionary_columns(dtypes: Iterable[tuple[Any, Any]]) -> list[str]:
+    """The columns a Parquet file dictionary-encodes: every one but the floating-point ones. (name, dtype) pairs, NumPy
+    or pandas dtypes or pyarrow types. Ids, positions, flags and tokens repeat, so a dictionary shrinks them; a float
+    column of measurements has about as many distinct values as rows, so its dictionary is built, overflows and is
+    thrown away: that was half the time of writing a `keys` table."""
+    import pyarrow as pa
+
+    def floating(dtype: Any) -> bool:
+        if isinstance(dtype, pa.DataType):
+            return pa.types.is_floating(dtype)
+        return pd.api.types.is_float_dtype(dtype)
+
+    return [str(name) for name, dtype in dtypes if not floating(dtype)]
+
+
 def _write_content(path: Path, content: Content) -> None:
     """Write one file's content to `path` (not atomically: callers write into a temporary name or folder)."""
     if isinstance(content, pd.DataFrame):
-        content.to_parquet(path, index=False)
+        content.to_parquet(path, index=False, use_dictionary=dictionary_columns(content.dtypes.items()))
     elif isinstance(content, bytes):
         path.write_bytes(content)
     elif isinstance(content, str):
@@ -264,7 +279,10 @@ class TableStream:
 
         writer = self._writers.get(name)
         if writer is None:
-            writer = self._writers[name] = pq.ParquetWriter(self._paths[name], self._schemas[name])
+            schema = self._schemas[name]
+            writer = self._writers[name] = pq.ParquetWriter(
+                self._paths[name], schema, use_dictionary=dictionary_columns(zip(schema.names, schema.types,
+                                                                                 strict=True)))
         if self._pending[name]:
             writer.write_table(pa.concat_tables(self._pending[name]))
             self._pending[name] = []

@@ -331,32 +331,50 @@ def long_tables(
 
 
 def _token_frame(trace: Trace, ids: Sequence[int]) -> pd.DataFrame:
-    rows = [(pid, pos, tok) for pid, toks in zip(ids, trace.tokens, strict=True) for pos, tok in enumerate(toks)]
-    return pd.DataFrame(rows, columns=["prompt_id", "position", "token"])
+    """One row per prompt × real token: prompt_id, position, token."""
+    lengths = trace.lengths.numpy()
+    return pd.DataFrame({"prompt_id": np.repeat(np.asarray(ids, dtype=np.int64), lengths),
+                         "position": np.concatenate([np.arange(n, dtype=np.int64) for n in lengths]),
+                         "token": _tokens_at(trace, [np.arange(n) for n in lengths])})
+
+
+def _tokens_at(trace: Trace, positions: Sequence[np.ndarray]) -> pd.Series:
+    """The token strings at `positions[p]` of each prompt p, concatenated: a string column taken by pyarrow from each
+    prompt's n tokens, without a Python object per row."""
+    import pyarrow as pa
+
+    taken = [pa.array(tokens, type=pa.large_string()).take(pa.array(at))
+             for tokens, at in zip(trace.tokens, positions, strict=True)]
+    return pd.Series(pa.chunked_array(taken, type=pa.large_string()).combine_chunks(), dtype="str")
+
+
+def _per_key(x: torch.Tensor, lengths: np.ndarray) -> np.ndarray:
+    """x [P, L, H, N] → its values at each prompt's real keys, prompt by prompt in (layer, head, position) order."""
+    return np.concatenate([x[p, ..., :n].reshape(-1).numpy() for p, n in enumerate(lengths)])
 
 
 def key_table(trace: Trace, sinks: torch.Tensor, ids: Sequence[int]) -> pd.DataFrame:
     """One row per prompt × layer × head × key position: α_k (`alpha`), its sum and query count, the last token's
-    attention to the key (`last_row`) and whether the detector flagged it (`sink`)."""
+    attention to the key (`last_row`) and whether the detector flagged it (`sink`).
+
+    Built column by column from each prompt's [L, H, n] block (NumPy, and pyarrow for the token strings)."""
     P, L, H, N = trace.key_mass.shape
-    p, l, h, k = np.meshgrid(np.arange(P), np.arange(L), np.arange(H), np.arange(N), indexing="ij")
-    keep = (k < trace.lengths.numpy()[p]).ravel()
+    lengths = trace.lengths.numpy()
+    position = [np.tile(np.arange(n, dtype=np.int64), L * H) for n in lengths]  # [L·H·n] per prompt
     frame = pd.DataFrame({
-        "prompt_id": np.asarray(ids)[p.ravel()[keep]],
-        "layer": l.ravel()[keep],
-        "head": h.ravel()[keep],
-        "position": k.ravel()[keep],
-        "alpha": trace.key_mass.numpy().ravel()[keep],
-        "mass_sum": trace.key_mass_sum.numpy().ravel()[keep],
-        "n_queries": trace.key_count[:, :, None, :].expand(P, L, H, N).numpy().ravel()[keep].astype("int64"),
-        "sink": sinks.numpy().ravel()[keep],
+        "prompt_id": np.repeat(np.asarray(ids, dtype=np.int64), L * H * lengths),
+        "layer": np.concatenate([np.repeat(np.arange(L, dtype=np.int64), H * n) for n in lengths]),
+        "head": np.concatenate([np.tile(np.repeat(np.arange(H, dtype=np.int64), n), L) for n in lengths]),
+        "position": np.concatenate(position),
+        "token": _tokens_at(trace, position),
+        "alpha": _per_key(trace.key_mass, lengths),
+        "mass_sum": _per_key(trace.key_mass_sum, lengths),
+        "n_queries": _per_key(trace.key_count[:, :, None].expand(P, L, H, N), lengths).astype("int64"),
+        "sink": _per_key(sinks, lengths),
     })
     if trace.rows is not None:
-        frame["last_row"] = trace.last_rows().numpy().ravel()[keep]
-    tokens = _token_frame(trace, ids)
-    frame = frame.merge(tokens, on=["prompt_id", "position"], how="left")
-    first = ["prompt_id", "layer", "head", "position", "token"]
-    return frame[first + [c for c in frame.columns if c not in first]]
+        frame["last_row"] = _per_key(trace.last_rows(), lengths)
+    return frame
 
 
 def head_table(trace: Trace, sinks: torch.Tensor, ids: Sequence[int]) -> pd.DataFrame:
@@ -378,11 +396,11 @@ def head_table(trace: Trace, sinks: torch.Tensor, ids: Sequence[int]) -> pd.Data
         "top_alpha": top_alpha.numpy().ravel(),
     })
     frame["top_token"] = [trace.tokens[pi][pos] for pi, pos in zip(p.ravel(), frame["top_position"], strict=True)]
-    sink_tokens = []
-    for pi, li, hi in zip(p.ravel(), l.ravel(), h.ravel(), strict=True):
-        positions = torch.nonzero(sinks[pi, li, hi]).flatten().tolist()
-        sink_tokens.append(" ".join(f"{pos}:{trace.tokens[pi][pos]!r}" for pos in positions))
-    frame["sink_tokens"] = sink_tokens
+    flagged = sinks.reshape(P * L * H, -1).nonzero().numpy()  # [(pair, position)], pairs and positions in order
+    words = [f"{pos}:{trace.tokens[pair // (L * H)][pos]!r}" for pair, pos in flagged.tolist()]
+    joined = pd.Series(words, dtype=object).groupby(flagged[:, 0], sort=False).agg(" ".join)
+    frame["sink_tokens"] = pd.Series(joined.reindex(range(P * L * H), fill_value="").to_numpy(dtype=object),
+                                     dtype=frame["top_token"].dtype)
     if trace.rows is not None:
         last = trace.last_rows()
         frame["last_row_sink_mass"] = (last * sinks).sum(-1).numpy().ravel()
