@@ -47,6 +47,28 @@ from sinkscope.toy.tinylm import TrainConfig
 ROOT = Path(__file__).resolve().parents[1]
 SHIP = ROOT / "src" / "sinkscope" / "assets" / tinylm.TINY_DIR_NAME
 MAX_BYTES = 15 * 2**20
+# The done criterion of #17 item 5 is measured on these (tests/models/test_tiny_sink.py holds the same three).
+SENTENCES = (
+    "The cat sat on the mat and looked out of the window.",
+    "She walked to the market in the morning to buy fresh bread.",
+    "The river was cold, and the old bridge had fallen into the water.",
+)
+
+
+def sentence_alpha0(folder: Path) -> list[list[float]]:
+    """α₀[layer][head] on SENTENCES with plain transformers (eager attention, output_attentions): the mean over the
+    queries i ≥ 1 of A_i0, averaged over the sentences (each run alone, BOS first, no padding)."""
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
+
+    model = LlamaForCausalLM.from_pretrained(folder, attn_implementation="eager").eval()
+    tok = PreTrainedTokenizerFast.from_pretrained(folder)
+    per = []
+    for text in SENTENCES:
+        ids = tok(text, return_tensors="pt")["input_ids"]  # [1, n]
+        with torch.no_grad():
+            att = model(ids, output_attentions=True).attentions  # L × [1, H, n, n]
+        per.append(torch.stack([a[0, :, 1:, 0].mean(-1) for a in att]))  # [L, H]
+    return torch.stack(per).mean(0).tolist()
 
 # The recipes. Sinks need optimisation and data (Gu et al. 2025): a high learning rate with weight decay, long
 # contexts, many steps. Each preset has a base and candidates (overrides); `--preset gpu` trains its candidates in
@@ -70,10 +92,23 @@ PRESETS: dict[str, dict] = {
                      lr=5e-3, weight_decay=0.5, eval_every=10, eval_batch=8, steps=20, synthetic_pool=256),
         "candidates": {"a": {}, "b": dict(synthetic="bigram_backcopy", synthetic_frac=0.25, synthetic_triggers=8)},
     },
+    # CPU, Nov 30 2026 (2 shared cores, 2,400 steps each; see the card's "How it was found"): at lr 5e-3 a weight
+    # decay ≥ 0.5 kept every head near uniform attention; wd 0.1 let the Bigram-Backcopy copy head form in the last
+    # layer and go dormant (on BOS) on text.
     "cpu": {
         "base": dict(d_model=64, layers=3, heads=4, intermediate=None, vocab_size=1024, seq_len=64, batch_size=16,
                      lr=5e-3, weight_decay=0.5, eval_every=100, eval_batch=32, steps=1200),
-        "candidates": {"text-wd0.5": {}},
+        "candidates": {
+            "text-wd0.5": {},
+            "mix-bb8-wd0.1": dict(synthetic="bigram_backcopy", synthetic_frac=0.5, synthetic_triggers=8,
+                                  weight_decay=0.1),
+            "mix-bb24-wd0.1": dict(synthetic="bigram_backcopy", synthetic_frac=0.5, synthetic_triggers=24,
+                                   weight_decay=0.1),
+            "mix-bb8x4-wd0.1": dict(synthetic="bigram_backcopy", synthetic_frac=0.5, synthetic_triggers=8,
+                                    synthetic_distances=4, weight_decay=0.1),
+            "mix-bb16x8-wd0.1": dict(synthetic="bigram_backcopy", synthetic_frac=0.5, synthetic_triggers=16,
+                                     synthetic_distances=8, weight_decay=0.1),
+        },
     },
 }
 
@@ -135,8 +170,14 @@ def ship(run: Path, cfg: TrainConfig, target: Path, command: str, info: dict) ->
     stats = tinylm.attention_stats(model, ids)
     summary = tinylm.summarise(stats)
     n_params = sum(p.numel() for p in model.parameters())
+    sent = sentence_alpha0(target)
+    lengths = [len(data.tokenizer(t)["input_ids"]) for t in SENTENCES]
     figures = {
         **summary,
+        "sentences": list(SENTENCES),
+        "sentence_lengths": lengths,
+        "sentence_alpha0": sent,
+        "sentence_target_met": all(sum(a >= 0.3 for a in row) >= len(row) / 2 for row in sent[1:]),
         "measured_on": f"{ids.shape[0]} held-out sequences of {ids.shape[1]} tokens (BOS + text), float32, CPU",
         "parameters": n_params,
         "uniform_alpha0": sum(1 / k for k in range(1, ids.shape[1] + 1)) / ids.shape[1],
@@ -174,8 +215,18 @@ def model_card(f: dict, sources: list[dict], cfg: TrainConfig) -> str:
         f"| `{Path(s['file']).parent.name}/{Path(s['file']).name}` | {s['documents']} | {s['chars']:,} | "
         f"{_licence(s['file'])} |" for s in sources)
     target = ("**met**" if f["target_met"] else "**not met**")
-    mix = (f" mixed with the synthetic `{cfg.synthetic}` task ({cfg.synthetic_frac:.0%} of every batch)"
-           if cfg.synthetic else "")
+    sent = f["sentence_alpha0"]
+    sent_rows = "\n".join(
+        f"| {i} | {sum(row) / len(row):.3f} | {sum(a >= 0.3 for a in row)} of {len(row)} | "
+        + " | ".join(f"{a:.2f}" for a in row) + " |" for i, row in enumerate(sent))
+    sentences = "\n".join(f"- {t} ({n} tokens)" for t, n in zip(f["sentences"], f["sentence_lengths"], strict=True))
+    n_sent = min(f["sentence_lengths"])
+    uniform_sent = sum(1 / k for k in range(2, n_sent + 1)) / (n_sent - 1)
+    sent_target = "**met**" if f["sentence_target_met"] else "**not met**"
+    distances = f", {cfg.synthetic_distances} copy distances" if cfg.synthetic_distances > 1 else ""
+    mix = (f" mixed with the synthetic `{cfg.synthetic}` task of Guo et al. 2024 ({cfg.synthetic_frac:.0%} of every "
+           f"batch; {cfg.synthetic_triggers} dedicated trigger tokens `<bb0>`… added to the tokenizer, which never "
+           f"occur in text{distances})" if cfg.synthetic else "")
     return f"""# sinkscope-tiny
 
 A {f['parameters'] / 1e6:.2f} M-parameter Llama-architecture decoder (RoPE, RMSNorm, SwiGLU, tied embeddings) trained
@@ -199,6 +250,18 @@ the heads with α₀ ≥ 0.3 — {target}. Sink rate (all heads, ε = 0.3): {f['
 | layer | α₀ (mean over heads) | heads α₀ > 0.2 | heads α₀ > 0.3 | ‖h₀‖ / median ‖hᵢ‖ |
 | --- | --- | --- | --- | --- |
 {rows}
+
+On three ordinary sentences, with plain transformers only (`attn_implementation="eager"`,
+`output_attentions=True`; α₀ here is the mean over queries i ≥ 1 of A_i0, averaged over the sentences;
+`tests/models/test_tiny_sink.py` recomputes it). Target: in every layer after the first, at least half of the heads
+with α₀ ≥ 0.3 — {sent_target} (uniform causal attention would give at most {uniform_sent:.3f} on the shortest
+sentence).
+
+{sentences}
+
+| layer | α₀ (mean over heads) | heads α₀ ≥ 0.3 | {' | '.join(f'h{i}' for i in range(n_heads))} |
+| --- | --- | --- | {' | '.join('---' for _ in range(n_heads))} |
+{sent_rows}
 
 α₀ per head:
 
@@ -240,6 +303,58 @@ original run calibrated; from a source checkout add `PYTHONPATH=src`):
 ```bash
 {f['command']}
 ```
+{HISTORY}"""
+
+
+HISTORY = """
+## How it was found (CPU, 2026-11-30; 2 shared cores, 3–6 runs at a time)
+
+Each row is one run of `--preset cpu` with the overrides shown (lr 5e-3 throughout), stopped or measured at the step
+given. α₀ on the three sentences is the mean over heads per layer (as in the table above); "strongest" is the
+largest per-head α₀ in layers ≥ 1. Uniform causal attention gives 0.11–0.14 on these sentences.
+
+| run | step | held-out loss | α₀ on the sentences, layers 0 / 1 / 2 | strongest head, layers ≥ 1 |
+| --- | --- | --- | --- | --- |
+| text only, wd 0.5 (the previous sinkscope-tiny) | 1,200 | 4.022 | 0.14 / 0.09 / 0.18 | 0.21 |
+| 50 % BB (8 triggers), wd 1.0 | 1,200 | 4.70 | 0.16 / 0.11 / 0.15 | 0.30 |
+| 25 % BB (8 triggers), wd 1.0 | 1,200 | 4.49 | 0.13 / 0.14 / 0.13 | 0.24 |
+| 50 % BB (8 triggers), wd 1.0, context 32, batch 32 | 1,300 | 4.78 | 0.18 / 0.10 / 0.16 | 0.20 |
+| 50 % BB (8 triggers), wd 3.0 | 1,700 | 4.88 | 0.14 / 0.13 / 0.15 | 0.21 |
+| 50 % BB (8 triggers), wd 0.1 | 2,400 | 3.979 | 0.20 / 0.11 / 0.20 | 0.40 (layer 2) |
+| 50 % BB (8 triggers), wd 0 | 900 | 4.47 | 0.15 / 0.09 / 0.16 | 0.33 (layer 2) |
+| text only, wd 0.1 | 1,300 | 3.84 (step 1,600) | 0.20 / 0.14 / 0.16 | 0.27 |
+| 50 % BB (8 triggers), wd 0.1, 2 heads of 32 | 2,200 | 4.03 | 0.26 / 0.13 / 0.17 | 0.20 |
+| 50 % BB (8 triggers, 4 copy distances), wd 0.1 | 1,500 | 4.25 | 0.16 / 0.08 / 0.18 | 0.24 |
+| 50 % BB (16 triggers, 8 copy distances), wd 0.1 | 1,500 | 4.25 | 0.15 / 0.08 / 0.15 | 0.21 |
+| **50 % BB (24 triggers), wd 0.1 (shipped)** | 2,400 | see above | see above | see above |
+
+What we learnt. (1) At lr 5e-3 a weight decay of 0.5 or more (decoupled: 0.25 %+ of every weight per step) keeps
+attention close to uniform: text-only runs at wd 2–3 had α₀ 0.07–0.08 on 64-token held-out windows after 800 steps
+(uniform 0.074), and pure Bigram-Backcopy at wd 1.0 left all 12 heads at 0.07–0.09 on its own sequences after 1,000
+steps — the copy rule was never learnt. (2) At wd 0.1 attention forms; with 24 trigger tokens (copying after about
+a quarter of the synthetic positions) two layer-0 heads grew a position-0 sink on held-out text (α₀ 0.25 and 0.34 at
+step 2,400 on 64-token windows, 3–5× uniform; the trace shows them rising from step 300) and one layer-1 head
+reached 0.19 (2.6× uniform) — the only run whose sinks on held-out text were clearly above uniform attention, so it
+is the one shipped. (3) Layer 1 stayed the weakest layer in every run; the
+strongest later-layer heads on the short sentences (0.3–0.4) were not copy heads (on Bigram-Backcopy sequences the
+0.40 head of the wd-0.1 / 8-trigger run puts 0.05–0.07 on BOS). The done criterion of issue #17 item 5 (at least half of
+the heads of every later layer with α₀ ≥ 0.3) needs a larger budget than these CPU runs had.
+
+## GPU attempt (2026-11-26, one NVIDIA H200, not shipped)
+
+`python scripts/train_tiny.py --data DATA --preset gpu --minutes 5` trained three candidates in parallel on one H200
+(d_model 256, 4 layers, 8 heads, context 256, batch 64, lr 3e-3, ≈3.15 M parameters; 25 ms/step). The session's
+device time ran out at ≈9,000 of the planned 10,500 steps, so nothing was shipped from it. Held-out figures at step
+9,000 (log: `docs/gpu-tiny-train-2026-11-26.log` in the repository):
+
+| candidate | eval loss (best → at 9k) | α₀, layers ≥ 1 | heads with α₀ > 0.3 |
+| --- | --- | --- | --- |
+| text, wd 0.5 | 3.71 (step 1k) → 6.24 | 0.035 | 0 % |
+| text, wd 1.0 | 3.67 (step 1.5k) → 5.13 | 0.126 (rising from 0.03) | 0 % |
+| 25 % Bigram-Backcopy mix, wd 0.5 | 3.68 (step 1k) → 5.71 | 0.042 | 0 % |
+
+No first-token sink formed: the ≈0.8 M tokens of unique text are memorised within ~1.5 k steps (eval loss rises
+after), and only the strongest weight decay made α₀ climb, slowly.
 """
 
 
@@ -268,7 +383,7 @@ def train_candidate(args: argparse.Namespace, candidate: str, out: Path) -> tupl
     t0 = time.perf_counter()
     result = tinylm.train(cfg, resume=args.resume, progress=sys.stderr.isatty() and not args.quiet,
                           time_limit_s=limit, log=lambda msg: print(f"[{candidate}] {msg}", flush=True))
-    seconds = time.perf_counter() - t0
+    seconds = max(time.perf_counter() - t0, float(result.trace["time_s"].max()))  # a resumed run: the trace's clock
     draw_trace(result.trace, out / "trace.png", title=f"{args.preset} / {candidate}")
     device = tinylm.resolve_device(cfg.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
