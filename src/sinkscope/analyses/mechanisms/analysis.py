@@ -152,31 +152,20 @@ def analyze(
         "skipped": pd.DataFrame({"prompt_id": [i for i, _ in bad], "reason": [w for _, w in bad]}
                                 ).astype({"prompt_id": "int64", "reason": "object"}),
     }
-    # 1-2. norms and where the sink forms
-    tables["norms"] = norm_table(main, kept)
-    profile = norm_profile(main)
-    shares = sink_share_table(main, eps)
-    tables["norm_profile"] = profile
-    tables["layers"] = shares
-    form = formation(profile, shares, min_share=min_share, ratio=norm_ratio, model=info.name)
-    tables["formation"] = form
-    summary: dict[str, Any] = {"model": info.name, "n_layers": info.n_layers, "n_heads": info.n_heads,
-                               "n_prompts": len(texts), "adds_bos": info.adds_bos, "eps": eps,
-                               "min_share": min_share, "norm_ratio": norm_ratio, "massive_ratio": massive_ratio,
-                               "massive_min_value": massive_min_value,
-                               "formation": _plain(form.iloc[0].to_dict())}
-    # 3. BOS removal
-    sims: list[pd.DataFrame] = []
+    # every other forward pass runs next, while only the captures' small reductions are held; the tables, which
+    # grow with the prompts, are built after the last pass (so a pass's working memory never meets them)
     resolved = None
+    summary: dict[str, Any] = {}
     if bos:
         try:
             resolved = resolve_bos(tok, info.adds_bos, bos_id, replace_with)
         except SinkscopeError as err:
             summary["bos_skipped"] = str(err)
-    if resolved is not None:
+    by_variant: dict[str, MechTrace] = {}
+    sims: list[pd.DataFrame] = []
+    if resolved is not None:  # 3. BOS removal: the two other encodings
         bos_tok, rep_tok = resolved
         variants = bos_variants(native, info.adds_bos, bos_tok, rep_tok)
-        by_variant: dict[str, MechTrace] = {}
         for v in VARIANTS:
             if v == variants.native:
                 by_variant[v] = main
@@ -188,6 +177,25 @@ def analyze(
             by_variant[v] = mt
             bar.step()
         traces.update({v: mt for v, mt in by_variant.items() if v != variants.native})
+    prof = None
+    if ablate_layers:  # 5. head ablation: one pass per ablated head (and per layer with all of them)
+        prof = ablation_sweep(loaded, native, ablate_layers, ablate_heads, eps=eps, baseline=main,
+                              batch_size=batch_size, step=bar.step)
+    # 1-2. norms and where the sink forms
+    tables["norms"] = norm_table(main, kept)
+    profile = norm_profile(main)
+    shares = sink_share_table(main, eps)
+    tables["norm_profile"] = profile
+    tables["layers"] = shares
+    form = formation(profile, shares, min_share=min_share, ratio=norm_ratio, model=info.name)
+    tables["formation"] = form
+    summary = {"model": info.name, "n_layers": info.n_layers, "n_heads": info.n_heads,
+               "n_prompts": len(texts), "adds_bos": info.adds_bos, "eps": eps,
+               "min_share": min_share, "norm_ratio": norm_ratio, "massive_ratio": massive_ratio,
+               "massive_min_value": massive_min_value,
+               "formation": _plain(form.iloc[0].to_dict()), **summary}
+    # 3. BOS removal: its tables
+    if resolved is not None:
         tables["bos_layers"] = bos_layers(by_variant, eps)
         tables["bos_summary"] = bos_summary(by_variant, tables["bos_layers"], min_share=min_share, ratio=norm_ratio)
         summary["bos"] = {
@@ -203,12 +211,10 @@ def analyze(
     sim_sum = similarity_summary(tables["similarity"])
     tables["similarity_summary"] = sim_sum
     summary["similarity"] = _similarity_digest(sim_sum, form)
-    # 5. head ablation
-    if ablate_layers:
+    # 5. head ablation: its tables
+    if prof is not None:
         target = form["norm_depth"].iloc[0]
         target = 2.0 if pd.isna(target) else float(target)
-        prof = ablation_sweep(loaded, native, ablate_layers, ablate_heads, eps=eps, baseline=main,
-                              batch_size=batch_size, step=bar.step)
         tables["ablation_profile"] = prof
         tables["ablation"] = ablation_table(prof, target)
         summary["ablation"] = _ablation_digest(tables["ablation"])

@@ -74,39 +74,40 @@ def implicit_bias(mt: MechTrace, prompt_ids: Sequence[int] | None = None, *, sin
     the K kept queries.
     """
     ids = list(prompt_ids) if prompt_ids is not None else list(range(mt.trace.n_prompts))
-    a, o_norm, v_norm_all, v_sink = sink_inputs(mt, sink)
-    P, L, H, N = a.shape
+    a, o_norm, v_norm, v_sink = sink_inputs(mt, sink)
+    L, H = a.shape[1:3]
     keep = mt.valid().clone()  # [P, N]
     keep[:, : sink + 1] = False
+    kf = keep[:, None, None, :].float()  # [P, 1, 1, N]: 1 at the kept queries
     vs = v_sink.double()  # [P, L, H, dv]
     vs_norm = torch.linalg.vector_norm(vs, dim=-1)  # [P, L, H]
     t_norm = a * vs_norm[..., None].float()  # [P, L, H, N]  ‖t_i‖ = A_{i,s}‖v_s‖
-    share = torch.where(o_norm > 0, t_norm / o_norm.clamp(min=1e-30), torch.full_like(o_norm, float("nan")))
-    k = keep[:, None, None, :].expand(P, L, H, N)  # [P, L, H, N]
-    count = k.sum(dim=(0, 3)).clamp(min=1)  # [L, H]
+    share = t_norm / o_norm.clamp(min=1e-30)
+    share[(o_norm <= 0).expand_as(share)] = float("nan")  # ‖o_i‖ = 0: no share
+    count = (keep.sum(dim=0).sum() * torch.ones(L, H)).clamp(min=1)  # [L, H]  kept queries over all prompts
+
+    def masked_sum(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Σ over prompts and kept queries of x [P, L, H, N] → [L, H] (NaN entries skipped)."""
+        return torch.nan_to_num(x.to(dtype) * kf, nan=0.0).sum(dim=(0, 3))
 
     def masked_mean(x: torch.Tensor) -> torch.Tensor:
-        return torch.where(k, x, torch.zeros_like(x)).nansum(dim=(0, 3)) / count
+        return masked_sum(x) / count
 
-    a64 = a.double()
-    kd = k.double()
-    nonzero = ((a64 > 0) & k).double().sum(-1) * (vs_norm > 0)  # [P, L, H]  c_p
+    nonzero = ((a > 0) & keep[:, None, None, :]).sum(-1).double() * (vs_norm > 0)  # [P, L, H]  c_p
     unit = vs / vs_norm[..., None].clamp(min=1e-300)
     summed = (nonzero[..., None] * unit).sum(0)  # [L, H, dv]
     constancy = cosine_from_unit_sum(summed, nonzero.sum(0))  # [L, H]
-    s1 = (a64 * kd).sum(-1)  # [P, L, H]  Σ_i A
-    s2 = (a64**2 * kd).sum(-1)  # [P, L, H]  Σ_i A²
-    n_kept = kd.sum(dim=(0, 3))  # [L, H]
+    s1 = (a * kf).sum(-1, dtype=torch.float64)  # [P, L, H]  Σ_i A
+    s2 = (a.square() * kf).sum(-1, dtype=torch.float64)  # [P, L, H]  Σ_i A²
+    n_kept = keep.sum().double() * torch.ones(L, H, dtype=torch.float64)  # [L, H]
     mean_t = (s1[..., None] * vs).sum(0) / n_kept.clamp(min=1)[..., None]  # [L, H, dv]
     total = (s2 * vs_norm**2).sum(0)  # [L, H]  Σ‖t‖²
     bias_r2 = torch.where(total > 0, n_kept * (mean_t**2).sum(-1) / total.clamp(min=1e-300),
                           torch.full_like(total, float("nan")))
     mag_mean = masked_mean(t_norm)
-    mag_sq = masked_mean(t_norm**2)
+    mag_sq = masked_mean(t_norm.square())
     mag_cv = (mag_sq - mag_mean**2).clamp(min=0).sqrt() / mag_mean.clamp(min=1e-30)
-    shares_sorted = torch.where(k, share, torch.full_like(share, float("nan"))).permute(1, 2, 0, 3).reshape(L, H, -1)
-    share_median = torch.nanmedian(shares_sorted, dim=-1).values
-    v_norm = v_norm_all  # [P, L, H, N]
+    share_median = _share_median(share, keep)  # [L, H]
     v_other = torch.stack([v_norm[p, :, :, [j for j in range(n) if j != sink]].median(-1).values
                            if n > 1 else torch.full((L, H), float("nan")) for p, n in enumerate(mt.lengths.tolist())])
     v_ratio = torch.nanmean(v_norm[..., sink] / v_other, dim=0)
@@ -128,18 +129,34 @@ def implicit_bias(mt: MechTrace, prompt_ids: Sequence[int] | None = None, *, sin
     for p, n in enumerate(mt.lengths.tolist()):
         if n <= sink + 1:
             continue
-        pos = np.arange(sink + 1, n)
-        ll, hh, jj = np.meshgrid(np.arange(L), np.arange(H), pos, indexing="ij")
+        q = n - sink - 1  # queries after the sink
+        # one column per array, no consolidation into blocks (copy=False): the table is its columns, once
         frames.append(pd.DataFrame({
-            "prompt_id": ids[p], "layer": ll.ravel(), "head": hh.ravel(), "position": jj.ravel(),
-            "token": np.asarray(mt.trace.tokens[p], dtype=object)[jj.ravel()],
+            "prompt_id": np.full(L * H * q, ids[p], dtype=np.int64),
+            "layer": np.repeat(np.arange(L, dtype=np.int64), H * q),
+            "head": np.tile(np.repeat(np.arange(H, dtype=np.int64), q), L),
+            "position": np.tile(np.arange(sink + 1, n, dtype=np.int64), L * H),
+            "token": np.tile(np.asarray(mt.trace.tokens[p][sink + 1 : n], dtype=object), L * H),
             "attn_to_sink": a[p, :, :, sink + 1 : n].numpy().ravel(),
             "sink_norm": t_norm[p, :, :, sink + 1 : n].numpy().ravel(),
             "out_norm": o_norm[p, :, :, sink + 1 : n].numpy().ravel(),
             "share": share[p, :, :, sink + 1 : n].numpy().ravel(),
-        }))
+        }, copy=False))
     cols = ["prompt_id", "layer", "head", "position", "token", "attn_to_sink", "sink_norm", "out_norm", "share"]
     if len(frames) == 1:  # one prompt: no concatenated copy
         return heads, frames[0]
     queries = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
     return heads, queries
+
+
+def _share_median(share: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """Per layer and head, the (lower) median share over prompts and kept queries, NaN skipped: share [P, L, H, N],
+    keep [P, N] → [L, H]. One head at a time, so the working copy is [P·N], not the whole table."""
+    L, H = share.shape[1:3]
+    flat = keep.reshape(-1)
+    out = torch.empty(L, H)
+    for layer in range(L):
+        for head in range(H):
+            out[layer, head] = torch.nanmedian(share[:, layer, head].reshape(-1)[flat])
+    return out
+
