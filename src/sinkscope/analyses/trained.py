@@ -33,17 +33,17 @@ from sinkscope.capture import CaptureConfig, Intervention, intervene, run_captur
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel, model_info
 
-SINK_COLUMNS = ["sink_share", "null_mass", "loss", "heldout_loss", "heldout_sink_share", "train_steps"]
-
 
 def budget_config(data: str | Path, out: str | Path, steps: int, seed: int = 0, **overrides: Any) -> Any:
-    """The shared budget: `sinkscope-tiny`'s architecture and optimiser (3 layers, d_model 64, 4 heads, context 64,
-    batch 16, byte-level BPE of 1024 tokens, AdamW lr 5e-3, weight decay 0.5, cosine schedule) for `steps` steps on
-    the text of `data`, softmax attention (each variant replaces `variant`). Returns a `tinylm.TrainConfig`."""
+    """The shared budget: `sinkscope-tiny`'s recipe (3 layers, d_model 64, 4 heads, context 64, batch 16, byte-level
+    BPE of 1024 tokens, AdamW lr 5e-3, weight decay 0.1, cosine schedule; half of every batch the Bigram-Backcopy task
+    with 24 dedicated trigger tokens) for `steps` steps on the text of `data`,
+    softmax attention (each variant replaces `variant`). Returns a `tinylm.TrainConfig`."""
     from sinkscope.toy.tinylm import TrainConfig
 
     base = dict(d_model=64, layers=3, heads=4, intermediate=None, vocab_size=1024, seq_len=64, batch_size=16, lr=5e-3,
-                weight_decay=0.5, eval_every=max(1, steps // 4), eval_batch=32)
+                weight_decay=0.1, synthetic="bigram_backcopy", synthetic_frac=0.5, synthetic_triggers=24,
+                eval_every=max(1, steps // 4), eval_batch=32)
     return TrainConfig(data=str(data), out=str(out), steps=steps, seed=seed, device="cpu", **{**base, **overrides})
 
 
