@@ -135,3 +135,42 @@ def test_stream_cli_on_a_text_longer_than_the_context(tmp_path):
     tokens = run["tokens"]
     assert len(tokens) == 299 and tokens["nll_full"].isna().sum() == 299 - 255
     assert tokens["nll_sink_window"].notna().all()
+
+
+def _tiny_has_first_token_sink() -> bool:
+    """Whether the shipped sinkscope-tiny puts α₀ > 0.2 on position 0 in some layer (its sinks.json)."""
+    import json
+    from importlib import resources
+
+    sinks = json.loads(resources.files("sinkscope").joinpath("assets", "sinkscope-tiny", "sinks.json").read_text())
+    return max(layer["alpha0_mean"] for layer in sinks["layers"]) > 0.2
+
+
+@pytest.mark.slow
+def test_stream_cli_four_contexts_window_only_loses_after_eviction(tmp_path, shared):
+    """Issue #16's check: `sinkscope stream --model sinkscope-tiny --text FILE --sink 4 --window 64 --max-tokens
+    1024` streams a text of 4× the model's context; the full cache stops at the context; once the first tokens are
+    evicted, the window-only cache's perplexity is worse than sink + window's (StreamingLLM's result, on a model with
+    a first-token sink)."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from sinkscope.cli.app import app
+    from sinkscope.store import load_run
+
+    if not _tiny_has_first_token_sink():
+        pytest.skip("the shipped sinkscope-tiny has no first-token sink yet (#17 item 5): StreamingLLM's precondition")
+    source = shared / "data" / "tiny_shakespeare" / "test.jsonl"
+    if not source.exists():
+        pytest.skip("needs ../shared/data/tiny_shakespeare")
+    text = tmp_path / "long.txt"
+    text.write_text(" ".join(json.loads(line)["text"] for line in source.read_text().splitlines()[:2]))
+    res = CliRunner().invoke(app, ["stream", "--model", "sinkscope-tiny", "--text", str(text), "--sink", "4",
+                                   "--window", "64", "--max-tokens", "1024", "--out", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    ppl = load_run(tmp_path / "run")["perplexity"].set_index("policy")
+    assert ppl.loc["full", "n_tokens"] == 256  # the model's context, said so in the output
+    assert "first 256 tokens only" in res.output
+    assert ppl.loc["sink_window", "n_tokens"] == ppl.loc["window", "n_tokens"] == 1024  # 4× the context
+    assert ppl.loc["window", "ppl_after"] > ppl.loc["sink_window", "ppl_after"]

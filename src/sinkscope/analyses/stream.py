@@ -28,9 +28,8 @@ from __future__ import annotations
 import inspect
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from transformers import DynamicCache
@@ -141,11 +140,11 @@ class _SinkWindowCache:
 
 
 def stream_nll(loaded: LoadedModel, ids: Sequence[int], policy: str, sink: int = 4, window: int = 256,
-               progress: bool = False) -> StreamResult:
+               progress: Callable[[int, int], None] | None = None) -> StreamResult:
     """Feed `ids` one token at a time under a cache policy and return each next-token NLL.
 
     `full` scores only the tokens within the model's context (`StreamResult.n_tokens`); the evicting policies score
-    any length."""
+    any length. `progress(done, total)` is called every 16 tokens and after the last (a progress bar's update)."""
     if policy not in POLICIES:
         raise SinkscopeError(f"unknown cache policy '{policy}': use one of {', '.join(POLICIES)}")
     if sink < 0 or window < 1:
@@ -168,13 +167,9 @@ def stream_nll(loaded: LoadedModel, ids: Sequence[int], policy: str, sink: int =
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     tokens = torch.tensor(list(ids), device=loaded.device)
     nll = torch.empty(len(ids) - 1)
-    steps: Any = range(len(ids) - 1)
-    if progress:
-        from rich.progress import track
-
-        steps = track(steps, description=f"{policy:>11}", transient=True)
+    total = len(ids) - 1
     with torch.inference_mode():
-        for t in steps:
+        for t in range(total):
             if policy != "full":
                 if context is not None and t - book.offset >= context:
                     book.rebase(t - book.offset - budget)
@@ -186,10 +181,15 @@ def stream_nll(loaded: LoadedModel, ids: Sequence[int], policy: str, sink: int =
             nll[t] = -logp[tokens[t + 1]].cpu()
             if policy != "full" and cache.get_seq_length() > budget:
                 book.evict()
+            if progress is not None and ((t + 1) % 16 == 0 or t + 1 == total):
+                progress(t + 1, total)
     return StreamResult(policy=policy, sink=sink, window=window, nll=nll)
 
 
 def compare(loaded: LoadedModel, ids: Sequence[int], sink: int = 4, window: int = 256,
-            policies: Sequence[str] = POLICIES, progress: bool = False) -> list[StreamResult]:
-    """Run every policy on the same tokens."""
-    return [stream_nll(loaded, ids, p, sink, window, progress) for p in policies]
+            policies: Sequence[str] = POLICIES, progress: Callable[[str, int, int], None] | None = None
+            ) -> list[StreamResult]:
+    """Run every policy on the same tokens. `progress(policy, done, total)` as in `stream_nll`."""
+    return [stream_nll(loaded, ids, p, sink, window,
+                       None if progress is None else (lambda done, total, p=p: progress(p, done, total)))
+            for p in policies]

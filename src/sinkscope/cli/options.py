@@ -237,7 +237,8 @@ def check_out(out: Path) -> None:
 @contextmanager
 def progress_bars() -> Iterator[Callable[[str, int, int | None], None]]:
     """The one progress display of long commands: a bar per task with done/total, elapsed time and an ETA, on stderr,
-    gone when finished. Yields `update(task, done, total)`."""
+    gone when finished; nothing when stderr is not a terminal (a pipe or a log would get only a stray blank line).
+    Yields `update(task, done, total)`."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
@@ -249,7 +250,7 @@ def progress_bars() -> Iterator[Callable[[str, int, int | None], None]]:
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=True) as bar:
+    with Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal) as bar:
         tasks: dict[str, Any] = {}
 
         def update(task: str, done: int, total: int | None) -> None:

@@ -17,6 +17,7 @@ from sinkscope.cli.options import (
     TrustOpt,
     console,
     load,
+    progress_bars,
     read_text,
     renamed,
     user_errors,
@@ -61,7 +62,8 @@ def stream_command(
     context = context_length(loaded)
     prefix = min(256, context // 2) if context else 256  # re-encoded with special tokens it stays in the context
     sinks = profile(loaded, [loaded.tokenizer.decode(ids[:prefix])], "column_mass").tables["layers"]
-    results = compare(loaded, ids, sink, window, progress=True)
+    with progress_bars() as update:
+        results = compare(loaded, ids, sink, window, progress=update)
     table = Table(title=f"{loaded.info.name}: {len(ids)} tokens, cache budget {budget} ({sink} sinks + {window})",
                   title_justify="left")
     for col in ("cache", "tokens", "ppl (all)", f"ppl (tokens ≥ {budget}, after eviction)"):

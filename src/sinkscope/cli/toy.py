@@ -17,6 +17,7 @@ from sinkscope.cli.options import (
     OverwriteOpt,
     SeedOpt,
     described,
+    progress_bars,
     renamed,
     user_errors,
 )
@@ -159,7 +160,8 @@ def train_cmd(
     _one_thread()
     cfg = _model_config(task, c, renamed(n_heads, heads))
     tc = TrainConfig(seed=seed, epochs=epochs)
-    res = train(cfg, tc)
+    with progress_bars() as update:
+        res = train(cfg, tc, progress=lambda done, total: update("training (epochs)", done, total))
     batch = check_batch(TaskConfig(sep2=cfg.sep2), tc.data_seed)
     report = check_mechanism_sep2(res.model, batch) if cfg.sep2 else check_mechanism(res.model, batch)
     c_final = "learned embedding" if res.c is None else f"{res.c:.4f}"
@@ -192,7 +194,9 @@ def success_rate_cmd(
     start = time.perf_counter()
     _check_jobs(jobs)
     values, tc = _floats(c_values, "--c-values"), TrainConfig(epochs=epochs)
-    runs = success_rate(values, range(seed, seed + seeds), tc, n_jobs=jobs)
+    with progress_bars() as update:
+        runs = success_rate(values, range(seed, seed + seeds), tc, n_jobs=jobs,
+                            progress=lambda done, total: update("training runs", done, total))
     table = success_table(runs)
     typer.echo(format_table(table))
     typer.echo(f"({len(runs)} runs in {time.perf_counter() - start:.0f} s)")
@@ -223,7 +227,9 @@ def sep2(
     start = time.perf_counter()
     _check_jobs(jobs)
     head_counts, tc = _ints(renamed(n_heads, heads), "--n-heads", 1, MAX_HEADS), TrainConfig(epochs=epochs)
-    runs = sep2_experiment(head_counts, range(seed, seed + seeds), c, tc, n_jobs=jobs)
+    with progress_bars() as update:
+        runs = sep2_experiment(head_counts, range(seed, seed + seeds), c, tc, n_jobs=jobs,
+                               progress=lambda done, total: update("training runs", done, total))
     table = sep2_table(runs)
     typer.echo(format_table(table))
     typer.echo(f"({len(runs)} runs in {time.perf_counter() - start:.0f} s)")
@@ -257,7 +263,8 @@ def plot(
     _one_thread()
     cfg = _model_config(task, c, renamed(n_heads, heads))
     tc = TrainConfig(seed=seed, epochs=epochs)
-    res = train(cfg, tc)
+    with progress_bars() as update:
+        res = train(cfg, tc, progress=lambda done, total: update("training (epochs)", done, total))
     batch = check_batch(TaskConfig(sep2=cfg.sep2))
     name = f"attention_{task}_c{c:g}_seed{seed}.png"
     with tempfile.TemporaryDirectory() as tmp:

@@ -293,9 +293,11 @@ def evaluate(model: AveragingTransformer, batch: AveragingBatch) -> tuple[float,
 
 
 def train(
-    model_config: ToyConfig = ToyConfig(), train_config: TrainConfig = TrainConfig(), task: TaskConfig | None = None
+    model_config: ToyConfig = ToyConfig(), train_config: TrainConfig = TrainConfig(), task: TaskConfig | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> TrainResult:
-    """Train with AdamW on the MSE loss; returns the held-out R^2 and loss.
+    """Train with AdamW on the MSE loss; returns the held-out R^2 and loss. `progress(epoch, epochs)` is called
+    after each epoch (a progress bar's update).
 
     Deterministic given the configs on one torch build and CPU; training is chaotic, so another torch version
     or instruction set can turn a converging seed into a failing one (seen for [SEP2], not for one [SEP]).
@@ -324,6 +326,8 @@ def train(
             opt.step()
             total += loss.item() * len(idx)
         history.append(total / len(data))
+        if progress is not None:
+            progress(len(history), train_config.epochs)
     mse, r2 = evaluate(model, test)
     if not math.isfinite(r2):
         r2 = float("-inf")
