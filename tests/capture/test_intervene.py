@@ -9,7 +9,16 @@ import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
-from sinkscope.capture import Calibrate, CaptureConfig, MaskKeys, Reweight, Temperature, intervene
+from sinkscope.capture import (
+    Calibrate,
+    CaptureConfig,
+    MaskKeyPerRow,
+    MaskKeys,
+    Reweight,
+    ReweightSinks,
+    Temperature,
+    intervene,
+)
 from sinkscope.capture.attention import capture_session
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import tiny_model
@@ -138,3 +147,67 @@ def test_interventions_refuse_layers_and_heads_the_model_lacks():
     with pytest.raises(SinkscopeError, match=r"heads \[7\] do not exist"), \
             intervene(lm.model, Temperature(t=2.0, heads=[7])):
         pass
+
+
+def _full_attention(hooks, query, key, value, mask, s_aux=None):
+    """The whole [b, h, q, k] matrix changed at once (the path a capture session takes)."""
+    from sinkscope.capture.attention import _weighted_values, additive_bias, attention_probs
+
+    bias = additive_bias(mask, query, key, True, None)
+    probs = attention_probs(query, key, bias, 0.5, None, s_aux)
+    for hook in hooks:
+        probs = hook(probs, 0, bias)
+    return _weighted_values(probs, value)
+
+
+@pytest.mark.parametrize("hooks", [
+    [MaskKeys(positions=[0, -1])], [MaskKeyPerRow(keys=[0, 2])], [Reweight(weights=[0.2, 3.0])],
+    [ReweightSinks(gamma=0.0)], [Temperature(t=0.7)], [Calibrate(beta=0.3, threshold=0.05, heads=[1, 3])],
+    [Calibrate(beta=0.5, threshold=0.05), MaskKeys(positions=[1])], [Temperature(t=0.7), Calibrate(beta=0.5)],
+])
+@pytest.mark.parametrize("sinks", [False, True])
+def test_chunked_interventions_equal_the_whole_matrix(hooks, sinks):
+    """A prompt under interventions is computed a few queries at a time (no [b, h, q, k] tensor); the output is the
+    one of changing the whole matrix, with padding (right-padded row 1), GQA, learned sink logits and ACT's column
+    means over every real query."""
+    from sinkscope.capture.intervene import chunked_attention
+
+    torch.manual_seed(0)
+    b, h, kvh, n, d = 2, 4, 2, 11, 8
+    query, key, value = torch.randn(b, h, n, d), torch.randn(b, kvh, n, d), torch.randn(b, kvh, n, d)
+    key[:, :, 0] *= 4  # a key that draws attention, so ACT finds sinks
+    real = torch.ones(b, n, dtype=torch.bool)
+    real[1, 8:] = False
+    mask = torch.tril(torch.ones(n, n, dtype=torch.bool))[None, None] & real[:, None, None, :]  # [b, 1, q, k]
+    s_aux = torch.randn(h) if sinks else None
+    expected = _full_attention(hooks, query, key, value, mask, s_aux)
+    got = chunked_attention(hooks, 0, query, key, value, mask, True, 0.5, s_aux=s_aux, chunk=3)
+    torch.testing.assert_close(got[0], expected[0], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got[1, :8], expected[1, :8], atol=1e-5, rtol=0)  # the real queries of row 1
+    nomask = chunked_attention(hooks[:1] if isinstance(hooks[0], MaskKeyPerRow) else hooks, 0, query, key, value,
+                               None, True, 0.5, s_aux=s_aux, chunk=4)
+    full = _full_attention(hooks[:1] if isinstance(hooks[0], MaskKeyPerRow) else hooks, query, key, value, None,
+                           s_aux)
+    torch.testing.assert_close(nomask, full, atol=1e-5, rtol=0)
+
+
+def test_a_prompt_under_interventions_never_holds_the_whole_matrix(lm):
+    """Without a capture session the interventions see the prompt's queries a chunk at a time (decode steps whole),
+    and the logits are the ones of a capture session, which changes the whole matrix."""
+    seen = []
+
+    class Record(Temperature):
+        def change(self, probs, layer, visible):
+            seen.append(tuple(probs.shape[-2:]))
+            return super().change(probs, layer, visible)
+
+    enc = lm.tokenizer(["The cat sat on the mat and looked at the dog for a long while, then slept."] * 2,
+                       return_tensors="pt")
+    n = enc["input_ids"].shape[1]
+    with torch.no_grad(), intervene(lm.model, Record(t=0.8), Calibrate(beta=0.4)):
+        got = lm.model(**enc).logits
+    assert n > 16 and max(q for q, _ in seen) < n and all(k == n for _, k in seen)
+    with torch.no_grad(), intervene(lm.model, Temperature(t=0.8), Calibrate(beta=0.4)), \
+            capture_session(lm.model, CaptureConfig(), enc["attention_mask"]):
+        whole = lm.model(**enc).logits
+    torch.testing.assert_close(got, whole, atol=1e-4, rtol=0)

@@ -214,6 +214,12 @@ def sinkscope_attention(
         hooks = []
     session = _ACTIVE.get()
     probs = None
+    if hooks and session is None and query.shape[2] > 1:  # a prompt under interventions: A a chunk at a time
+        from sinkscope.capture.intervene import chunked_attention
+
+        output = chunked_attention(hooks, layer, query, key, value, attention_mask, is_causal, scaling, softcap, s_aux,
+                                   position_bias)
+        return output.to(query.dtype), None
     if hooks:
         bias = additive_bias(attention_mask, query, key, is_causal, position_bias)
         probs = attention_probs(query, key, bias, scaling, softcap, s_aux)  # [b, h, q, k]

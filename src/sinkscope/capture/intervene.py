@@ -10,19 +10,32 @@ forward or `generate` call:
         model(**inputs)
 
 Rows keep their total mass (1, or 1 − the learned sink share for gpt-oss style models) when mass is moved.
+
+Without a capture session, a prompt's attention under interventions is computed a chunk of queries at a time
+(`chunked_attention`): A never exists as a whole [b, h, q, k] tensor, only a chunk about the size of the layer's
+output. ACT's calibration, which needs each key's column mean over every query, reads it in a first pass over the
+chunks.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import transformers
 
-from sinkscope.capture.attention import _HOOKS, use_sinkscope_attention
+from sinkscope.capture.attention import (
+    _HOOKS,
+    _weighted_values,
+    additive_bias,
+    attention_probs,
+    chunk_size_for,
+    use_sinkscope_attention,
+)
 from sinkscope.detect import act as act_detector
 from sinkscope.detect import detect, get_detector
 from sinkscope.errors import SinkscopeError
@@ -34,13 +47,22 @@ class Intervention:
 
     layers: Sequence[int] | None = None
     heads: Sequence[int] | None = None
+    # True when `change` needs each key's column mean over all the prompt's queries (passed as `alpha`)
+    needs_columns: ClassVar[bool] = False
 
     def applies(self, layer: int | None) -> bool:
         return self.layers is None or (layer is not None and layer in self.layers)
 
-    def __call__(self, probs: torch.Tensor, layer: int | None, bias: torch.Tensor) -> torch.Tensor:
-        """probs [b, h, q, k], bias [b|1, 1|h, q, k] (−inf where a key is invisible) → probs [b, h, q, k]."""
-        changed = self.change(probs, layer, torch.isfinite(bias))
+    def __call__(self, probs: torch.Tensor, layer: int | None, bias: torch.Tensor,
+                 alpha: torch.Tensor | None = None) -> torch.Tensor:
+        """probs [b, h, q, k] (all the layer's queries, or a chunk of them), bias [b|1, 1|h, q, k] (−inf where a key
+        is invisible), alpha [b, h, k] the column means over all queries (hooks with `needs_columns`, for a chunk)
+        → probs [b, h, q, k]."""
+        visible = torch.isfinite(bias)
+        if self.needs_columns:
+            changed = self.change(probs, layer, visible, alpha)
+        else:
+            changed = self.change(probs, layer, visible)
         if self.heads is None:
             return changed
         picked = torch.zeros(probs.shape[1], dtype=torch.bool, device=probs.device)
@@ -197,6 +219,7 @@ class Calibrate(Intervention):
     beta: float = 0.4
     threshold: float = 0.1
     _sinks: dict[int | None, torch.Tensor] = field(default_factory=dict, repr=False)
+    needs_columns: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         if not 0 <= self.beta <= 1:
@@ -208,15 +231,16 @@ class Calibrate(Intervention):
         A padded position is a key no query sees; query i sits at key i + (k − q) (the cache holds k − q keys).
         """
         nq, nk = probs.shape[-2], probs.shape[-1]
-        seen = visible.any(1).expand(probs.shape[0], nq, nk)  # [b, q, k]
-        real = seen.any(-2)[:, nk - nq :]  # [b, q]
-        seen = (seen & real[:, :, None]).to(probs.dtype)
-        alpha = (probs * real[:, None, :, None]).sum(-2) / seen.sum(-2)[:, None].clamp(min=1)
-        return act_detector(alpha, threshold=self.threshold)
+        real = visible.any(1).any(-2)[:, nk - nq :].expand(probs.shape[0], nq)  # [b, q]
+        total, count = column_sums(probs, visible, real)
+        return act_detector(total / count[:, None].clamp(min=1), threshold=self.threshold)
 
-    def change(self, probs: torch.Tensor, layer: int | None, visible: torch.Tensor) -> torch.Tensor:
+    def change(self, probs: torch.Tensor, layer: int | None, visible: torch.Tensor,
+               alpha: torch.Tensor | None = None) -> torch.Tensor:
         nq, nk = probs.shape[-2], probs.shape[-1]
-        if nq > 1 or layer not in self._sinks:
+        if alpha is not None:  # a chunk of the prompt's queries, with the column means of all of them
+            self._sinks[layer] = act_detector(alpha, threshold=self.threshold)
+        elif nq > 1 or layer not in self._sinks:
             self._sinks[layer] = self.sinks(probs, visible)
         sinks = self._sinks[layer]
         if sinks.shape[-1] < nk:  # generation: keys added after the prompt are never sinks
@@ -227,6 +251,91 @@ class Calibrate(Intervention):
         rest = torch.where(sinks, 0.0, probs)
         rest_total = rest.sum(-1, keepdim=True)
         return torch.where(rest_total > 0, scaled + rest * removed / rest_total.clamp(min=1e-30), probs)
+
+
+def column_sums(probs: torch.Tensor, visible: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ over the real queries of A_ik and of [query i sees key k]: probs [b, h, q, k], visible [b|1, 1|h, q, k] bool,
+    real [b, q] bool → ([b, h, k], [b, k]). Their ratio is the causal column mean α_k; sums of chunks add up."""
+    seen = (visible.any(1) & real[:, :, None]).to(probs.dtype)  # [b, q, k]
+    return (probs * real[:, None, :, None].to(probs.dtype)).sum(-2), seen.sum(-2)
+
+
+def _chunk_bias(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, c0: int, c1: int, is_causal: bool,
+                position_bias: torch.Tensor | None) -> torch.Tensor:
+    """`additive_bias` of the queries c0..c1 only: [b|1, 1|h, c, k] float32, −inf where a key is invisible."""
+    nq, nk = query.shape[2], key.shape[2]
+    if mask is None:
+        bias = torch.zeros(1, 1, c1 - c0, nk, device=query.device)
+        if is_causal and nq > 1:  # query i sees the keys up to i + k − q (the cache holds k − q earlier keys)
+            rows = torch.arange(c0, c1, device=query.device)[:, None] + (nk - nq)
+            bias.masked_fill_(rows < torch.arange(nk, device=query.device), -math.inf)
+    else:
+        bias = additive_bias(mask if mask.shape[2] == 1 else mask[:, :, c0:c1], query[:, :, c0:c1], key, is_causal,
+                             None)
+    if position_bias is not None:
+        pb = position_bias if position_bias.shape[2] == 1 else position_bias[:, :, c0:c1]
+        bias = bias + pb[..., -nk:].float()
+    return bias
+
+
+def chunked_attention(
+    hooks: Sequence[Intervention],
+    layer: int | None,
+    query: torch.Tensor,  # [b, h, q, d]
+    key: torch.Tensor,  # [b, kvh, k, d]
+    value: torch.Tensor,  # [b, kvh, k, dv]
+    mask: torch.Tensor | None,  # [b|1, 1, q|1, k] bool or additive float, or None (causal or full, by is_causal)
+    is_causal: bool,
+    scaling: float,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,  # [h] learned sink logits
+    position_bias: torch.Tensor | None = None,  # [b|1, h, q, k]
+    chunk: int | None = None,
+) -> torch.Tensor:
+    """The layer's attention output under `hooks`, `chunk` queries at a time (default: as many as keep a chunk's
+    probabilities [b, h, c, k] about the size of the output [b, q, h, dv], at least 16). A hook that needs the column
+    means (ACT) gets those of what it receives (the attention after the hooks before it) from a pass over the chunks
+    of its own; the same numbers as changing the whole [b, h, q, k] matrix at once. Returns [b, q, h, dv] in
+    float32."""
+    b, h, nq, _ = query.shape
+    nk, dv = key.shape[2], value.shape[-1]
+    if chunk is None:
+        chunk = max(16, min(chunk_size_for(b, h, nk, query.device), nq * dv // max(1, nk)))
+    starts = range(0, nq, chunk)
+
+    def probs_of(c0: int) -> tuple[torch.Tensor, torch.Tensor]:
+        c1 = min(nq, c0 + chunk)
+        bias = _chunk_bias(mask, query, key, c0, c1, is_causal, position_bias)
+        return attention_probs(query[:, :, c0:c1], key, bias, scaling, softcap, s_aux), bias  # [b, h, c, k]
+
+    def changed(c0: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:  # the chunk after hooks[:upto]
+        probs, bias = probs_of(c0)
+        for i, hook in enumerate(hooks[:upto]):
+            probs = hook(probs, layer, bias, alphas.get(i))
+        return probs, bias
+
+    alphas: dict[int, torch.Tensor] = {}  # hook index → [b, h, k] column means of what that hook receives
+    if any(hook.needs_columns for hook in hooks):
+        if mask is None:
+            real = torch.ones(b, nq, dtype=torch.bool, device=query.device)
+        else:  # a padded position is a key no query sees
+            seen = mask.any(-2) if mask.dtype == torch.bool else (mask > torch.finfo(mask.dtype).min / 2).any(-2)
+            real = seen[:, 0, nk - nq :].expand(b, nq)  # [b, q]
+    for i, hook in enumerate(hooks):
+        if not hook.needs_columns:
+            continue
+        total = torch.zeros(b, h, nk, device=query.device)
+        count = torch.zeros(b, nk, device=query.device)
+        for c0 in starts:
+            probs, bias = changed(c0, i)
+            add_total, add_count = column_sums(probs, torch.isfinite(bias), real[:, c0 : c0 + chunk])
+            total += add_total
+            count += add_count
+        alphas[i] = total / count[:, None].clamp(min=1)
+    out = torch.empty(b, nq, h, dv, device=query.device)
+    for c0 in starts:
+        out[:, c0 : c0 + chunk] = _weighted_values(changed(c0, len(hooks))[0], value)
+    return out
 
 
 def _check_scope(model: transformers.PreTrainedModel, interventions: Sequence[Intervention]) -> None:
