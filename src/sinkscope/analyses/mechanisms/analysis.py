@@ -152,8 +152,9 @@ def analyze(
         "skipped": pd.DataFrame({"prompt_id": [i for i, _ in bad], "reason": [w for _, w in bad]}
                                 ).astype({"prompt_id": "int64", "reason": "object"}),
     }
-    # every other forward pass runs next, while only the captures' small reductions are held; the tables, which
-    # grow with the prompts, are built after the last pass (so a pass's working memory never meets them)
+    # every other forward pass runs next, while only the captures' small reductions are held (the ablations
+    # first: they keep a few numbers per layer, the BOS variants their key mass); the tables, which grow with the
+    # prompts, are built after the last pass, so a pass's working memory never meets them
     resolved = None
     summary: dict[str, Any] = {}
     if bos:
@@ -161,6 +162,10 @@ def analyze(
             resolved = resolve_bos(tok, info.adds_bos, bos_id, replace_with)
         except SinkscopeError as err:
             summary["bos_skipped"] = str(err)
+    prof = None
+    if ablate_layers:  # 5. head ablation: one pass per ablated head (and per layer with all of them)
+        prof = ablation_sweep(loaded, native, ablate_layers, ablate_heads, eps=eps, baseline=main,
+                              batch_size=batch_size, step=bar.step)
     by_variant: dict[str, MechTrace] = {}
     sims: list[pd.DataFrame] = []
     if resolved is not None:  # 3. BOS removal: the two other encodings
@@ -177,10 +182,6 @@ def analyze(
             by_variant[v] = mt
             bar.step()
         traces.update({v: mt for v, mt in by_variant.items() if v != variants.native})
-    prof = None
-    if ablate_layers:  # 5. head ablation: one pass per ablated head (and per layer with all of them)
-        prof = ablation_sweep(loaded, native, ablate_layers, ablate_heads, eps=eps, baseline=main,
-                              batch_size=batch_size, step=bar.step)
     # 1-2. norms and where the sink forms
     tables["norms"] = norm_table(main, kept)
     profile = norm_profile(main)
