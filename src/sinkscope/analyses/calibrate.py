@@ -25,17 +25,19 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from sinkscope.analyses.evaluate.classify import label_token_ids, next_token_logprobs, score_labels
+from sinkscope.analyses.evaluate.classify import PromptPass, label_token_ids, next_token_logprobs, score_labels
 from sinkscope.analyses.evaluate.datasets import DatasetSpec, Example
-from sinkscope.analyses.evaluate.run import (
-    Classified,
-    EvalConfig,
-    classify_examples,
-    example_records,
-    summarise_records,
+from sinkscope.analyses.evaluate.run import Classified, EvalConfig, example_records, summarise_records
+from sinkscope.capture import (
+    Calibrate,
+    CaptureConfig,
+    Intervention,
+    MaskKeys,
+    ReweightSinks,
+    Trace,
+    intervene,
+    run_capture,
 )
-from sinkscope.analyses.trained import prompt_sinks
-from sinkscope.capture import Calibrate, Intervention, MaskKeys, ReweightSinks, intervene
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
 
@@ -122,6 +124,19 @@ def accuracy(loaded: LoadedModel, spec: DatasetSpec, examples: Sequence[Example]
     return float((predict(loaded, spec, examples, interventions, batch_size) == gold).float().mean())
 
 
+def _sink_sums(trace: Trace) -> torch.Tensor:
+    """[4]: Σ over the prompts of α₀ and of the null mass (each a mean over layers, heads and the queries, as
+    `sinkscope.analyses.trained.prompt_sinks` defines them), the summed next-token NLL and its count."""
+    assert trace.columns is not None and trace.nll_sum is not None and trace.nll_count is not None
+    col = trace.columns[..., 0]  # [P, L, H, N]: A_i0 for every query i (0 past each prompt's length)
+    later = (torch.arange(col.shape[-1]) >= 1).float()  # queries i ≥ 1 (query 0 sees only itself)
+    alpha0 = (col * later).sum(-1) / (trace.lengths - 1).clamp(min=1)[:, None, None].float()  # [P, L, H]
+    null = (trace.sink_share.sum(-1) / trace.lengths[:, None, None].float()  # [P, L, H]
+            if trace.sink_share is not None else torch.zeros_like(alpha0))
+    return torch.stack([alpha0.mean((1, 2)).sum(), null.mean((1, 2)).sum(), trace.nll_sum.sum().float(),
+                        trace.nll_count.sum().float()]).double()
+
+
 def search_heads(
     loaded: LoadedModel,
     spec: DatasetSpec,
@@ -193,9 +208,12 @@ def mitigation_benchmark(
     They read the attention after the forward pass and change no prediction (changed_predictions 0: their
     predictions are the baseline's, made with the attention captured).
 
+    Each method runs each batch once (`run_capture` under its interventions): the prediction, α₀, null mass and
+    loss come from that one pass (the baseline's also keeps the last token's attention rows for the alignment).
+
     Columns: dataset, method, kind, n, accuracy, changed_predictions (share that differ from none),
-    ms_per_example (forward rows: the prediction; DMR rows: the prediction with the attention captured, plus
-    DMR), cost_vs_none, dmr_ms (DMR alone), and for none and the DMR rows the evaluation's mismatch, match
+    ms_per_example (forward rows: the method's pass; DMR rows: the baseline's pass plus DMR), cost_vs_none,
+    dmr_ms (DMR alone), and for none and the DMR rows the evaluation's mismatch, match
     (keyword match of the top-K attention on wrong / right predictions), spearman, topk_overlap (attention against
     causal effects, over n_causal examples: those in `causal_ids` when alignment.causal, else none); for the rows
     that change the forward pass, sink_share, null_mass and loss on the examples' prompts under the method
@@ -211,32 +229,55 @@ def mitigation_benchmark(
     ]
     if calibration is not None:
         methods.append(("act_searched", calibration.interventions()))
-    runs = {name: (lambda chunk, iv=interventions: predict(loaded, spec, chunk, iv, batch_size))
-            for name, interventions in methods}
     if alignment is not None:
         alignment = dataclasses.replace(alignment, batch_size=batch_size)
         alignment.check()
-        config = alignment
-        classified: list[Classified] = []  # the captured passes, kept for the alignment: each batch runs once
+    prompts = _prompts(loaded, spec, examples)
+    if min(len(p) for p in prompts) < 2:
+        raise SinkscopeError("the sink share needs prompts of at least two tokens")
+    labels = label_token_ids(loaded.tokenizer, spec.labels, spec.answer_prefix)
+    classified: list[Classified] = []  # the baseline's batches with the last token's attention, for the alignment
+    sinks: dict[str, list[torch.Tensor]] = {}  # per method, per batch: [4] sums of α₀, null mass, NLL, NLL count
 
-        def captured(chunk: Sequence[Example]) -> torch.Tensor:
-            classified.append(classify_examples(loaded, spec, chunk, config))
-            return classified[-1].predictions()
+    def one_pass(name: str, interventions: list[Intervention]) -> Callable[[list[int]], torch.Tensor]:
+        """Each method's one pass per batch: predictions, α₀ / null mass / loss, and (baseline with an alignment)
+        the last token's attention rows."""
+        rows = name == "none" and alignment is not None
+        # the baseline's rows come with the model's own output (`fused=False`), as `sinkscope eval` reads them
+        config = CaptureConfig(rows="last" if rows else None, entropy=False, columns=[0], loss=True, logprobs=True,
+                               fused=not rows)
 
-        runs["captured"] = captured
-    batches = _length_batches([len(p) for p in _prompts(loaded, spec, examples)], batch_size)
+        def run(idx: list[int]) -> torch.Tensor:
+            batch = [prompts[i] for i in idx]
+            with intervene(loaded.model, *interventions) if interventions else nullcontext():
+                trace = run_capture(loaded, batch, config, batch_size=len(batch), padding_side="right",
+                                    texts=[""] * len(batch))
+                assert trace.logprobs is not None
+                scores = score_labels(loaded, batch, labels, trace.logprobs, "right", batch_size)
+            sinks.setdefault(name, []).append(_sink_sums(trace))
+            if rows:
+                lengths = trace.lengths.tolist()
+                last, mass = trace.last_rows(), trace.key_mass  # [P, L, H, N]
+                classified.append(Classified(prompt_ids=batch, scores=scores, passed=PromptPass(
+                    logprobs=trace.logprobs, rows=[last[i, :, :, :n].clone() for i, n in enumerate(lengths)],
+                    key_mass=[mass[i, :, :, :n].clone() for i, n in enumerate(lengths)])))
+            return scores.argmax(-1)
+
+        return run
+
+    runs = {name: one_pass(name, interventions) for name, interventions in methods}
+    batches = _length_batches([len(p) for p in prompts], batch_size)
     for run in runs.values():  # first calls (kernels, the attention switch) are not timed
-        run([examples[i] for i in batches[0]])
-    if alignment is not None:
-        classified.clear()
+        run(batches[0])
+    classified.clear()
+    sinks.clear()
     preds = {name: torch.empty(len(examples), dtype=torch.long) for name in runs}
     seconds = dict.fromkeys(runs, 0.0)
     total = len(batches) * (2 if alignment is not None else 1)  # the timed runs, then the alignment records
     for done, idx in enumerate(batches, 1):
-        chunk = [examples[i] for i in idx]
         for name, run in runs.items():
             start = time.perf_counter()
-            preds[name][idx] = run(chunk)
+            preds[name][idx] = run(idx)
             seconds[name] += time.perf_counter() - start
         if step is not None:
             step(done, total)
@@ -249,9 +290,9 @@ def mitigation_benchmark(
                 "ms_per_example": 1000 * seconds[name] / len(examples), "dmr_ms": math.nan}
 
     rows = [row(name, name, "baseline" if name == "none" else "forward") for name, _ in methods]
-    prompts = _prompts(loaded, spec, examples)
-    for r, (_, interventions) in zip(rows, methods, strict=True):
-        r.update(prompt_sinks(loaded, prompts, interventions, batch_size))
+    for r, (name, _) in zip(rows, methods, strict=True):
+        alpha0, null, nll, count = torch.stack(sinks[name]).sum(0).tolist()
+        r.update({"sink_share": alpha0 / len(prompts), "null_mass": null / len(prompts), "loss": nll / max(1, count)})
     if alignment is not None:
         records = []
         for i, (idx, done) in enumerate(zip(batches, classified, strict=True), 1):
@@ -263,7 +304,7 @@ def mitigation_benchmark(
         rows[0].update(summary.loc["before", scores].to_dict())
         for method in alignment.methods:
             dmr = {"dmr_ms": float(summary.loc[method, "dmr_ms"]), **summary.loc[method, scores].to_dict()}
-            rows.append({**row("captured", f"dmr_{method}", "interpretation"), **dmr})
+            rows.append({**row("none", f"dmr_{method}", "interpretation"), **dmr})
             rows[-1]["ms_per_example"] += dmr["dmr_ms"]
     frame = pd.DataFrame(rows)
     for col in ("mismatch", "match", "spearman", "topk_overlap"):
