@@ -25,8 +25,10 @@ noisy.
 --quick (issue #16's check): one process, the random GPT-2-small shape, one 512-token prompt, in turns: a plain
 forward of the prompt's token ids (the model's own SDPA, `use_cache=False`), `profile(loaded, [text])` end to end
 (tokenise, capture, detect, tables), `tag_statistics` and `analyze` (native pass and BOS variants, so it stays
-short: no ablation). It prints `tags <ratio>` and `mechanisms <ratio>` (to profile, and the passes mechanisms ran), and
-last `profile-end-to-end <ratio>` (to the plain forward; target ≤ 1.15).
+short: no ablation). It prints `tags <ratio>` and `mechanisms <ratio>` (to profile, and the passes mechanisms ran),
+`explain`, `eval-causal`, `calibrate` and `bench-mitigation <ratio>` (bench/commands.py, one turn: each to the plain
+forward passes of the inputs it runs; eval-causal to one forward per token), and last `profile-end-to-end <ratio>` (to
+the plain forward; target ≤ 1.15).
 """
 
 from __future__ import annotations
@@ -191,6 +193,9 @@ def quick(repeats: int = 3) -> None:
           f"{torch.get_num_threads()} threads, median of {repeats} turns")
     print(f"tags {ratio('tags', 'profile'):.2f}")
     print(f"mechanisms {ratio('mechanisms', 'profile'):.2f} (passes: {passes})")
+    from commands import quick_lines  # bench/commands.py: explain, eval-causal, calibrate, bench-mitigation
+
+    print("\n".join(quick_lines(loaded)), flush=True)
     print(f"profile-end-to-end {ratio('profile', 'plain'):.2f}")
 
 
