@@ -19,6 +19,18 @@ def shared() -> Path:
     return SHARED
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module (`pytestmark = pytest.mark.usefixtures("one_thread")`): tiny models gain
+    nothing from threads, and on a busy shared machine torch's threads wait for each other (many times slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama():
     from sinkscope.models import tiny_model

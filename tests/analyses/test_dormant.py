@@ -27,13 +27,7 @@ TEXTS = ["The cat sat on the mat and looked at the birds.", "Attention sinks dra
 CODE = ["def f(x): return x + 1", "for i in range(10): print(i)"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads; on a busy machine torch's threads wait for each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @torch.no_grad()

@@ -25,13 +25,7 @@ PROMPTS = ["The cat sat on the mat and looked at the birds.", "Attention sinks d
            "Hi there, friend of mine"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from threads; on a busy machine torch's threads wait for each other (20× slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -26,12 +26,7 @@ ROWS = [("a lovely, warm film", "positive"), ("dull and far too long", "negative
 TINY = dict(d_model=32, layers=2, heads=2, seq_len=16, batch_size=4, vocab_size=300, eval_batch=4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

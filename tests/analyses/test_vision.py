@@ -15,14 +15,7 @@ from sinkscope.analyses.vision import analyze_images, write
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import tiny_model
 
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny models gain nothing from threads; on a busy machine one thread runs them faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

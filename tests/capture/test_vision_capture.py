@@ -19,13 +19,7 @@ FAMILIES = sorted(TINY_VISION_FAMILIES)
 PREFIX = {"vit": 1, "deit": 2, "dinov2": 1, "dinov2_registers": 5, "clip_vision": 1, "siglip_vision": 0}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tiny models gain nothing from threads; on a busy machine one thread runs them faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
