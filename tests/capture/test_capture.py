@@ -78,6 +78,32 @@ def _eager_reference(lm, prompts, padding_side):
 def test_capture_equals_eager(loaded, padding_side):
     ref, offsets, lengths = _eager_reference(loaded, PROMPTS, padding_side)
     trace = run_capture(loaded, PROMPTS, CaptureConfig(maps=True, chunk_size=5), padding_side=padding_side)
+    _assert_equals_eager(loaded, trace, ref, offsets, lengths)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "gpt_oss", "bert"])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_a_batch_reduced_a_prompt_and_a_head_at_a_time_equals_eager(monkeypatch, family, padding_side):
+    """On CPU a batch of long prompts is reduced one prompt at a time, and a very long prompt a few heads at a time,
+    so a chunk stays cache-sized (`pass_sizes`); forced here on short prompts, every statistic still equals eager's
+    (padding, GQA, learned sink logits with sliding windows, bidirectional)."""
+    import sinkscope.capture.attention as capture
+
+    cpu = torch.device("cpu")
+    assert capture.pass_sizes(8, 12, 12, 2048, cpu) == (1, 6)  # 8 × 2,048 tokens: a prompt and half the heads
+    assert capture.pass_sizes(8, 12, 12, 128, cpu) == (8, 12)  # short prompts: the whole batch fits a chunk
+    assert capture.pass_sizes(8, 12, 4, 512, cpu) == (2, 4)
+    assert capture.pass_sizes(1, 12, 12, 32768, cpu) == (1, 1)  # a head at a time
+    assert capture.pass_sizes(8, 12, 12, 2048, torch.device("cuda")) == (8, 12)  # accelerators: large kernels
+    monkeypatch.setattr(capture, "_CPU_CHUNK_BYTES", 1)
+    loaded = tiny_model(family)
+    assert capture.pass_sizes(len(PROMPTS), loaded.info.n_heads, loaded.info.n_kv_heads, 16, cpu) == (1, 1)
+    ref, offsets, lengths = _eager_reference(loaded, PROMPTS, padding_side)
+    trace = run_capture(loaded, PROMPTS, CaptureConfig(maps=True, chunk_size=5), padding_side=padding_side)
+    _assert_equals_eager(loaded, trace, ref, offsets, lengths)
+
+
+def _assert_equals_eager(loaded, trace, ref, offsets, lengths):
     assert trace.key_mass.shape[:3] == (len(PROMPTS), loaded.info.n_layers, loaded.info.n_heads)
     for p in range(len(PROMPTS)):
         o, n = int(offsets[p]), int(lengths[p])

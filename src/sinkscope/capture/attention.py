@@ -18,7 +18,7 @@ import math
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
 
 import torch
@@ -495,6 +495,141 @@ def _chunk_probs(
     return e, rz, m, entropy, share
 
 
+@dataclass
+class _Sums:
+    """What `_statistics` accumulates for one layer, every tensor with the batch as dim 0 (None: not asked for)."""
+
+    key_mass_sum: torch.Tensor  # [b, h, 1, k]
+    key_count: torch.Tensor | None  # [b, 1, k]  (None in a pass that does not count: see `part`)
+    entropy: torch.Tensor | None  # [b, h, q]
+    sink_share: torch.Tensor | None  # [b, h, q]
+    rows: torch.Tensor | None  # [b, h, s, k]
+    maps: torch.Tensor | None  # [b, h, q, k]
+    outs: torch.Tensor | None  # [b, h, q, dv]
+    layer_out: torch.Tensor | None  # [b, q, h, dv]
+    row_max: torch.Tensor | None  # [b, h, q]
+    row_rz: torch.Tensor | None  # [b, h, q]
+
+    def part(self, prompts: slice, heads: slice, count: bool) -> _Sums:
+        """Views of some prompts and query heads: what is written to them lands in the whole batch's tensors. The
+        query counts do not depend on the head, so only one pass over each prompt (`count`) adds them."""
+
+        def cut(name: str, x: torch.Tensor | None) -> torch.Tensor | None:
+            x = _prompts(x, prompts)
+            if x is None or name == "key_count":
+                return x if count else None
+            return x[:, :, heads] if name == "layer_out" else x[:, heads]
+
+        return _Sums(**{f.name: cut(f.name, getattr(self, f.name)) for f in fields(self)})
+
+
+def _prompts(x: torch.Tensor | None, part: slice) -> torch.Tensor | None:
+    """The rows `part` of a tensor whose dim 0 is the batch (a size-1 dim 0 broadcasts: returned whole)."""
+    return x if x is None or x.shape[0] == 1 else x[part]
+
+
+def _heads(x: torch.Tensor | None, part: slice) -> torch.Tensor | None:
+    """The query heads `part` of a tensor whose dim 1 is the head (a size-1 dim 1 broadcasts: returned whole)."""
+    return x if x is None or x.shape[1] == 1 else x[:, part]
+
+
+def pass_sizes(batch: int, heads: int, kv_heads: int, nk: int, device: torch.device) -> tuple[int, int]:
+    """How many prompts and KV heads (with their query heads) `_statistics` reduces together: as many as keep a chunk
+    of `_MIN_CHUNK` queries' float32 scores [prompts, heads, c, nk] within the device's target size, at least one of
+    each, split evenly. On CPU a batch of long prompts is reduced a prompt at a time and a very long prompt a few heads
+    at a time, so a chunk stays cache-sized instead of growing with the batch (8 × 2,048 tokens × 12 heads: 6 MB, not
+    50 MB) or with the heads (32,768 tokens: 8 MB per head, not 100 MB). A head's queries read only its KV head's keys,
+    so splitting heads re-reads nothing."""
+    target = _CPU_CHUNK_BYTES if device.type == "cpu" else _GPU_CHUNK_BYTES
+    per_head = max(1, nk * 4 * _MIN_CHUNK)
+    fit = max(1, min(batch, target // (heads * per_head)))
+    prompts = math.ceil(batch / math.ceil(batch / fit))
+    if prompts > 1 or heads * per_head <= target:
+        return prompts, kv_heads
+    fit = max(1, min(kv_heads, target // (heads // kv_heads * per_head)))
+    return 1, math.ceil(kv_heads / math.ceil(kv_heads / fit))
+
+
+def _reduce_chunks(
+    sums: _Sums,  # the accumulators of these prompts and heads (views)
+    query: torch.Tensor,  # [b, h, q, d]
+    key: torch.Tensor,  # [b, kvh, k, d]
+    value: torch.Tensor,  # [b, kvh, k, dv]
+    mask: torch.Tensor | None,  # [b|1, 1, q, k] bool or additive float, or None
+    qvalid: torch.Tensor,  # [b, q] bool
+    sel: torch.Tensor | None,  # [b, s] selected query positions
+    probs_full: torch.Tensor | None,  # [b, h, q, k]
+    position_bias: torch.Tensor | None,  # [b|1, h, q, k]
+    *,
+    is_causal: bool,
+    scaling: float,
+    softcap: float | None,
+    s_aux: torch.Tensor | None,  # [h]
+    scale: torch.Tensor | None,  # [1, h, 1, 1] per-head factor on the probabilities
+    step: int,
+    workspace: _Workspace,
+) -> None:
+    """Recompute the attention of some prompts and heads `step` queries at a time and add each chunk to `sums`."""
+    b, h, nq, _ = query.shape
+    kvh, nk = key.shape[1], key.shape[2]
+    g = h // kvh
+    dev = query.device
+    all_valid = bool(qvalid.all())
+    entropy, sink_share, row_max, row_rz = sums.entropy, sums.sink_share, sums.row_max, sums.row_rz
+    key_mass_sum, key_count, outs, layer_out = sums.key_mass_sum, sums.key_count, sums.outs, sums.layer_out
+    need_av = outs is not None or layer_out is not None
+    # One float32 copy laid out [b, kvh, k, d]: a model's K and V are usually head-transposed views of [b, k, kvh, d],
+    # which each chunk's reshape to [b·kvh, kend, d] would otherwise copy again.
+    key = key.float().contiguous()
+    if need_av:
+        value = value.float().contiguous()
+    for c0 in range(0, nq, step):
+        c1 = min(nq, c0 + step)
+        c = c1 - c0
+        bias, visible, kend = _chunk_visibility(mask, c0, c1, nq, nk, is_causal, dev)
+        if probs_full is not None:
+            e = probs_full[:, :, c0:c1, :kend].contiguous()
+            rz = torch.ones(b, h, c, 1, device=dev)
+            m = None
+            if entropy is not None:
+                entropy[:, :, c0:c1] = -torch.special.xlogy(e, e).sum(-1)
+            if sink_share is not None:
+                sink_share[:, :, c0:c1] = 1.0 - e.sum(-1)
+        else:
+            if position_bias is not None:
+                pb = position_bias[:, :, c0:c1, -nk:][..., :kend].float()
+                bias = pb if bias is None else bias + pb
+                if mask is None and is_causal and nq > 1:
+                    bias = bias.masked_fill(~visible[:, None], _NEG)
+            e, rz, m, ent, share = _chunk_probs(query[:, :, c0:c1], key[:, :, :kend], bias, visible,
+                                                mask is None and is_causal, scaling, softcap, s_aux,
+                                                entropy is not None, workspace)
+            if entropy is not None:
+                entropy[:, :, c0:c1] = ent
+            if sink_share is not None:
+                sink_share[:, :, c0:c1] = share
+        if scale is not None:
+            rz = rz * scale
+        if row_max is not None and row_rz is not None:
+            row_rz[:, :, c0:c1] = rz[..., 0]
+            row_max[:, :, c0:c1] = m[..., 0] if m is not None else 0.0
+        weight = rz if all_valid else rz * qvalid[:, None, c0:c1, None]  # [b, h, c, 1]
+        key_mass_sum[..., :kend] += weight.transpose(-1, -2) @ e
+        if key_count is not None:
+            key_count[..., :kend] += qvalid[:, None, c0:c1].float() @ visible.float()
+        if need_av:
+            av = torch.bmm(e.reshape(b * kvh, g * c, kend), value[:, :, :kend].float().reshape(b * kvh, kend, -1))
+            av = av.view(b, h, c, -1) * rz  # [b, h, c, dv]
+            if outs is not None:
+                outs[:, :, c0:c1] = av
+            if layer_out is not None:
+                layer_out[:, c0:c1] = av.transpose(1, 2)
+        if sums.maps is not None:
+            sums.maps[:, :, c0:c1, :kend] = e * rz
+        if sums.rows is not None and sel is not None:
+            _gather_rows(sums.rows, e, rz, sel, c0, c1, kend)
+
+
 def _statistics(
     session: _Session,
     query: torch.Tensor,  # [b, h, q, d]
@@ -518,77 +653,48 @@ def _statistics(
     as a matrix: key mass, entropy, rows and A·V are all reductions of e = exp(s − max) scaled by 1/Z per row."""
     cfg = session.config
     b, h, nq, _ = query.shape
-    kvh, nk = key.shape[1], key.shape[2]
-    g = h // kvh
+    nk = key.shape[2]
     dev = query.device
     qvalid = session.query_valid[:, -nq:].to(dev)  # [b, q]
-    all_valid = bool(qvalid.all())
     want_maps = cfg.maps and nk <= cfg.max_map_tokens
     sel = session.row_positions.to(dev) - (session.query_valid.shape[1] - nq) \
         if session.row_positions is not None else None  # [b, s]
 
-    key_mass_sum = torch.zeros(b, h, 1, nk, device=dev)
-    key_count = torch.zeros(b, 1, nk, device=dev)
-    entropy = torch.zeros(b, h, nq, device=dev) if cfg.entropy else None
-    sink_share = torch.zeros(b, h, nq, device=dev) if s_aux is not None else None
-    rows = torch.zeros(b, h, sel.shape[1], nk, device=dev) if sel is not None else None
-    maps = torch.zeros(b, h, nq, nk, device=dev) if want_maps else None
     reads_o = cfg.tag_moments or cfg.head_output_norms  # these read o from the fused output when there is one
     need_outs = cfg.head_outputs or (reads_o and not want_output)
-    outs = torch.zeros(b, h, nq, value.shape[-1], device=dev) if need_outs else None
-    layer_out = torch.zeros(b, nq, h, value.shape[-1], device=dev) if want_output else None
-    need_av = outs is not None or layer_out is not None
     want_columns = cfg.columns is not None or cfg.sink_columns is not None
-    row_max = torch.zeros(b, h, nq, device=dev) if want_columns else None  # per query: max score and 1/Z, so any
-    row_rz = torch.zeros(b, h, nq, device=dev) if want_columns else None  # A_ik is exp(s_ik − max)/Z afterwards
+    dv = value.shape[-1]
+    sums = _Sums(
+        key_mass_sum=torch.zeros(b, h, 1, nk, device=dev),
+        key_count=torch.zeros(b, 1, nk, device=dev),
+        entropy=torch.zeros(b, h, nq, device=dev) if cfg.entropy else None,
+        sink_share=torch.zeros(b, h, nq, device=dev) if s_aux is not None else None,
+        rows=torch.zeros(b, h, sel.shape[1], nk, device=dev) if sel is not None else None,
+        maps=torch.zeros(b, h, nq, nk, device=dev) if want_maps else None,
+        outs=torch.zeros(b, h, nq, dv, device=dev) if need_outs else None,
+        layer_out=torch.zeros(b, nq, h, dv, device=dev) if want_output else None,
+        row_max=torch.zeros(b, h, nq, device=dev) if want_columns else None,  # per query: max score and 1/Z, so any
+        row_rz=torch.zeros(b, h, nq, device=dev) if want_columns else None,  # A_ik is exp(s_ik − max)/Z afterwards
+    )
     scale = head_scale.view(1, h, 1, 1).to(dev) if head_scale is not None else None
-
     # one query (a decode step) is one chunk whatever the memory: no probe of free memory per layer and token
-    step = 1 if nq == 1 else chunk_size_for(b, h, nk, dev, cfg.chunk_size)
-    for c0 in range(0, nq, step):
-        c1 = min(nq, c0 + step)
-        c = c1 - c0
-        bias, visible, kend = _chunk_visibility(mask, c0, c1, nq, nk, is_causal, dev)
-        if probs_full is not None:
-            e = probs_full[:, :, c0:c1, :kend].contiguous()
-            rz = torch.ones(b, h, c, 1, device=dev)
-            m = None
-            if entropy is not None:
-                entropy[:, :, c0:c1] = -torch.special.xlogy(e, e).sum(-1)
-            if sink_share is not None:
-                sink_share[:, :, c0:c1] = 1.0 - e.sum(-1)
-        else:
-            if position_bias is not None:
-                pb = position_bias[:, :, c0:c1, -nk:][..., :kend].float()
-                bias = pb if bias is None else bias + pb
-                if mask is None and is_causal and nq > 1:
-                    bias = bias.masked_fill(~visible[:, None], _NEG)
-            e, rz, m, ent, share = _chunk_probs(query[:, :, c0:c1], key[:, :, :kend], bias, visible,
-                                                mask is None and is_causal, scaling, softcap, s_aux,
-                                                entropy is not None, session.workspace)
-            if entropy is not None:
-                entropy[:, :, c0:c1] = ent
-            if sink_share is not None:
-                sink_share[:, :, c0:c1] = share
-        if scale is not None:
-            rz = rz * scale
-        if row_max is not None and row_rz is not None:
-            row_rz[:, :, c0:c1] = rz[..., 0]
-            row_max[:, :, c0:c1] = m[..., 0] if m is not None else 0.0
-        weight = rz if all_valid else rz * qvalid[:, None, c0:c1, None]  # [b, h, c, 1]
-        key_mass_sum[..., :kend] += weight.transpose(-1, -2) @ e
-        key_count[..., :kend] += qvalid[:, None, c0:c1].float() @ visible.float()
-        if need_av:
-            av = torch.bmm(e.reshape(b * kvh, g * c, kend), value[:, :, :kend].float().reshape(b * kvh, kend, -1))
-            av = av.view(b, h, c, -1) * rz  # [b, h, c, dv]
-            if outs is not None:
-                outs[:, :, c0:c1] = av
-            if layer_out is not None:
-                layer_out[:, c0:c1] = av.transpose(1, 2)
-        if maps is not None:
-            maps[:, :, c0:c1, :kend] = e * rz
-        if rows is not None:
-            _gather_rows(rows, e, rz, sel, c0, c1, kend)
+    kvh = key.shape[1]
+    g = h // kvh
+    n_prompts, n_kv = (b, kvh) if nq == 1 else pass_sizes(b, h, kvh, nk, dev)
+    step = 1 if nq == 1 else chunk_size_for(n_prompts, n_kv * g, nk, dev, cfg.chunk_size)
+    for b0 in range(0, b, n_prompts):
+        prompts = slice(b0, min(b, b0 + n_prompts))
+        for k0 in range(0, kvh, n_kv):
+            kv, heads = slice(k0, min(kvh, k0 + n_kv)), slice(k0 * g, min(kvh, k0 + n_kv) * g)
+            _reduce_chunks(sums.part(prompts, heads, count=k0 == 0), query[prompts, heads], key[prompts, kv],
+                           value[prompts, kv], _prompts(mask, prompts), qvalid[prompts],
+                           None if sel is None else sel[prompts], _heads(_prompts(probs_full, prompts), heads),
+                           _heads(_prompts(position_bias, prompts), heads), is_causal=is_causal, scaling=scaling,
+                           softcap=softcap, s_aux=None if s_aux is None else s_aux[heads],
+                           scale=None if scale is None else scale[:, heads], step=step, workspace=session.workspace)
+    key_mass_sum, key_count, row_max, row_rz = sums.key_mass_sum, sums.key_count, sums.row_max, sums.row_rz
+    assert key_count is not None
+    outs, layer_out = sums.outs, sums.layer_out
     column_index = columns = None
     if want_columns:
         if cfg.sink_columns is not None:
@@ -617,10 +723,10 @@ def _statistics(
     record = LayerRecord(
         key_mass_sum=key_mass_sum[:, :, 0],
         key_count=key_count[:, 0],
-        rows=rows,
-        entropy=entropy,
-        sink_share=sink_share,
-        maps=maps,
+        rows=sums.rows,
+        entropy=sums.entropy,
+        sink_share=sums.sink_share,
+        maps=sums.maps,
         head_outputs=outs,
         values=value.float().clone() if cfg.values else None,
         column_index=column_index,
