@@ -48,6 +48,20 @@ def test_key_table_matches_eager(tiny_llama):
     assert list(keys.columns[:5]) == ["prompt_id", "layer", "head", "position", "token"]
 
 
+def test_keys_table_is_built_when_first_read(tiny_llama):
+    """`profile` leaves its largest table, `keys`, to be built when read (a 32,768-token prompt gives 4.7 M rows);
+    the per-layer summary needs only some of its rows, and reading `keys` gives the same table as building it."""
+    from sinkscope.analyses.profile import key_table, layer_summary
+
+    result = profile(tiny_llama, PROMPTS, "column_mass")
+    assert list(result.tables) == ["keys", "heads", "prompts", "layers", "skipped"]
+    assert not result.tables.built("keys") and result.tables.built("layers")
+    keys = result.tables["keys"]
+    assert result.tables.built("keys") and result.tables["keys"] is keys
+    pd.testing.assert_frame_equal(keys, key_table(result.trace, result.sinks, [0, 1]))
+    pd.testing.assert_frame_equal(result.tables["layers"], layer_summary(result.tables["heads"], keys))
+
+
 def test_layer_summary_by_hand(tiny_llama):
     result = profile(tiny_llama, PROMPTS, "column_mass")
     heads, layers = result.tables["heads"], result.tables["layers"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -37,11 +37,11 @@ class ProfileResult:
     sinks: torch.Tensor  # [P, L, H, N] bool
     method: str
     params: dict[str, Any]
-    tables: dict[str, pd.DataFrame] = field(default_factory=dict)
+    tables: MutableMapping[str, pd.DataFrame] = field(default_factory=dict)  # `Tables`: keys built when read
     skipped: list[tuple[int, str]] = field(default_factory=list)
 
     def run(self, loaded: LoadedModel, command: str = "profile") -> Run:
-        return Run(tables=self.tables, manifest=profile_manifest(loaded, command, self.method, self.params,
+        return Run(tables=dict(self.tables), manifest=profile_manifest(loaded, command, self.method, self.params,
                                                                  self.trace.info.get("capture")))
 
     @property
@@ -265,8 +265,12 @@ def profile_in_batches(
             sinks = sink_mask(trace, method, **params)  # [b, L, H, n_max] bool
             if "min_queries" in params:
                 excluded += excluded_keys(trace, params["min_queries"])
-            tables = long_tables(trace, sinks, batch, method, params)
-            summary.add(tables["heads"], tables["keys"])
+            tables = long_tables(trace, sinks, batch, method, params, keys=stream is not None)
+            if "keys" in tables:
+                summary.add(tables["heads"], tables["keys"])
+            else:  # nothing to write it to: only its row count and the rows the summary reads
+                summary.add(tables["heads"], summarised_keys(trace, sinks))
+                rows["keys"] = rows.get("keys", 0) + trace.n_layers * trace.n_heads * int(trace.lengths.sum())
             for name, table in tables.items():
                 rows[name] = rows.get(name, 0) + len(table)
                 if stream is not None:
@@ -296,17 +300,55 @@ def skipped_table(bad: Sequence[tuple[int, str]]) -> pd.DataFrame:
                         ).astype({"prompt_id": "int64", "reason": "object"})
 
 
+class Tables(MutableMapping[str, pd.DataFrame]):
+    """Tables by name, in `TABLES` order, where some are built only when first read: a function of no arguments stands
+    for its table until then. `profile`'s `keys` table (one row per prompt × layer × head × key: 4.7 M rows for one
+    32,768-token prompt of a 12 × 12 model) is built by the first `tables["keys"]`, or when the run is saved."""
+
+    def __init__(self, tables: Mapping[str, pd.DataFrame | Callable[[], pd.DataFrame]]) -> None:
+        self._tables = dict(tables)
+
+    def __getitem__(self, name: str) -> pd.DataFrame:
+        table = self._tables[name]
+        if callable(table):
+            table = self._tables[name] = table()
+        return table
+
+    def __setitem__(self, name: str, table: pd.DataFrame) -> None:
+        self._tables[name] = table
+
+    def __delitem__(self, name: str) -> None:
+        del self._tables[name]
+
+    def __iter__(self) -> Iterator[str]:
+        order = [n for n in TABLES if n in self._tables]
+        return iter(order + [n for n in self._tables if n not in order])
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+    def built(self, name: str) -> bool:
+        """Whether table `name` exists now (not waiting to be built)."""
+        return name in self._tables and not callable(self._tables[name])
+
+    def __repr__(self) -> str:
+        return f"Tables({', '.join(n if self.built(n) else n + ' (not built yet)' for n in self)})"
+
+
 def build_tables(
     trace: Trace,
     sinks: torch.Tensor,
     prompt_ids: Sequence[int] | None = None,
     method: str = "column_mass",
     params: Mapping[str, Any] | None = None,
-) -> dict[str, pd.DataFrame]:
-    """Tidy tables: `keys` (prompt × layer × head × key), `heads`, `layers`, `prompts`; for sink_rate, `sink_rate`."""
-    tables = long_tables(trace, sinks, prompt_ids, method, params)
-    tables["layers"] = layer_summary(tables["heads"], tables["keys"])
-    return {name: tables[name] for name in TABLES if name in tables}
+) -> Tables:
+    """Tidy tables: `keys` (prompt × layer × head × key, built when first read), `heads`, `layers`, `prompts`; for
+    sink_rate, `sink_rate`. `layers` reads only the keys it summarises (position 0 and the sinks), not `keys`."""
+    ids = list(prompt_ids) if prompt_ids is not None else list(range(trace.n_prompts))
+    tables: dict[str, Any] = long_tables(trace, sinks, ids, method, params, keys=False)
+    tables["keys"] = lambda: key_table(trace, sinks, ids)
+    tables["layers"] = LayerSummary().add(tables["heads"], summarised_keys(trace, sinks)).table()
+    return Tables({name: tables[name] for name in TABLES if name in tables})
 
 
 def long_tables(
@@ -315,16 +357,15 @@ def long_tables(
     prompt_ids: Sequence[int] | None = None,
     method: str = "column_mass",
     params: Mapping[str, Any] | None = None,
+    keys: bool = True,
 ) -> dict[str, pd.DataFrame]:
-    """The tables with rows per prompt: `keys`, `heads`, `prompts`, and for sink_rate `sink_rate` (trace: [P, L, H,
-    N] statistics, sinks: [P, L, H, N] bool). Built for a batch of prompts, they are that batch's rows of the whole
-    run's tables."""
+    """The tables with rows per prompt: `keys` (unless `keys` is False), `heads`, `prompts`, and for sink_rate
+    `sink_rate` (trace: [P, L, H, N] statistics, sinks: [P, L, H, N] bool). Built for a batch of prompts, they are
+    that batch's rows of the whole run's tables."""
     ids = list(prompt_ids) if prompt_ids is not None else list(range(trace.n_prompts))
-    tables = {
-        "keys": key_table(trace, sinks, ids),
-        "heads": head_table(trace, sinks, ids),
-        "prompts": pd.DataFrame({"prompt_id": ids, "text": trace.prompts, "n_tokens": trace.lengths.tolist()}),
-    }
+    tables = {"keys": key_table(trace, sinks, ids)} if keys else {}
+    tables["heads"] = head_table(trace, sinks, ids)
+    tables["prompts"] = pd.DataFrame({"prompt_id": ids, "text": trace.prompts, "n_tokens": trace.lengths.tolist()})
     if method == "sink_rate":
         tables["sink_rate"] = sink_rate_table(trace, ids, **dict(params or {}))
     return tables
@@ -375,6 +416,17 @@ def key_table(trace: Trace, sinks: torch.Tensor, ids: Sequence[int]) -> pd.DataF
     if trace.rows is not None:
         frame["last_row"] = _per_key(trace.last_rows(), lengths)
     return frame
+
+
+def summarised_keys(trace: Trace, sinks: torch.Tensor) -> pd.DataFrame:
+    """The rows of the `keys` table that `LayerSummary` reads — position 0 and the detector's sinks — without the
+    others: layer, position, token, alpha, sink."""
+    first = torch.zeros_like(sinks)
+    first[..., 0] = True
+    p, l, h, k = ((sinks | first) & trace.valid_keys()[:, None, None, :]).nonzero(as_tuple=True)
+    tokens = [trace.tokens[pi][ki] for pi, ki in zip(p.tolist(), k.tolist(), strict=True)]
+    return pd.DataFrame({"layer": l.numpy(), "position": k.numpy(), "token": pd.Series(tokens, dtype="str"),
+                         "alpha": trace.key_mass[p, l, h, k].numpy(), "sink": sinks[p, l, h, k].numpy()})
 
 
 def head_table(trace: Trace, sinks: torch.Tensor, ids: Sequence[int]) -> pd.DataFrame:
