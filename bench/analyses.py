@@ -23,12 +23,14 @@ mechanisms' extra peak within 1.1× profile's. Ratios, not seconds, are the resu
 noisy.
 
 --quick (issue #16's check): one process, the random GPT-2-small shape, one 512-token prompt, in turns: a plain
-forward of the prompt's token ids (the model's own SDPA, `use_cache=False`), `profile(loaded, [text])` end to end
-(tokenise, capture, detect, tables), `tag_statistics` and `analyze` (native pass and BOS variants, so it stays
-short: no ablation). It prints `tags <ratio>` and `mechanisms <ratio>` (to profile, and the passes mechanisms ran),
+forward of the prompt's token ids (the model's own SDPA, `model(input_ids=ids, use_cache=False)` under no_grad, logits
+at every position included), `profile(loaded, [text])` end to end (tokenise, capture, detect, tables), `tag_statistics`
+and `analyze` (native pass and BOS variants, so it stays short: no ablation), and `sinkscope profile --prompts FILE`
+without and with `--out DIR` (Parquet tables and report.html) in this process, the model already loaded
+(`cli_profile`). It prints `tags <ratio>` and `mechanisms <ratio>` (to profile, and the passes mechanisms ran),
 `explain`, `eval-causal`, `calibrate` and `bench-mitigation <ratio>` (bench/commands.py, one turn: each to the plain
-forward passes of the inputs it runs; eval-causal to one forward per token), and last `profile-end-to-end <ratio>` (to
-the plain forward; target ≤ 1.15).
+forward passes of the inputs it runs; eval-causal to one forward per token), `profile-cli <ratio>`,
+`profile-cli-out <ratio>` and last `profile-end-to-end <ratio>` (all three to the plain forward; target ≤ 1.15).
 """
 
 from __future__ import annotations
@@ -157,6 +159,33 @@ def mem_ratio(extra: dict[str, Any], way: str) -> str:
     return f"{extra[way] / extra['profile']:.2f} ({extra[way] / 2**20:.0f} MB)"
 
 
+def cli_profile(loaded: Any, text: str, out: bool = False) -> Any:
+    """`sinkscope profile --prompts FILE` run in this process on the loaded model (the command's model load replaced by
+    it): tokenise, capture, detect, tables, the summary printed. With `out`, `--out DIR --overwrite` as well: the
+    tables written to the run folder, and report.html."""
+    import tempfile
+    from pathlib import Path
+    from unittest import mock
+
+    from typer.testing import CliRunner
+
+    from sinkscope.cli.app import app
+
+    folder = Path(tempfile.mkdtemp(prefix="sinkscope-bench-"))
+    (folder / "prompts.txt").write_text(text.replace("\n", " ") + "\n", encoding="utf-8")
+    args = ["profile", "--model", "loaded", "--prompts", str(folder / "prompts.txt")]
+    if out:
+        args += ["--out", str(folder / "run"), "--overwrite"]
+
+    def run() -> None:
+        with mock.patch("sinkscope.cli.profile.load", lambda *a, **k: loaded):
+            result = CliRunner().invoke(app, args)
+        if result.exit_code != 0:
+            raise RuntimeError(f"sinkscope profile failed: {result.output[-500:]}")
+
+    return run
+
+
 def quick(repeats: int = 3) -> None:
     """The --quick lines (see the module docstring)."""
     from sinkscope.analyses.mechanisms import analyze
@@ -173,7 +202,8 @@ def quick(repeats: int = 3) -> None:
 
     ways = {"plain": plain, "profile": lambda: profile(loaded, [text]),
             "tags": lambda: tag_statistics(loaded, [text], 0.2),
-            "mechanisms": lambda: analyze(loaded, [text], ablate_layers=[])}
+            "mechanisms": lambda: analyze(loaded, [text], ablate_layers=[]),
+            "profile-cli": cli_profile(loaded, text), "profile-cli-out": cli_profile(loaded, text, out=True)}
     for run in ways.values():  # warm-up
         run()
     turns = []
@@ -196,6 +226,8 @@ def quick(repeats: int = 3) -> None:
     from commands import quick_lines  # bench/commands.py: explain, eval-causal, calibrate, bench-mitigation
 
     print("\n".join(quick_lines(loaded)), flush=True)
+    print(f"profile-cli {ratio('profile-cli', 'plain'):.2f}")
+    print(f"profile-cli-out {ratio('profile-cli-out', 'plain'):.2f}")
     print(f"profile-end-to-end {ratio('profile', 'plain'):.2f}")
 
 
