@@ -35,6 +35,7 @@ from sinkscope.errors import SinkscopeError
 
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", min=2, max=1_000_000,
                                            help="Cut each prompt to this many tokens")]
+ExcerptCharsOpt = Annotated[int, typer.Option(min=20, max=100_000, help="Characters of each Tiny Shakespeare excerpt")]
 
 
 def save_with_figures(out: Path, tables: dict[str, Any], command: str, loaded: Any, params: dict[str, Any],
@@ -96,8 +97,7 @@ def dormant_command(
     output_ratio: Annotated[float, typer.Option(
         help="‖o‖ / mean ‖v_j‖ at or below which a head's output counts as small")] = 0.5,
     active_share: Annotated[float, typer.Option(min=0, max=1, help="σ below which a head is active")] = 0.5,
-    excerpt_chars: Annotated[int, typer.Option(min=20, max=100_000,
-                                               help="Characters of each Tiny Shakespeare excerpt")] = 600,
+    excerpt_chars: ExcerptCharsOpt = 600,
     out: described(OutOpt, ", with the heat map head_domains.png") = None,
     overwrite: OverwriteOpt = False,
     no_figures: NoFiguresOpt = False,

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from sinkscope.cli.dormant import MaxTokensOpt, save_with_figures
+from sinkscope.cli.dormant import ExcerptCharsOpt, MaxTokensOpt, save_with_figures
 from sinkscope.cli.options import (
     DATA_HELP,
     BatchSizeOpt,
@@ -54,8 +54,7 @@ def overmixing_command(
     sink_threshold: Annotated[float, typer.Option(
         help="α₀ above which a head counts in the BOS sink rate (Gu et al. 2024: 0.3)")] = 0.3,
     max_tokens: MaxTokensOpt = 128,
-    excerpt_chars: Annotated[int, typer.Option(min=20, max=100_000,
-                                               help="Characters of each Tiny Shakespeare excerpt")] = 600,
+    excerpt_chars: ExcerptCharsOpt = 600,
     out: described(OutOpt, ", with the figure overmixing.png") = None,
     overwrite: OverwriteOpt = False,
     no_figures: NoFiguresOpt = False,
