@@ -37,7 +37,8 @@ SINK_LOGITS_ATTR = "sinkscope_sink_logits"
 
 
 class ProbsHook(Protocol):
-    """An intervention: changes a layer's attention probabilities [b, h, q, k] inside the forward pass."""
+    """An intervention: changes a layer's attention probabilities inside the forward pass. It receives whole rows
+    [b, h, c, k] — a chunk of the layer's queries, or all of them — and keeps invisible keys (−inf bias) at zero."""
 
     def applies(self, layer: int | None) -> bool: ...
 
@@ -84,7 +85,8 @@ class CaptureConfig:
     fused: compute the layer output A·V from the same float32 chunks as the statistics (the default: one attention
         computation per layer); outputs then equal SDPA's up to float32 rounding (≈1e-6), not bit for bit. False:
         the output comes from the native kernel (SDPA / the model's eager function) as well, exactly as without
-        sinkscope, at the cost of a second attention pass.
+        sinkscope, at the cost of a second attention pass. Under interventions (`intervene`) the output always comes
+        from the changed chunks.
     """
 
     rows: str | Sequence[int] | None = "last"
@@ -213,31 +215,30 @@ def sinkscope_attention(
     if head_scale is not None:  # per-head scaling (ablation) rides the chunked path: no [q, k] matrix
         hooks = []
     session = _ACTIVE.get()
-    probs = None
     if hooks and session is None and query.shape[2] > 1:  # a prompt under interventions: A a chunk at a time
         from sinkscope.capture.intervene import chunked_attention
 
         output = chunked_attention(hooks, layer, query, key, value, attention_mask, is_causal, scaling, softcap, s_aux,
                                    position_bias)
         return output.to(query.dtype), None
-    if hooks:
+    if hooks and session is None:  # a decode step under interventions: one query, [b, h, 1, k]
         bias = additive_bias(attention_mask, query, key, is_causal, position_bias)
-        probs = attention_probs(query, key, bias, scaling, softcap, s_aux)  # [b, h, q, k]
+        probs = attention_probs(query, key, bias, scaling, softcap, s_aux)
         for hook in hooks:
             probs = hook(probs, layer, bias)
-        output = _weighted_values(probs, value).to(query.dtype)
-    elif session is not None and session.config.fused:
+        return _weighted_values(probs, value).to(query.dtype), None
+    if session is not None and (session.config.fused or hooks):  # the hooks change each chunk: output from them
         record, fused = _statistics(session, query, key, value, attention_mask, is_causal, scaling, softcap, s_aux,
-                                    position_bias, want_output=True, head_scale=head_scale)
+                                    position_bias, want_output=True, head_scale=head_scale, hooks=hooks, layer=layer)
         session.records.append(record)
+        assert fused is not None
         return fused.to(query.dtype), None
-    else:
-        output = _native_output(module, query, key, value, attention_mask, is_causal, scaling, dropout, s_aux, kwargs)
-        if head_scale is not None:
-            output = output * head_scale.to(output.dtype)[None, None, :, None]
+    output = _native_output(module, query, key, value, attention_mask, is_causal, scaling, dropout, s_aux, kwargs)
+    if head_scale is not None:
+        output = output * head_scale.to(output.dtype)[None, None, :, None]
     if session is not None:
         record, _ = _statistics(session, query, key, value, attention_mask, is_causal, scaling, softcap, s_aux,
-                                position_bias, probs, head_scale=head_scale)
+                                position_bias, head_scale=head_scale)
         session.records.append(record)
     return output, None
 
@@ -550,6 +551,73 @@ def pass_sizes(batch: int, heads: int, kv_heads: int, nk: int, device: torch.dev
     return 1, math.ceil(kv_heads / math.ceil(kv_heads / fit))
 
 
+def _chunk_attention(
+    query: torch.Tensor,  # [b, h, q, d]
+    key: torch.Tensor,  # [b, kvh, k, d] float32, contiguous
+    mask: torch.Tensor | None,  # [b|1, 1, q, k] bool or additive float, or None
+    position_bias: torch.Tensor | None,  # [b|1, h, q, k]
+    c0: int,
+    c1: int,
+    *,
+    is_causal: bool,
+    scaling: float,
+    softcap: float | None,
+    s_aux: torch.Tensor | None,  # [h]
+    want_entropy: bool,
+    workspace: _Workspace,
+) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The queries c0..c1: (visible [b|1, c, kend], kend, then `_chunk_probs`' e [b, h, c, kend], rz, max, entropy,
+    sink share) — the keys past kend are seen by no query of the chunk."""
+    nq, nk = query.shape[2], key.shape[2]
+    bias, visible, kend = _chunk_visibility(mask, c0, c1, nq, nk, is_causal, query.device)
+    if position_bias is not None:
+        pb = position_bias[:, :, c0:c1, -nk:][..., :kend].float()
+        bias = pb if bias is None else bias + pb
+        if mask is None and is_causal and nq > 1:
+            bias = bias.masked_fill(~visible[:, None], _NEG)
+    e, rz, m, ent, share = _chunk_probs(query[:, :, c0:c1], key[:, :, :kend], bias, visible,
+                                        mask is None and is_causal, scaling, softcap, s_aux, want_entropy, workspace)
+    return visible, kend, e, rz, m, ent, share
+
+
+def _hook_rows(e: torch.Tensor, rz: torch.Tensor, visible: torch.Tensor, nk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a hook receives for a chunk: its probabilities A = e·rz over every key, [b, h, c, nk] (zeros past kend),
+    and the bias [b|1, 1, c, nk] (0 where a key is visible, −inf elsewhere). e [b, h, c, kend], rz [b, h, c, 1],
+    visible [b|1, c, kend]."""
+    probs = e * rz
+    kend = probs.shape[-1]
+    if kend < nk:
+        probs = F.pad(probs, (0, nk - kend))
+        visible = F.pad(visible, (0, nk - kend), value=False)
+    return probs, torch.zeros(visible.shape, device=probs.device).masked_fill_(~visible, -math.inf)[:, None]
+
+
+def _gather_columns(probs: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """probs [b, h, c, k], index [b, h, K] (−1: none) → [b, h, c, K] the columns A[:, k] of the index (0 at −1)."""
+    b, h, c, _ = probs.shape
+    got = probs.gather(-1, index.clamp(min=0)[:, :, None, :].expand(b, h, c, index.shape[-1]))
+    return got * (index >= 0)[:, :, None, :]
+
+
+@dataclass
+class _Hooked:
+    """Interventions applied to each chunk of a capture (a chunk is whole rows): the hooks in order, the layer, the
+    column means of the hooks that need them (`intervene.hook_column_means`), and the fixed columns to keep (read
+    from the changed chunks: index [b, h, K], accumulator [b, h, q, K])."""
+
+    hooks: Sequence[ProbsHook]
+    layer: int | None
+    alphas: dict[int, torch.Tensor]
+    column_index: torch.Tensor | None = None
+    columns: torch.Tensor | None = None
+
+    def apply(self, e: torch.Tensor, rz: torch.Tensor, visible: torch.Tensor, nk: int) -> torch.Tensor:
+        """A chunk's probabilities after every hook, [b, h, c, nk] (see `_hook_rows` for the arguments)."""
+        from sinkscope.capture.intervene import apply_hooks
+
+        return apply_hooks(self.hooks, self.layer, *_hook_rows(e, rz, visible, nk), self.alphas)
+
+
 def _reduce_chunks(
     sums: _Sums,  # the accumulators of these prompts and heads (views)
     query: torch.Tensor,  # [b, h, q, d]
@@ -558,7 +626,6 @@ def _reduce_chunks(
     mask: torch.Tensor | None,  # [b|1, 1, q, k] bool or additive float, or None
     qvalid: torch.Tensor,  # [b, q] bool
     sel: torch.Tensor | None,  # [b, s] selected query positions
-    probs_full: torch.Tensor | None,  # [b, h, q, k]
     position_bias: torch.Tensor | None,  # [b|1, h, q, k]
     *,
     is_causal: bool,
@@ -568,8 +635,11 @@ def _reduce_chunks(
     scale: torch.Tensor | None,  # [1, h, 1, 1] per-head factor on the probabilities
     step: int,
     workspace: _Workspace,
+    hooked: _Hooked | None = None,  # interventions: applied to each chunk (then all prompts and heads at once)
 ) -> None:
-    """Recompute the attention of some prompts and heads `step` queries at a time and add each chunk to `sums`."""
+    """Recompute the attention of some prompts and heads `step` queries at a time and add each chunk to `sums`; with
+    `hooked`, each chunk's probabilities are changed by the interventions first, and everything is read from the
+    changed chunk (fixed columns included)."""
     b, h, nq, _ = query.shape
     kvh, nk = key.shape[1], key.shape[2]
     g = h // kvh
@@ -586,28 +656,22 @@ def _reduce_chunks(
     for c0 in range(0, nq, step):
         c1 = min(nq, c0 + step)
         c = c1 - c0
-        bias, visible, kend = _chunk_visibility(mask, c0, c1, nq, nk, is_causal, dev)
-        if probs_full is not None:
-            e = probs_full[:, :, c0:c1, :kend].contiguous()
-            rz = torch.ones(b, h, c, 1, device=dev)
-            m = None
+        visible, kend, e, rz, m, ent, share = _chunk_attention(
+            query, key, mask, position_bias, c0, c1, is_causal=is_causal, scaling=scaling, softcap=softcap,
+            s_aux=s_aux, want_entropy=entropy is not None and hooked is None, workspace=workspace)
+        if hooked is not None:  # A' = the hooks' change of A = e·rz over whole rows; then e ← A', rz ← 1
+            changed = hooked.apply(e, rz, visible, nk)  # [b, h, c, nk]
+            if hooked.columns is not None and hooked.column_index is not None:
+                hooked.columns[:, :, c0:c1] = _gather_columns(changed, hooked.column_index)
+            e, rz, m = changed[..., :kend], torch.ones(b, h, c, 1, device=dev), None
             if entropy is not None:
-                entropy[:, :, c0:c1] = -torch.special.xlogy(e, e).sum(-1)
-            if sink_share is not None:
-                sink_share[:, :, c0:c1] = 1.0 - e.sum(-1)
-        else:
-            if position_bias is not None:
-                pb = position_bias[:, :, c0:c1, -nk:][..., :kend].float()
-                bias = pb if bias is None else bias + pb
-                if mask is None and is_causal and nq > 1:
-                    bias = bias.masked_fill(~visible[:, None], _NEG)
-            e, rz, m, ent, share = _chunk_probs(query[:, :, c0:c1], key[:, :, :kend], bias, visible,
-                                                mask is None and is_causal, scaling, softcap, s_aux,
-                                                entropy is not None, workspace)
-            if entropy is not None:
-                entropy[:, :, c0:c1] = ent
-            if sink_share is not None:
-                sink_share[:, :, c0:c1] = share
+                ent = -torch.special.xlogy(e, e).sum(-1)
+            if s_aux is not None:
+                share = (1.0 - e.sum(-1)) * visible.any(-1)[:, None]  # rows that see no key: 0, as unchanged
+        if entropy is not None:
+            entropy[:, :, c0:c1] = ent
+        if sink_share is not None:
+            sink_share[:, :, c0:c1] = share
         if scale is not None:
             rz = rz * scale
         if row_max is not None and row_rz is not None:
@@ -641,16 +705,22 @@ def _statistics(
     softcap: float | None,
     s_aux: torch.Tensor | None,  # [h] learned sink logits
     position_bias: torch.Tensor | None = None,  # [b|1, h, q, k]
-    probs_full: torch.Tensor | None = None,  # [b, h, q, k] when an intervention already computed (and changed) them
     want_output: bool = False,
     head_scale: torch.Tensor | None = None,  # [h] per-head factor on the probabilities (head ablation)
+    hooks: Sequence[ProbsHook] = (),
+    layer: int | None = None,
 ) -> tuple[LayerRecord, torch.Tensor | None]:
     """Recompute the attention chunk by chunk in float32 and reduce it to the requested statistics; with
     `want_output`, also the layer's attention output A·V [b, q, h, dv] (float32) from the same chunks.
 
     Per query chunk only the keys some query of the chunk can see are touched (for a causal mask, half the work), the
     mask is built per chunk (never n×n unless the model passed one), and the probabilities are never normalised
-    as a matrix: key mass, entropy, rows and A·V are all reductions of e = exp(s − max) scaled by 1/Z per row."""
+    as a matrix: key mass, entropy, rows and A·V are all reductions of e = exp(s − max) scaled by 1/Z per row.
+
+    With `hooks` (interventions, applied in order) each chunk's probabilities are changed before they are reduced, so
+    every statistic and the output are those of the changed attention, still without a [b, h, q, k] tensor. A hook
+    that needs column means (ACT) gets them from a pass over the chunks first (`intervene.hook_column_means`, as
+    without a capture); `sink_columns` under hooks take one more pass (the candidates follow from the key mass)."""
     cfg = session.config
     b, h, nq, _ = query.shape
     nk = key.shape[2]
@@ -680,32 +750,52 @@ def _statistics(
     # one query (a decode step) is one chunk whatever the memory: no probe of free memory per layer and token
     kvh = key.shape[1]
     g = h // kvh
-    n_prompts, n_kv = (b, kvh) if nq == 1 else pass_sizes(b, h, kvh, nk, dev)
+    # hooks see every prompt and head at once: a hook's scope (heads, MaskKeyPerRow's prompts) indexes the batch's
+    n_prompts, n_kv = (b, kvh) if nq == 1 or hooks else pass_sizes(b, h, kvh, nk, dev)
     step = 1 if nq == 1 else chunk_size_for(n_prompts, n_kv * g, nk, dev, cfg.chunk_size)
+    hooked = None
+    if hooks:
+        hooked = _hooked(hooks, layer, query, key, mask, position_bias, is_causal=is_causal, scaling=scaling,
+                         softcap=softcap, s_aux=s_aux, step=step, workspace=session.workspace)
+        if want_columns:  # no row maxima to recompute columns from: they are read from the changed chunks
+            sums.row_max = sums.row_rz = None
+            if cfg.columns is not None:
+                at = session.column_positions.to(dev) - (session.query_valid.shape[1] - nk)  # [b, C]
+                hooked.column_index = at[:, None, :].expand(b, h, at.shape[1]).clone()
+                hooked.columns = torch.zeros(b, h, nq, at.shape[1], device=dev)
     for b0 in range(0, b, n_prompts):
         prompts = slice(b0, min(b, b0 + n_prompts))
         for k0 in range(0, kvh, n_kv):
             kv, heads = slice(k0, min(kvh, k0 + n_kv)), slice(k0 * g, min(kvh, k0 + n_kv) * g)
             _reduce_chunks(sums.part(prompts, heads, count=k0 == 0), query[prompts, heads], key[prompts, kv],
                            value[prompts, kv], _prompts(mask, prompts), qvalid[prompts],
-                           None if sel is None else sel[prompts], _heads(_prompts(probs_full, prompts), heads),
-                           _heads(_prompts(position_bias, prompts), heads), is_causal=is_causal, scaling=scaling,
-                           softcap=softcap, s_aux=None if s_aux is None else s_aux[heads],
-                           scale=None if scale is None else scale[:, heads], step=step, workspace=session.workspace)
+                           None if sel is None else sel[prompts], _heads(_prompts(position_bias, prompts), heads),
+                           is_causal=is_causal, scaling=scaling, softcap=softcap,
+                           s_aux=None if s_aux is None else s_aux[heads],
+                           scale=None if scale is None else scale[:, heads], step=step,
+                           workspace=session.workspace, hooked=hooked)
     key_mass_sum, key_count, row_max, row_rz = sums.key_mass_sum, sums.key_count, sums.row_max, sums.row_rz
     assert key_count is not None
     outs, layer_out = sums.outs, sums.layer_out
     column_index = columns = None
-    if want_columns:
+    if want_columns and hooked is not None:
+        if hooked.column_index is None:  # sink columns: one more pass over the changed chunks
+            alpha = key_mass_sum[:, :, 0] / key_count.clamp(min=1)  # [b, h, k]
+            assert cfg.sink_columns is not None
+            hooked.column_index = _sink_candidates(alpha, key_count[:, 0] > 0, cfg.sink_columns)
+            hooked.columns = _hooked_columns(hooked, query, key, mask, position_bias, is_causal=is_causal,
+                                             scaling=scaling, softcap=softcap, s_aux=s_aux, step=step,
+                                             workspace=session.workspace)
+        column_index, columns = hooked.column_index, hooked.columns * qvalid[:, None, :, None]
+    elif want_columns:
         if cfg.sink_columns is not None:
             alpha = key_mass_sum[:, :, 0] / key_count.clamp(min=1)  # [b, h, k]
             column_index = _sink_candidates(alpha, key_count[:, 0] > 0, cfg.sink_columns)
         else:
             at = session.column_positions.to(dev) - (session.query_valid.shape[1] - nk)  # [b, C]
             column_index = at[:, None, :].expand(b, h, at.shape[1]).clone()
-        source = probs_full if probs_full is not None else None
         columns = _columns_at(query, key, column_index, row_max, row_rz, mask, is_causal, scaling, softcap,
-                              position_bias, source) * qvalid[:, None, :, None]
+                              position_bias) * qvalid[:, None, :, None]
     moments = column_values = out_norms = None
     if cfg.tag_moments or cfg.head_output_norms:
         o = outs if outs is not None else layer_out.transpose(1, 2)  # type: ignore[union-attr]  # [b, h, q, dv]
@@ -739,6 +829,59 @@ def _statistics(
     return record, layer_out
 
 
+def _hooked(
+    hooks: Sequence[ProbsHook],
+    layer: int | None,
+    query: torch.Tensor,  # [b, h, q, d]
+    key: torch.Tensor,  # [b, kvh, k, d]
+    mask: torch.Tensor | None,  # [b|1, 1, q, k] bool or additive float, or None
+    position_bias: torch.Tensor | None,  # [b|1, h, q, k]
+    step: int,
+    **chunking: Any,  # is_causal, scaling, softcap, s_aux, workspace (`_chunk_attention`)
+) -> _Hooked:
+    """The hooks of a layer with their column means: for a prompt (more than one query), a pass over the chunks per
+    hook that needs them (`intervene.hook_column_means`, the logic `chunked_attention` uses); a decode step's
+    hooks use what they found on the prompt."""
+    from sinkscope.capture.intervene import hook_column_means, real_queries
+
+    b, nq, nk = query.shape[0], query.shape[2], key.shape[2]
+    alphas: dict[int, torch.Tensor] = {}
+    if nq > 1 and any(getattr(hook, "needs_columns", False) for hook in hooks):
+        keys = key.float().contiguous()
+
+        def chunks() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+            for c0 in range(0, nq, step):
+                visible, _, e, rz, *_ = _chunk_attention(query, keys, mask, position_bias, c0, min(nq, c0 + step),
+                                                         want_entropy=False, **chunking)
+                yield c0, *_hook_rows(e, rz, visible, nk)
+
+        alphas = hook_column_means(hooks, layer, chunks, real_queries(mask, b, nq, nk, query.device))
+    return _Hooked(hooks=hooks, layer=layer, alphas=alphas)
+
+
+def _hooked_columns(
+    hooked: _Hooked,
+    query: torch.Tensor,  # [b, h, q, d]
+    key: torch.Tensor,  # [b, kvh, k, d]
+    mask: torch.Tensor | None,
+    position_bias: torch.Tensor | None,
+    step: int,
+    **chunking: Any,  # is_causal, scaling, softcap, s_aux, workspace (`_chunk_attention`)
+) -> torch.Tensor:
+    """[b, h, q, K] the changed attention's columns at `hooked.column_index` [b, h, K], a chunk at a time."""
+    assert hooked.column_index is not None
+    b, h, nq, _ = query.shape
+    nk = key.shape[2]
+    keys = key.float().contiguous()
+    out = torch.zeros(b, h, nq, hooked.column_index.shape[-1], device=query.device)
+    for c0 in range(0, nq, step):
+        c1 = min(nq, c0 + step)
+        visible, _, e, rz, *_ = _chunk_attention(query, keys, mask, position_bias, c0, c1, want_entropy=False,
+                                                 **chunking)
+        out[:, :, c0:c1] = _gather_columns(hooked.apply(e, rz, visible, nk), hooked.column_index)
+    return out
+
+
 def _sink_candidates(alpha: torch.Tensor, real: torch.Tensor, floor: float) -> torch.Tensor:
     """Per head, the keys whose column mass exceeds `floor`, largest first. alpha [b, h, k], real [b, k] (keys some
     query sees) → index [b, h, K] with −1 where a head has fewer than K candidates (K ≥ 1: the largest count)."""
@@ -759,7 +902,6 @@ def _columns_at(
     scaling: float,
     softcap: float | None,
     position_bias: torch.Tensor | None,  # [b|1, h, q, k]
-    probs_full: torch.Tensor | None,  # [b, h, q, k] when an intervention computed the probabilities
 ) -> torch.Tensor:
     """A_ik for the K keys of `index`, for every query: exp(s_ik − max_i)·(1/Z_i), recomputed from K score columns —
     [b, h, q, K] float32, zero where a key is invisible or the index is −1."""
@@ -767,9 +909,6 @@ def _columns_at(
     kvh, nk = key.shape[1], key.shape[2]
     idx = index.clamp(min=0)  # [b, h, K]
     n_cols = idx.shape[-1]
-    if probs_full is not None:
-        out = probs_full.float().gather(-1, idx[:, :, None, :].expand(b, h, nq, n_cols))
-        return out * (index >= 0)[:, :, None, :]
     assert row_max is not None and row_rz is not None
     kv_of_head = torch.arange(h, device=query.device) // (h // kvh)  # [h]
     keys = key.float()[:, kv_of_head]  # [b, h, k, d]

@@ -11,16 +11,17 @@ forward or `generate` call:
 
 Rows keep their total mass (1, or 1 − the learned sink share for gpt-oss style models) when mass is moved.
 
-Without a capture session, a prompt's attention under interventions is computed a chunk of queries at a time
-(`chunked_attention`): A never exists as a whole [b, h, q, k] tensor, only a chunk about the size of the layer's
-output. ACT's calibration, which needs each key's column mean over every query, reads it in a first pass over the
-chunks.
+A prompt's attention under interventions is computed a chunk of queries at a time: without a capture session by
+`chunked_attention` (a chunk about the size of the layer's output), within one by the capture's own chunks
+(`capture.attention._statistics`, each changed chunk reduced to the statistics and the output at once). A never exists
+as a whole [b, h, q, k] tensor. ACT's calibration, which needs each key's column mean over every query, reads it in a
+first pass over the chunks (`hook_column_means`, shared by both).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -278,6 +279,49 @@ def _chunk_bias(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tenso
     return bias
 
 
+def real_queries(mask: torch.Tensor | None, b: int, nq: int, nk: int, device: torch.device) -> torch.Tensor:
+    """[b, q] bool: the queries ACT's column means count. A padded position is a key no query sees (without a mask,
+    every query is real); query i sits at key i + (k − q)."""
+    if mask is None:
+        return torch.ones(b, nq, dtype=torch.bool, device=device)
+    seen = mask.any(-2) if mask.dtype == torch.bool else (mask > torch.finfo(mask.dtype).min / 2).any(-2)
+    return seen[:, 0, nk - nq :].expand(b, nq)
+
+
+def apply_hooks(hooks: Sequence[Any], layer: int | None, probs: torch.Tensor, bias: torch.Tensor,
+                alphas: Mapping[int, torch.Tensor], upto: int | None = None) -> torch.Tensor:
+    """probs [b, h, c, k] (a chunk of whole rows) after hooks[:upto] in order; hook i gets the column means
+    alphas[i] [b, h, k] when it has them (hooks with `needs_columns`, see `hook_column_means`)."""
+    for i, hook in enumerate(hooks[:upto]):
+        probs = hook(probs, layer, bias, alphas[i]) if i in alphas else hook(probs, layer, bias)
+    return probs
+
+
+def hook_column_means(
+    hooks: Sequence[Any],
+    layer: int | None,
+    chunks: Callable[[], Iterable[tuple[int, torch.Tensor, torch.Tensor]]],
+    real: torch.Tensor,  # [b, q] bool, the queries that count (`real_queries`)
+) -> dict[int, torch.Tensor]:
+    """hook index → [b, h, k] the column means of what that hook receives (the attention after the hooks before it),
+    for each hook with `needs_columns` (ACT), from a pass over the chunks per such hook: the numbers the hook would
+    compute over the whole [b, h, q, k] matrix. `chunks()` yields (c0, probs [b, h, c, k] before any hook, bias
+    [b|1, 1|h, c, k] with −inf at invisible keys) for the query chunks in order."""
+    alphas: dict[int, torch.Tensor] = {}
+    for i, hook in enumerate(hooks):
+        if not getattr(hook, "needs_columns", False):
+            continue
+        total = count = None
+        for c0, probs, bias in chunks():
+            probs = apply_hooks(hooks, layer, probs, bias, alphas, i)
+            add_total, add_count = column_sums(probs, torch.isfinite(bias), real[:, c0 : c0 + probs.shape[2]])
+            total = add_total if total is None else total + add_total
+            count = add_count if count is None else count + add_count
+        assert total is not None and count is not None
+        alphas[i] = total / count[:, None].clamp(min=1)
+    return alphas
+
+
 def chunked_attention(
     hooks: Sequence[Intervention],
     layer: int | None,
@@ -295,46 +339,27 @@ def chunked_attention(
     """The layer's attention output under `hooks`, `chunk` queries at a time (default: as many as keep a chunk's
     probabilities [b, h, c, k] about the size of the output [b, q, h, dv], at least 16). A hook that needs the column
     means (ACT) gets those of what it receives (the attention after the hooks before it) from a pass over the chunks
-    of its own; the same numbers as changing the whole [b, h, q, k] matrix at once. Returns [b, q, h, dv] in
-    float32."""
+    of its own (`hook_column_means`); the same numbers as changing the whole [b, h, q, k] matrix at once. Returns
+    [b, q, h, dv] in float32."""
     b, h, nq, _ = query.shape
     nk, dv = key.shape[2], value.shape[-1]
     if chunk is None:
         chunk = max(16, min(chunk_size_for(b, h, nk, query.device), nq * dv // max(1, nk)))
     starts = range(0, nq, chunk)
 
-    def probs_of(c0: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def probs_of(c0: int) -> tuple[int, torch.Tensor, torch.Tensor]:
         c1 = min(nq, c0 + chunk)
         bias = _chunk_bias(mask, query, key, c0, c1, is_causal, position_bias)
-        return attention_probs(query[:, :, c0:c1], key, bias, scaling, softcap, s_aux), bias  # [b, h, c, k]
+        return c0, attention_probs(query[:, :, c0:c1], key, bias, scaling, softcap, s_aux), bias  # [b, h, c, k]
 
-    def changed(c0: int, upto: int) -> tuple[torch.Tensor, torch.Tensor]:  # the chunk after hooks[:upto]
-        probs, bias = probs_of(c0)
-        for i, hook in enumerate(hooks[:upto]):
-            probs = hook(probs, layer, bias, alphas.get(i))
-        return probs, bias
-
-    alphas: dict[int, torch.Tensor] = {}  # hook index → [b, h, k] column means of what that hook receives
+    alphas: dict[int, torch.Tensor] = {}
     if any(hook.needs_columns for hook in hooks):
-        if mask is None:
-            real = torch.ones(b, nq, dtype=torch.bool, device=query.device)
-        else:  # a padded position is a key no query sees
-            seen = mask.any(-2) if mask.dtype == torch.bool else (mask > torch.finfo(mask.dtype).min / 2).any(-2)
-            real = seen[:, 0, nk - nq :].expand(b, nq)  # [b, q]
-    for i, hook in enumerate(hooks):
-        if not hook.needs_columns:
-            continue
-        total = torch.zeros(b, h, nk, device=query.device)
-        count = torch.zeros(b, nk, device=query.device)
-        for c0 in starts:
-            probs, bias = changed(c0, i)
-            add_total, add_count = column_sums(probs, torch.isfinite(bias), real[:, c0 : c0 + chunk])
-            total += add_total
-            count += add_count
-        alphas[i] = total / count[:, None].clamp(min=1)
+        alphas = hook_column_means(hooks, layer, lambda: map(probs_of, starts),
+                                   real_queries(mask, b, nq, nk, query.device))
     out = torch.empty(b, nq, h, dv, device=query.device)
     for c0 in starts:
-        out[:, c0 : c0 + chunk] = _weighted_values(changed(c0, len(hooks))[0], value)
+        _, probs, bias = probs_of(c0)
+        out[:, c0 : c0 + chunk] = _weighted_values(apply_hooks(hooks, layer, probs, bias, alphas), value)
     return out
 
 
