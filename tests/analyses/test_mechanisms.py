@@ -297,7 +297,7 @@ def _planted(hidden: torch.Tensor, key_mass: torch.Tensor | None = None) -> Mech
     km = key_mass if key_mass is not None else torch.zeros(P, L, 2, N)
     trace = Trace(prompts=[f"p{p}" for p in range(P)], input_ids=[list(range(N))] * P,
                   tokens=[[f"t{j}" for j in range(N)] for _ in range(P)], lengths=torch.full((P,), N),
-                  key_mass=km, key_mass_sum=km, key_count=torch.ones(P, L, N))
+                  key_mass=km, key_count=torch.ones(P, L, N))
     return MechTrace(trace=trace, hidden=hidden, sites=sites_for(L))
 
 

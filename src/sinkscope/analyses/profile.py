@@ -190,7 +190,7 @@ def _token_ids(loaded: LoadedModel, prompts: Sequence[str], chunk: int = 1024
 
 
 # Trace fields the tables read → the dims that index key positions.
-_KEY_DIMS: dict[str, list[int]] = {"key_mass": [3], "key_mass_sum": [3], "key_count": [2], "rows": [4],
+_KEY_DIMS: dict[str, list[int]] = {"key_mass": [3], "key_count": [2], "rows": [4],
                                    "entropy": [3], "sink_share": [3]}
 
 

@@ -289,7 +289,7 @@ def _merge(traces: list[Trace]) -> Trace:
 
     return Trace(prompts=[p for t in traces for p in t.prompts], input_ids=[i for t in traces for i in t.input_ids],
                  tokens=[x for t in traces for x in t.tokens], lengths=torch.cat([t.lengths for t in traces]),
-                 key_mass=cat("key_mass"), key_mass_sum=cat("key_mass_sum"), key_count=cat("key_count"),
+                 key_mass=cat("key_mass"), key_count=cat("key_count"),
                  info=traces[0].info)
 
 

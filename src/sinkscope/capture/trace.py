@@ -35,7 +35,6 @@ class Trace:
     tokens: list[list[str]]
     lengths: torch.Tensor  # [P]
     key_mass: torch.Tensor  # [P, L, H, N]  α_k: mean attention key k receives from the queries that see it
-    key_mass_sum: torch.Tensor  # [P, L, H, N]  the same, summed instead of averaged
     key_count: torch.Tensor  # [P, L, N]  number of queries that see key k
     rows: torch.Tensor | None = None  # [P, L, H, S, N]  full rows of the selected queries
     row_positions: torch.Tensor | None = None  # [P, S]
@@ -67,6 +66,12 @@ class Trace:
         from sinkscope.report.notebook import trace_html
 
         return trace_html(self)
+
+    @property
+    def key_mass_sum(self) -> torch.Tensor:
+        """[P, L, H, N] the attention key k receives summed over the queries that see it (α_k × their number;
+        computed when read, so a trace holds one [P, L, H, N] tensor per key statistic, not two)."""
+        return self.key_mass * self.key_count[:, :, None]
 
     @property
     def n_prompts(self) -> int:
@@ -652,7 +657,8 @@ def _assemble(loaded: LoadedModel, prompts: list[str], parts: list[dict[str, Any
         k = max(m["values"].shape[-2] for m in moment_parts)
         padded = [_pad_moments(m, k) for m in moment_parts]
         tag_moments = {name: torch.cat([m[name] for m in padded]) for name in padded[0]}
-    key_mass = merged["key_mass_sum"] / merged["key_count"][:, :, None].clamp(min=1)
+    # α = the sums over the queries' count, divided in place: the trace keeps α and the counts, not the sums
+    key_mass = merged.pop("key_mass_sum").div_(merged["key_count"][:, :, None].clamp(min=1))
     given = [t for p in parts for t in p.get("tokens", [None] * len(p["lengths"]))]
     tokens = [t if t is not None else _token_strings(loaded.tokenizer, row) for t, row in zip(given, ids, strict=True)]
     info = {
@@ -670,7 +676,6 @@ def _assemble(loaded: LoadedModel, prompts: list[str], parts: list[dict[str, Any
         tokens=tokens,
         lengths=torch.tensor([len(r) for r in ids]),
         key_mass=key_mass,
-        key_mass_sum=merged["key_mass_sum"],
         key_count=merged["key_count"],
         rows=merged.get("rows"),
         row_positions=merged.get("row_positions"),
