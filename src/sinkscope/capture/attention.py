@@ -478,7 +478,8 @@ def _chunk_probs(
         sink = s_aux.float().view(1, h, 1, 1)
         m = torch.maximum(m, sink)
     s -= m
-    e = torch.exp(s, out=workspace.take("exp", (b, h, c, kend), query.device))
+    # the entropy reads s beside e = exp(s); without it e overwrites s (one chunk buffer, not two)
+    e = torch.exp(s, out=workspace.take("exp", (b, h, c, kend), query.device)) if want_entropy else s.exp_()
     z = e.sum(-1, keepdim=True)
     sink_e = torch.exp(sink - m) if s_aux is not None else None
     if sink_e is not None:
