@@ -186,7 +186,7 @@ def cli_profile(loaded: Any, text: str, out: bool = False) -> Any:
     return run
 
 
-def quick(repeats: int = 3) -> None:
+def quick(repeats: int = 2) -> None:
     """The --quick lines (see the module docstring)."""
     from sinkscope.analyses.mechanisms import analyze
     from sinkscope.analyses.profile import profile
@@ -200,12 +200,17 @@ def quick(repeats: int = 3) -> None:
     def plain() -> None:
         model(input_ids=ids, use_cache=False)
 
-    ways = {"plain": plain, "profile": lambda: profile(loaded, [text]),
-            "tags": lambda: tag_statistics(loaded, [text], 0.2),
-            "mechanisms": lambda: analyze(loaded, [text], ablate_layers=[]),
-            "profile-cli": cli_profile(loaded, text), "profile-cli-out": cli_profile(loaded, text, out=True)}
-    for run in ways.values():  # warm-up
-        run()
+    def all_ways(text: str) -> dict[str, Any]:
+        return {"plain": plain, "profile": lambda: profile(loaded, [text]),
+                "tags": lambda: tag_statistics(loaded, [text], 0.2),
+                "mechanisms": lambda: analyze(loaded, [text], ablate_layers=[]),
+                "profile-cli": cli_profile(loaded, text), "profile-cli-out": cli_profile(loaded, text, out=True)}
+
+    ways = all_ways(text)
+    for name, run in all_ways(prompt_of(loaded, 64)).items():  # warm-up: every code path once, on a short prompt
+        if name != "plain":
+            run()
+    plain()
     turns = []
     for _ in range(repeats):
         turn = {}

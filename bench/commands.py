@@ -118,9 +118,9 @@ def time_ratios(loaded: Any, repeats: int, tokens: int = 512, n_examples: int = 
 
 
 def quick_lines(loaded: Any) -> list[str]:
-    """`<command> <ratio>` for bench/analyses.py --quick: one turn on small inputs (2 sst2 examples; calibrate
+    """`<command> <ratio>` for bench/analyses.py --quick: one turn on small inputs (one sst2 example; calibrate
     searches layer 0)."""
-    ratios = time_ratios(loaded, repeats=1, tokens=512, n_examples=2, causal_tokens=32, calib_layers=(0,))
+    ratios = time_ratios(loaded, repeats=1, tokens=512, n_examples=1, causal_tokens=32, calib_layers=(0,))
     return [f"{name} {ratio:.2f}" for name, ratio in ratios.items()]
 
 
