@@ -37,7 +37,7 @@ import shutil
 import signal
 import sys
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
@@ -65,11 +65,49 @@ log = logging.getLogger("sinkscope")
 Content = pd.DataFrame | bytes | str | dict | list | Path
 
 
+class Tables(MutableMapping[str, pd.DataFrame]):
+    """Tables by name, some built only when first read: a function of no arguments stands for its table until then
+    (`profile`'s `keys`, one row per prompt × layer × head × key, 4.7 M rows for one 32,768-token prompt of a 12 × 12
+    model; `mechanisms`' `bias_queries`, one per prompt × layer × head × query). A table is built by its first
+    `tables[name]`, or when the run is saved. Iteration follows `order`, then insertion."""
+
+    def __init__(self, tables: Mapping[str, pd.DataFrame | Callable[[], pd.DataFrame]], order: Sequence[str] = ()
+                 ) -> None:
+        self._tables = dict(tables)
+        self._order = tuple(order)
+
+    def __getitem__(self, name: str) -> pd.DataFrame:
+        table = self._tables[name]
+        if callable(table):
+            table = self._tables[name] = table()
+        return table
+
+    def __setitem__(self, name: str, table: pd.DataFrame | Callable[[], pd.DataFrame]) -> None:
+        self._tables[name] = table
+
+    def __delitem__(self, name: str) -> None:
+        del self._tables[name]
+
+    def __iter__(self) -> Iterator[str]:
+        order = [n for n in self._order if n in self._tables]
+        return iter(order + [n for n in self._tables if n not in order])
+
+    def __len__(self) -> int:
+        return len(self._tables)
+
+    def built(self, name: str) -> bool:
+        """Whether table `name` exists now (not waiting to be built)."""
+        return name in self._tables and not callable(self._tables[name])
+
+    def __repr__(self) -> str:
+        return f"Tables({', '.join(n if self.built(n) else n + ' (not built yet)' for n in self)})"
+
+
 @dataclass
 class Run:
     """Tables of one analysis plus its provenance."""
 
-    tables: dict[str, pd.DataFrame]
+    tables: MutableMapping[str, pd.DataFrame]
     manifest: dict[str, Any] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> pd.DataFrame:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
-from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -23,7 +23,7 @@ from sinkscope.capture import CaptureConfig, Trace, pad_to, run_capture, tokeniz
 from sinkscope.detect import detect, get_detector
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
-from sinkscope.store import Run, make_manifest, open_run
+from sinkscope.store import Run, Tables, make_manifest, open_run
 
 # The order of `profile`'s tables (in `ProfileResult.tables` and in the manifest).
 TABLES = ("keys", "heads", "prompts", "layers", "sink_rate", "skipped")
@@ -300,41 +300,6 @@ def skipped_table(bad: Sequence[tuple[int, str]]) -> pd.DataFrame:
                         ).astype({"prompt_id": "int64", "reason": "object"})
 
 
-class Tables(MutableMapping[str, pd.DataFrame]):
-    """Tables by name, in `TABLES` order, where some are built only when first read: a function of no arguments stands
-    for its table until then. `profile`'s `keys` table (one row per prompt × layer × head × key: 4.7 M rows for one
-    32,768-token prompt of a 12 × 12 model) is built by the first `tables["keys"]`, or when the run is saved."""
-
-    def __init__(self, tables: Mapping[str, pd.DataFrame | Callable[[], pd.DataFrame]]) -> None:
-        self._tables = dict(tables)
-
-    def __getitem__(self, name: str) -> pd.DataFrame:
-        table = self._tables[name]
-        if callable(table):
-            table = self._tables[name] = table()
-        return table
-
-    def __setitem__(self, name: str, table: pd.DataFrame) -> None:
-        self._tables[name] = table
-
-    def __delitem__(self, name: str) -> None:
-        del self._tables[name]
-
-    def __iter__(self) -> Iterator[str]:
-        order = [n for n in TABLES if n in self._tables]
-        return iter(order + [n for n in self._tables if n not in order])
-
-    def __len__(self) -> int:
-        return len(self._tables)
-
-    def built(self, name: str) -> bool:
-        """Whether table `name` exists now (not waiting to be built)."""
-        return name in self._tables and not callable(self._tables[name])
-
-    def __repr__(self) -> str:
-        return f"Tables({', '.join(n if self.built(n) else n + ' (not built yet)' for n in self)})"
-
-
 def build_tables(
     trace: Trace,
     sinks: torch.Tensor,
@@ -348,7 +313,7 @@ def build_tables(
     tables: dict[str, Any] = long_tables(trace, sinks, ids, method, params, keys=False)
     tables["keys"] = lambda: key_table(trace, sinks, ids)
     tables["layers"] = LayerSummary().add(tables["heads"], summarised_keys(trace, sinks)).table()
-    return Tables({name: tables[name] for name in TABLES if name in tables})
+    return Tables({name: tables[name] for name in TABLES if name in tables}, order=TABLES)
 
 
 def long_tables(

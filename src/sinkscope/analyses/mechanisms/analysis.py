@@ -17,8 +17,9 @@ Tables share the key columns prompt_id, layer, sublayer, position, token (where 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import MutableMapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from sinkscope.analyses.mechanisms.ablation import ablation_sweep, ablation_table
-from sinkscope.analyses.mechanisms.bias import implicit_bias
+from sinkscope.analyses.mechanisms.bias import bias_heads, bias_queries
 from sinkscope.analyses.mechanisms.bos import (
     VARIANTS,
     bos_layers,
@@ -48,7 +49,7 @@ from sinkscope.analyses.mechanisms.residual import MechTrace, capture_ids
 from sinkscope.capture import CaptureConfig, validate_prompts
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
-from sinkscope.store import Run, make_manifest
+from sinkscope.store import Run, Tables, make_manifest
 
 
 @dataclass
@@ -56,7 +57,7 @@ class MechanismsResult:
     """Tables, the summary and the parameters of one `analyze` run (`traces` holds the captures per variant: the
     norms of their residual stream and its reductions, never the vectors)."""
 
-    tables: dict[str, pd.DataFrame]
+    tables: MutableMapping[str, pd.DataFrame]  # `store.Tables`: bias_queries is built when read or saved
     summary: dict[str, Any]
     params: dict[str, Any]
     traces: dict[str, MechTrace] = field(default_factory=dict, repr=False)
@@ -147,11 +148,11 @@ def analyze(
                        top=max(1, top_k), leading=_leading(native), batch_size=batch_size, prompts=texts)
     bar.step()
     traces: dict[str, MechTrace] = {"native": main}
-    tables: dict[str, pd.DataFrame] = {
+    tables = Tables({
         "prompts": pd.DataFrame({"prompt_id": kept, "text": texts, "n_tokens": main.lengths.tolist()}),
         "skipped": pd.DataFrame({"prompt_id": [i for i, _ in bad], "reason": [w for _, w in bad]}
                                 ).astype({"prompt_id": "int64", "reason": "object"}),
-    }
+    })
     # every other forward pass runs next, while only the captures' small reductions are held (the ablations
     # first: they keep a few numbers per layer, the BOS variants their key mass); the tables, which grow with the
     # prompts, are built after the last pass, so a pass's working memory never meets them
@@ -228,9 +229,9 @@ def analyze(
     summary["massive"] = _massive_digest(entries, tables["massive_dims"], spikes)
     # 7. implicit attention bias
     if bias:
-        heads, queries = implicit_bias(main, kept, eps=eps)
+        heads = bias_heads(main, eps=eps)
         tables["bias_heads"] = heads
-        tables["bias_queries"] = queries
+        tables["bias_queries"] = partial(bias_queries, main, kept)  # built when read or saved
         summary["bias"] = _bias_digest(heads)
     bar.close()
     return MechanismsResult(tables=tables, summary=summary, params=params, traces=traces, skipped=bad)

@@ -62,18 +62,19 @@ def sink_inputs(mt: MechTrace, sink: int = 0) -> tuple[torch.Tensor, torch.Tenso
 
 def implicit_bias(mt: MechTrace, prompt_ids: Sequence[int] | None = None, *, sink: int = 0, eps: float = 0.2
                   ) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """The decomposition per head and per query.
+    """The decomposition per head and per query: (`bias_heads`, `bias_queries`)."""
+    return bias_heads(mt, sink=sink, eps=eps), bias_queries(mt, prompt_ids, sink=sink)
 
-    Returns (heads, queries). heads: layer, head, alpha0 (column mass of s), is_sink (alpha0 > ε), attn_to_sink
+
+def bias_heads(mt: MechTrace, *, sink: int = 0, eps: float = 0.2) -> pd.DataFrame:
+    """The decomposition per head: layer, head, alpha0 (column mass of s), is_sink (alpha0 > ε), attn_to_sink
     (mean A_{i,s}), share_mean, share_median, constancy, bias_r2, magnitude_cv, v_sink_ratio.
-    queries: prompt_id, layer, head, position, token, attn_to_sink, sink_norm ‖t_i‖, out_norm ‖o_i‖, share.
 
     With t_{p,i} = A_{p,i} v_p (v_p = prompt p's v_s, A ≥ 0) the pair and sum statistics over queries reduce to
     per-prompt sums: constancy = (‖Σ_p c_p û_p‖² − c)/(c(c − 1)) with c_p the kept queries with A > 0 and
     û_p = v_p/‖v_p‖; bias_r2 = 1 − Σ‖t − t̄‖²/Σ‖t‖² = K‖t̄‖² / Σ‖t‖² with t̄ = Σ_p (Σ_i A_{p,i}) v_p / K over
     the K kept queries.
     """
-    ids = list(prompt_ids) if prompt_ids is not None else list(range(mt.trace.n_prompts))
     a, o_norm, v_norm, v_sink = sink_inputs(mt, sink)
     L, H = a.shape[1:3]
     keep = mt.valid().clone()  # [P, N]
@@ -81,9 +82,7 @@ def implicit_bias(mt: MechTrace, prompt_ids: Sequence[int] | None = None, *, sin
     kf = keep[:, None, None, :].float()  # [P, 1, 1, N]: 1 at the kept queries
     vs = v_sink.double()  # [P, L, H, dv]
     vs_norm = torch.linalg.vector_norm(vs, dim=-1)  # [P, L, H]
-    t_norm = a * vs_norm[..., None].float()  # [P, L, H, N]  ‖t_i‖ = A_{i,s}‖v_s‖
-    share = t_norm / o_norm.clamp(min=1e-30)
-    share[(o_norm <= 0).expand_as(share)] = float("nan")  # ‖o_i‖ = 0: no share
+    t_norm, share = _contributions(a, o_norm, vs_norm)
     count = (keep.sum(dim=0).sum() * torch.ones(L, H)).clamp(min=1)  # [L, H]  kept queries over all prompts
 
     def masked_sum(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -125,6 +124,26 @@ def implicit_bias(mt: MechTrace, prompt_ids: Sequence[int] | None = None, *, sin
         "magnitude_cv": mag_cv.numpy().ravel(),
         "v_sink_ratio": v_ratio.numpy().ravel(),
     })
+    return heads
+
+
+def _contributions(a: torch.Tensor, o_norm: torch.Tensor, vs_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(‖t_i‖ = A_{i,s}‖v_s‖, share ‖t_i‖/‖o_i‖, NaN where ‖o_i‖ = 0), both [P, L, H, N], from A_{·,s} and ‖o_i‖
+    [P, L, H, N] and ‖v_s‖ [P, L, H]."""
+    t_norm = a * vs_norm[..., None].float()
+    share = t_norm / o_norm.clamp(min=1e-30)
+    share[(o_norm <= 0).expand_as(share)] = float("nan")
+    return t_norm, share
+
+
+def bias_queries(mt: MechTrace, prompt_ids: Sequence[int] | None = None, *, sink: int = 0) -> pd.DataFrame:
+    """`implicit_bias`'s per-query table: prompt_id, layer, head, position, token, attn_to_sink, sink_norm ‖t_i‖,
+    out_norm ‖o_i‖, share, one row per prompt × layer × head × query after the sink (the size of profile's keys
+    table: `analyze` builds it when it is read or saved)."""
+    ids = list(prompt_ids) if prompt_ids is not None else list(range(mt.trace.n_prompts))
+    a, o_norm, _, v_sink = sink_inputs(mt, sink)
+    L, H = a.shape[1:3]
+    t_norm, share = _contributions(a, o_norm, torch.linalg.vector_norm(v_sink.double(), dim=-1))
     frames = []
     for p, n in enumerate(mt.lengths.tolist()):
         if n <= sink + 1:
@@ -144,9 +163,8 @@ def implicit_bias(mt: MechTrace, prompt_ids: Sequence[int] | None = None, *, sin
         }, copy=False))
     cols = ["prompt_id", "layer", "head", "position", "token", "attn_to_sink", "sink_norm", "out_norm", "share"]
     if len(frames) == 1:  # one prompt: no concatenated copy
-        return heads, frames[0]
-    queries = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
-    return heads, queries
+        return frames[0]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=cols)
 
 
 def _share_median(share: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:

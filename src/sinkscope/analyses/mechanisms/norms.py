@@ -40,26 +40,28 @@ def median_other(norms: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 def norm_table(mt: MechTrace, prompt_ids: Sequence[int] | None = None) -> pd.DataFrame:
     """One row per prompt × site × position: prompt_id, layer, sublayer, depth, position, token, norm, ratio
-    (the norm over the median norm of positions ≥ 1 at that site)."""
+    (the norm over the median norm of positions ≥ 1 at that site); sorted by prompt_id, depth, position. Built
+    column by column (no merge, no sort), so the table is written once."""
     norms = mt.norms()  # [P, S, N]
     ids = list(prompt_ids) if prompt_ids is not None else list(range(norms.shape[0]))
     med = median_other(norms, mt.lengths)  # [P, S]
-    frames = []
     sites = site_frame(mt.sites)
-    for p, n in enumerate(mt.lengths.tolist()):
-        block = norms[p, :, :n].numpy()  # [S, n]
-        s_idx, j_idx = np.meshgrid(np.arange(len(mt.sites)), np.arange(n), indexing="ij")
+    order = np.argsort(sites["depth"].to_numpy(), kind="stable")  # sites by depth
+    site_cols = {c: sites[c].to_numpy()[order] for c in ("layer", "sublayer", "depth")}
+    S = len(order)
+    frames = []
+    for p in sorted(range(len(ids)), key=lambda q: ids[q]):
+        n = int(mt.lengths[p])
+        block = norms[p, :, :n].numpy()[order]  # [S, n]
         frames.append(pd.DataFrame({
-            "prompt_id": ids[p],
-            "site": s_idx.ravel(),
-            "position": j_idx.ravel(),
-            "token": np.asarray(mt.trace.tokens[p], dtype=object)[j_idx.ravel()],
+            "prompt_id": np.full(S * n, ids[p], dtype=np.int64),
+            **{c: np.repeat(v, n) for c, v in site_cols.items()},
+            "position": np.tile(np.arange(n, dtype=np.int64), S),
+            "token": np.tile(np.asarray(mt.trace.tokens[p][:n], dtype=object), S),
             "norm": block.ravel(),
-            "ratio": (block / med[p].numpy()[:, None]).ravel(),
-        }))
-    frame = pd.concat(frames, ignore_index=True).merge(sites, on="site").drop(columns="site")
-    cols = ["prompt_id", "layer", "sublayer", "depth", "position", "token", "norm", "ratio"]
-    return frame[cols].sort_values(["prompt_id", "depth", "position"], ignore_index=True)
+            "ratio": (block / med[p].numpy()[order][:, None]).ravel(),
+        }, copy=False))
+    return frames[0] if len(frames) == 1 else pd.concat(frames, ignore_index=True)
 
 
 def norm_profile(mt: MechTrace) -> pd.DataFrame:
