@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -40,7 +39,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from analyses import load, prompt_of  # bench/ is not a package: its folder is on sys.path
+from analyses import load, peak, prompt_of, reset_peak, rss  # bench/ is not a package: its folder is on sys.path
 
 COMMANDS = ("explain", "eval-causal", "calibrate", "bench-mitigation")
 
@@ -124,11 +123,6 @@ def quick_lines(loaded: Any) -> list[str]:
     return [f"{name} {ratio:.2f}" for name, ratio in ratios.items()]
 
 
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def memory_worker(model: str, way: str, plain: bool, tokens: int, n_examples: int, causal_tokens: int) -> dict:
     """Extra peak RSS of one call (the command, or its plain pass), after a warm-up call."""
     loaded = load(model)
@@ -137,9 +131,9 @@ def memory_worker(model: str, way: str, plain: bool, tokens: int, n_examples: in
     with torch.inference_mode():
         fn()
         before = rss()
+        reset_peak()
         fn()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"extra": max(0, peak - before)}
+    return {"extra": max(0, peak() - before)}
 
 
 def _sub(*args: str) -> dict | None:

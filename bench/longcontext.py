@@ -23,12 +23,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from analyses import peak, reset_peak, rss  # bench/ is not a package: its folder is on sys.path
 
 WAYS = ("plain", "capture", "profile")
 
@@ -59,11 +61,6 @@ def text_of(loaded, n: int) -> str:
     return tok.decode(ids)
 
 
-def rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def call(loaded, way: str, text: str) -> None:
     from sinkscope.analyses.profile import profile
     from sinkscope.capture import CaptureConfig, run_capture
@@ -83,11 +80,11 @@ def worker(way: str, n: int) -> dict:
     call(loaded, way, text_of(loaded, 16))  # kernels and libraries loaded
     text = text_of(loaded, n)
     before = rss()
+    reset_peak()
     start = time.perf_counter()
     call(loaded, way, text)
     seconds = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    return {"way": way, "before": before, "peak": peak, "seconds": seconds}
+    return {"way": way, "before": before, "peak": peak(), "seconds": seconds}
 
 
 def main() -> None:
