@@ -108,6 +108,16 @@ PRESETS: dict[str, dict] = {
                                     synthetic_distances=4, weight_decay=0.1),
             "mix-bb16x8-wd0.1": dict(synthetic="bigram_backcopy", synthetic_frac=0.5, synthetic_triggers=16,
                                      synthetic_distances=8, weight_decay=0.1),
+            # #17 item 5: triggers whose rule needs layers 1 and 2 (induction, two-hop induction; TriggerRecall)
+            "mix-tr24-wd0.1": dict(synthetic="trigger_recall", synthetic_frac=0.5, synthetic_triggers=24,
+                                   weight_decay=0.1),
+            "mix-tr24b-wd0.1": dict(synthetic="trigger_recall", synthetic_frac=0.5, synthetic_triggers=24,
+                                    synthetic_rules="copy,induction,two_hop,bind", weight_decay=0.1),
+            "mix-bind16-wd0.1": dict(synthetic="trigger_recall", synthetic_frac=0.5, synthetic_triggers=16,
+                                     synthetic_rules="bind,bind_hop,bind2,bind_hop", weight_decay=0.1),
+            "text-tr24-wd0.1": dict(synthetic="text_recall", synthetic_frac=0.5, synthetic_triggers=24,
+                                    synthetic_rules="copy,induction,two_hop,bind", synthetic_rate=0.1,
+                                    weight_decay=0.1),
         },
     },
 }
@@ -204,6 +214,27 @@ def _licence(source_file: str) -> str:
     return "see the source"
 
 
+def _mix_text(cfg: TrainConfig) -> str:
+    """The card's sentence on the synthetic share of the batches."""
+    if not cfg.synthetic:
+        return ""
+    triggers = (f"{cfg.synthetic_triggers} dedicated trigger tokens `<bb0>`… added to the tokenizer, which never "
+                "occur in text")
+    if cfg.synthetic == "text_recall":
+        return (f"; {cfg.synthetic_frac:.0%} of every batch are text windows with trigger tokens inserted at "
+                f"{cfg.synthetic_rate:.0%} of the positions ({triggers}), each followed by the answer of its rule "
+                f"(`text_recall`: rules {cfg.synthetic_rules.replace(',', ', ')} in turn — backcopy as in Guo et "
+                "al. 2024's Bigram-Backcopy, induction, two-hop induction and binding, which need the second and "
+                "third layers; `sinkscope.toy.tinylm.TriggerRecall`)")
+    if cfg.synthetic == "trigger_recall":
+        return (f" mixed with the synthetic `trigger_recall` task ({cfg.synthetic_frac:.0%} of every batch: Guo et "
+                f"al. 2024's Bigram-Backcopy chain whose triggers follow the rules {cfg.synthetic_rules} in turn; "
+                f"{triggers})")
+    distances = f", {cfg.synthetic_distances} copy distances" if cfg.synthetic_distances > 1 else ""
+    return (f" mixed with the synthetic `{cfg.synthetic}` task of Guo et al. 2024 ({cfg.synthetic_frac:.0%} of every "
+            f"batch; {triggers}{distances})")
+
+
 def model_card(f: dict, sources: list[dict], cfg: TrainConfig) -> str:
     layers = f["layers"]
     rows = "\n".join(
@@ -223,10 +254,7 @@ def model_card(f: dict, sources: list[dict], cfg: TrainConfig) -> str:
     n_sent = min(f["sentence_lengths"])
     uniform_sent = sum(1 / k for k in range(2, n_sent + 1)) / (n_sent - 1)
     sent_target = "**met**" if f["sentence_target_met"] else "**not met**"
-    distances = f", {cfg.synthetic_distances} copy distances" if cfg.synthetic_distances > 1 else ""
-    mix = (f" mixed with the synthetic `{cfg.synthetic}` task of Guo et al. 2024 ({cfg.synthetic_frac:.0%} of every "
-           f"batch; {cfg.synthetic_triggers} dedicated trigger tokens `<bb0>`… added to the tokenizer, which never "
-           f"occur in text{distances})" if cfg.synthetic else "")
+    mix = _mix_text(cfg)
     return f"""# sinkscope-tiny
 
 A {f['parameters'] / 1e6:.2f} M-parameter Llama-architecture decoder (RoPE, RMSNorm, SwiGLU, tied embeddings) trained
@@ -326,7 +354,28 @@ largest per-head α₀ in layers ≥ 1. Uniform causal attention gives 0.11–0.
 | 50 % BB (8 triggers), wd 0.1, 2 heads of 32 | 2,200 | 4.03 | 0.26 / 0.13 / 0.17 | 0.20 |
 | 50 % BB (8 triggers, 4 copy distances), wd 0.1 | 1,500 | 4.25 | 0.16 / 0.08 / 0.18 | 0.24 |
 | 50 % BB (16 triggers, 8 copy distances), wd 0.1 | 1,500 | 4.25 | 0.15 / 0.08 / 0.15 | 0.21 |
-| **50 % BB (24 triggers), wd 0.1 (shipped)** | 2,400 | see above | see above | see above |
+| 50 % BB (24 triggers), wd 0.1 (shipped before) | 2,400 | 3.971 | 0.23 / 0.11 / 0.22 | 0.30 (layer 2) |
+
+Then (issue #17 item 5, one run at a time) tasks whose rare job needs the later layers, all 50 % of every batch,
+24 trigger tokens (16 where said), wd 0.1, lr 5e-3 unless said; "≥ 0.3" counts the heads of layers 1 / 2 at
+α₀ ≥ 0.3 on the sentences.
+`trigger_recall`: the Bigram-Backcopy chain whose triggers follow rules in turn (copy = backcopy; induction: the token
+after the last earlier occurrence of the token before the trigger; two-hop: induction applied twice; bind: the token
+after the trigger's own last occurrence; bind2 / bind-hop: two places on / then induction on the answer).
+`text_recall`: the same rules inside real text windows (triggers inserted at 10 % of their positions).
+
+| run | step | held-out loss | α₀ on the sentences, layers 0 / 1 / 2 | strongest head, layers ≥ 1 (≥ 0.3) |
+| --- | --- | --- | --- | --- |
+| `trigger_recall` copy, induction, two-hop | 1,200 | 4.275 | 0.12 / 0.11 / 0.12 | 0.17 (0 / 0) |
+| `trigger_recall` copy, induction, two-hop | 4,000 | 3.817 | 0.22 / 0.19 / 0.22 | 0.31, layer 2 (0 / 1) |
+| the same, 75 % synthetic | 4,000 | 4.183 | 0.23 / 0.12 / 0.21 | 0.38, layer 2 (0 / 1) |
+| the same, lr 1e-2 | 4,000 | 3.832 | 0.21 / 0.10 / 0.12 | 0.28, layer 2 (0 / 0) |
+| `trigger_recall` copy, induction, two-hop, bind | 4,000 | 3.848 | 0.21 / 0.21 / 0.12 | 0.25, layer 1 (0 / 0) |
+| `trigger_recall` bind, bind-hop, bind2, bind-hop (16) | 4,000 | 3.818 | 0.24 / 0.11 / 0.22 | 0.29, layer 2 (0 / 0) |
+| `trigger_recall` as above, d_model 128 (stopped) | 2,800 | 3.785 | 0.31 / 0.16 / 0.20 | 0.29, layer 2 (0 / 0) |
+| `trigger_recall` copy, induction, two-hop | 9,000 | 3.634 | 0.46 / 0.20 / 0.24 | 0.39, layer 1 (1 / 1) |
+| `text_recall` copy, induction, two-hop, bind | 4,000 | 3.623 | 0.46 / 0.30 / 0.18 | 0.59, layer 1 (1 / 1) |
+| **`text_recall` as above (shipped)** | 10,000 | 3.534 | 0.52 / 0.49 / 0.25 | 0.81, layer 1 (3 / 2) |
 
 What we learnt. (1) At lr 5e-3 a weight decay of 0.5 or more (decoupled: 0.25 %+ of every weight per step) keeps
 attention close to uniform: text-only runs at wd 2–3 had α₀ 0.07–0.08 on 64-token held-out windows after 800 steps
@@ -335,10 +384,18 @@ steps — the copy rule was never learnt. (2) At wd 0.1 attention forms; with 24
 a quarter of the synthetic positions) two layer-0 heads grew a position-0 sink on held-out text (α₀ 0.25 and 0.34 at
 step 2,400 on 64-token windows, 3–5× uniform; the trace shows them rising from step 300) and one layer-1 head
 reached 0.19 (2.6× uniform) — the only run whose sinks on held-out text were clearly above uniform attention, so it
-is the one shipped. (3) Layer 1 stayed the weakest layer in every run; the
+was the one shipped before. (3) Layer 1 stayed the weakest layer in every run; the
 strongest later-layer heads on the short sentences (0.3–0.4) were not copy heads (on Bigram-Backcopy sequences the
 0.40 head of the wd-0.1 / 8-trigger run puts 0.05–0.07 on BOS). The done criterion of issue #17 item 5 (at least half of
-the heads of every later layer with α₀ ≥ 0.3) needs a larger budget than these CPU runs had.
+the heads of every later layer with α₀ ≥ 0.3) was met by none of these runs. (4) What did meet it
+(issue #17 item 5): rare jobs for the later layers *inside text*. On separate synthetic sequences (`trigger_recall`)
+the later-layer heads did go dormant — α₀ 0.4–0.9 on BOS at the non-trigger positions of those sequences in layer 2 —
+but not on text, where the same heads kept working (at most one later-layer head ≥ 0.3 per layer even after 9,000
+steps). With the triggers and their answers inserted into real text windows (`text_recall`), the heads that answer
+them learn to idle on BOS in text contexts themselves: at 4,000 steps one head per later layer was ≥ 0.3, and the
+10,000-step run has 3 of 4 in layer 1 and 2 of 4 in layer 2 on the sentences, with the lowest held-out loss of all
+runs. On the 64-token held-out windows layer 2 has one such head (the sentence criterion is the issue's; the window
+table above says what holds on longer text).
 
 ## GPU attempt (2026-11-26, one NVIDIA H200, not shipped)
 

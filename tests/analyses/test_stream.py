@@ -137,15 +137,6 @@ def test_stream_cli_on_a_text_longer_than_the_context(tmp_path):
     assert tokens["nll_sink_window"].notna().all()
 
 
-def _tiny_has_first_token_sink() -> bool:
-    """Whether the shipped sinkscope-tiny puts α₀ > 0.2 on position 0 in some layer (its sinks.json)."""
-    import json
-    from importlib import resources
-
-    sinks = json.loads(resources.files("sinkscope").joinpath("assets", "sinkscope-tiny", "sinks.json").read_text())
-    return max(layer["alpha0_mean"] for layer in sinks["layers"]) > 0.2
-
-
 @pytest.mark.slow
 def test_stream_cli_four_contexts_window_only_loses_after_eviction(tmp_path, shared):
     """Issue #16's check: `sinkscope stream --model sinkscope-tiny --text FILE --sink 4 --window 64 --max-tokens
@@ -159,8 +150,6 @@ def test_stream_cli_four_contexts_window_only_loses_after_eviction(tmp_path, sha
     from sinkscope.cli.app import app
     from sinkscope.store import load_run
 
-    if not _tiny_has_first_token_sink():
-        pytest.skip("the shipped sinkscope-tiny has no first-token sink yet (#17 item 5): StreamingLLM's precondition")
     source = shared / "data" / "tiny_shakespeare" / "test.jsonl"
     if not source.exists():
         pytest.skip("needs ../shared/data/tiny_shakespeare")

@@ -125,6 +125,95 @@ def test_bigram_backcopy_copy_distances():
         TrainConfig(synthetic="bigram_backcopy", synthetic_triggers=2, synthetic_distances=3).validate()
 
 
+def _recall_reference(row: list[int], t: int, rule: str) -> int | None:
+    """The TriggerRecall answer after the trigger at t − 1, by plain search (None: the chain's successor instead)."""
+    if rule == "bind_hop":
+        v = _recall_reference(row, t, "bind")
+        if v is None:
+            return None
+        s1 = [s for s in range(t - 1) if row[s] == row[t - 1]][-1]
+        found = [s for s in range(t - 2) if row[s] == v and s != s1 + 1]
+        return row[found[-1] + 1] if found else None
+    if rule in ("bind", "bind2"):
+        d = 1 if rule == "bind" else 2
+        found = [s for s in range(t - d) if row[s] == row[t - 1]]
+        return row[found[-1] + d] if found else None
+    if t < 2:
+        return None
+    a, before = row[t - 2], row[: t - 2]
+    if rule == "copy":
+        return a
+    found = [s for s, tok in enumerate(before) if tok == a]
+    if not found:
+        return None
+    s1 = found[-1]
+    if rule == "induction":
+        return row[s1 + 1]
+    b = row[s1 + 1]
+    found = [s for s, tok in enumerate(before) if tok == b and s != s1 + 1]
+    return row[found[-1] + 1] if found else None
+
+
+def test_trigger_recall_follows_its_rules():
+    """Trigger k follows rule k mod 6 (copy, induction, two-hop, bind, bind2, bind-hop) — checked against a plain
+    search over each sequence; every rule fires with its answer found, two-hop answers are not the one-hop ones, and
+    the chain is followed elsewhere."""
+    triggers = list(range(40, 52))
+    rules = ("copy", "induction", "two_hop", "bind", "bind2", "bind_hop")
+    task = tinylm.TriggerRecall.make_recall(list(range(10, 26)), triggers, rules=rules, seed=1)
+    assert task.rule[task.trigger].tolist() == [0, 1, 2, 3, 4, 5] * 2 and int(task.rule[~task.trigger].max()) == -1
+    x = task.sample(64, 48, torch.Generator().manual_seed(0))
+    assert x.shape == (64, 48)
+    rule = {tok: rules[k % 6] for k, tok in enumerate(triggers)}
+    local = {int(v): i for i, v in enumerate(task.ids)}
+    checked = dict.fromkeys(rules, 0)
+    differs = 0  # two-hop answers that are not the one-hop answer (the rule is not induction in disguise)
+    for row in x.tolist():
+        for t in range(1, 48):
+            if row[t - 1] in rule:
+                want = _recall_reference(row, t, rule[row[t - 1]])
+                if want is not None:
+                    assert row[t] == want, (row, t)
+                    checked[rule[row[t - 1]]] += 1
+                    differs += rule[row[t - 1]] == "two_hop" and want != _recall_reference(row, t, "induction")
+                    continue
+            assert row[t] in task.ids[task.succ[local[row[t - 1]]]].tolist()
+    assert min(checked.values()) > 20 and differs > 20, (checked, differs)
+    with pytest.raises(SinkscopeError, match="unknown trigger rules"):
+        tinylm.TriggerRecall.make_recall(list(range(10, 26)), triggers, rules=("copy", "teleport"))
+    with pytest.raises(SinkscopeError, match="synthetic rules"):
+        TrainConfig(synthetic="trigger_recall", synthetic_triggers=2, synthetic_rules="copy,bind,induction").validate()
+
+
+def test_trigger_recall_inserted_into_text():
+    """text_recall: triggers inserted into text windows; each inserted trigger is followed by its rule's answer (the
+    plain search above) or, where there is none, by the text; dropping the triggers and answers gives the text back."""
+    triggers = list(range(400, 412))
+    rules = ("copy", "induction", "two_hop", "bind")
+    task = tinylm.TriggerRecall.make_recall(list(range(10, 26)), triggers, rules=rules, seed=1)
+    gen = torch.Generator().manual_seed(0)
+    text = torch.randint(10, 30, (32, 40), generator=gen)  # [n, length], a small vocabulary: many repeats
+    x = task.insert(text, 0.2, gen)
+    assert x.shape == text.shape
+    rule = {tok: rules[k % 4] for k, tok in enumerate(triggers)}
+    answered = dict.fromkeys(rules, 0)
+    for row, src in zip(x.tolist(), text.tolist(), strict=True):
+        kept = []
+        for t, tok in enumerate(row):
+            if t >= 1 and row[t - 1] in rule:  # after a trigger: its answer (which may itself be a trigger token)
+                want = _recall_reference(row, t, rule[row[t - 1]])
+                if want is not None:
+                    assert tok == want
+                    answered[rule[row[t - 1]]] += 1
+                    continue
+            if tok in rule:  # an inserted trigger
+                assert 2 <= t <= len(row) - 2 and row[t - 1] not in rule
+                continue
+            kept.append(tok)
+        assert kept == src[: len(kept)]
+    assert min(answered.values()) > 5, answered
+
+
 @pytest.fixture(scope="module")
 def variant_runs(corpus, tmp_path_factory) -> dict[str, tinylm.TrainResult]:
     root = tmp_path_factory.mktemp("runs")
@@ -361,6 +450,22 @@ def test_bad_input_is_a_one_line_error(tmp_path, corpus):
     (tmp_path / "empty.jsonl").write_text('{"label": 1}\n')
     with pytest.raises(SinkscopeError, match="no usable text"):
         train(TrainConfig(data=str(tmp_path / "empty.jsonl"), out=str(tmp_path / "r2"), steps=1))
+
+
+def test_text_recall_batches_hold_text_and_triggers(corpus, tmp_path):
+    """text_recall mixes text windows with triggers inserted into text: the synthetic rows of a batch hold trigger
+    tokens, the text rows none, and the task needs --data."""
+    cfg = TrainConfig(data=str(corpus), synthetic="text_recall", synthetic_triggers=8, synthetic_rate=0.2,
+                      out=str(tmp_path / "tr"), seq_len=32, batch_size=8, vocab_size=300).validate()
+    data = tinylm.prepare_data(cfg, tmp_path / "tok")
+    assert data.pool is None
+    batch = tinylm.make_batch(cfg, data, 0)  # [8, 32]: 4 text rows, then 4 with triggers
+    triggers = torch.tensor(data.tokenizer.convert_tokens_to_ids([f"<bb{i}>" for i in range(8)]))
+    has = torch.isin(batch, triggers).any(-1)
+    assert not bool(has[:4].any()) and bool(has[4:].all())
+    assert bool((batch[:, 0] == data.tokenizer.bos_token_id).all())
+    with pytest.raises(SinkscopeError, match="give --data"):
+        tinylm.prepare_data(replace(cfg, data=None), tmp_path / "tok2")
 
 
 def test_synthetic_only_run_and_plot(tmp_path):

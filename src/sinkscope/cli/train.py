@@ -26,7 +26,8 @@ if TYPE_CHECKING:
     from rich.table import Table
 
 VARIANT_HELP = "Attention variant: softmax, off_by_one, sink_logit or gated."
-SYNTHETIC_HELP = "Synthetic task, alone or mixed with --data: bigram_backcopy."
+SYNTHETIC_HELP = ("Synthetic task, alone or mixed with --data: bigram_backcopy or trigger_recall; text_recall (mixed "
+                  "with --data only).")
 
 
 @user_errors

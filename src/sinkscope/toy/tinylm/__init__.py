@@ -43,6 +43,7 @@ from sinkscope.toy.tinylm.data import (
     UNK,
     BigramBackcopy,
     Data,
+    TriggerRecall,
     check_synthetic,
     corpus_files,
     encode_stream,
@@ -78,7 +79,8 @@ from sinkscope.toy.tinylm.train import TrainResult, lr_at, make_optimizer, resol
 
 __all__ = [
     "ATTN_NAMES", "BOS", "EOS", "EPSILONS", "PAD", "SYNTHETIC", "TEXT_SUFFIXES", "TINY_DIR_NAME", "TRACE_COLUMNS",
-    "UNK", "VARIANTS", "AttentionStats", "BigramBackcopy", "Data", "TrainConfig", "TrainResult", "apply_variant",
+    "UNK", "VARIANTS", "AttentionStats", "BigramBackcopy", "Data", "TrainConfig", "TrainResult", "TriggerRecall",
+    "apply_variant",
     "attention_stats", "build_model", "check_synthetic", "check_variant", "corpus_files",
     "encode_stream", "eval_batch", "llama_config", "load_checkpoint", "load_corpus", "load_tiny", "lr_at",
     "make_batch", "make_optimizer", "prepare_data", "read_documents", "read_trace", "resolve_device", "saved_config",

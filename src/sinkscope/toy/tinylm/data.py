@@ -194,12 +194,150 @@ class BigramBackcopy:
         return self.ids[x]
 
 
+RECALL_RULES = ("copy", "induction", "two_hop", "bind", "bind2", "bind_hop")
+
+
+def _last(mask: torch.Tensor) -> torch.Tensor:
+    """The last True position of each row of `mask` [n, m] (m may be 0), −1 where none. Returns [n] long."""
+    pos = torch.where(mask, torch.arange(mask.shape[1]), -1)
+    return torch.cat([torch.full((mask.shape[0], 1), -1), pos], 1).max(-1).values
+
+
+@dataclass
+class TriggerRecall(BigramBackcopy):
+    """Bigram-Backcopy (above) whose triggers follow several rules; trigger k follows rules[k mod len(rules)]:
+    copy: the token before the trigger (Guo et al. 2024's backcopy, one attention hop: a layer-0 head);
+    induction (Olsson et al. 2022, "In-context learning and induction heads"): with a the token before the trigger,
+    the token that followed the most recent earlier occurrence of a — a previous-token head then an induction head,
+    so the head doing it sits in the second layer or later;
+    two_hop: with b the induction answer, the token that followed the most recent earlier occurrence of b (other than
+    the one just found) — its query is the first hop's result, so it needs a third layer;
+    bind (associative recall, Ba et al. 2016; MQAR, Arora et al. 2023): the token that followed the most recent
+    earlier occurrence of this trigger — the key it looks for ("my previous token is this trigger") never occurs in
+    text; bind2: the token two places after that occurrence (a key "the token two before me is this trigger", so
+    another head than bind's); bind_hop: with b the bind answer, the token that followed the most recent earlier
+    occurrence of b (other than the one just found, before the token preceding the trigger) — two hops, the second
+    keyed on the first's result, so a third layer.
+    Where the token to look up never occurred earlier the chain's ordinary successor comes instead. Each rule is
+    needed only after its own triggers, which never occur in text, so its heads have a rare job in a later layer and
+    go dormant (on BOS) elsewhere — the active-dormant mechanism of Guo et al. moved past layer 0.
+
+    rule: [V] long, the index in RECALL_RULES of each trigger's rule (−1 for the other symbols).
+    """
+
+    rule: torch.Tensor
+
+    @classmethod
+    def make_recall(cls, ids: Sequence[int], trigger_ids: Sequence[int],
+                    rules: Sequence[str] = ("copy", "induction", "two_hop"), branching: int = 8,
+                    seed: int = 0) -> TriggerRecall:
+        """A fixed random instance: the chain of `BigramBackcopy.make(ids, trigger_ids=...)`, trigger k (in the
+        order given) following rules[k mod len(rules)]."""
+        unknown = [r for r in rules if r not in RECALL_RULES]
+        if unknown or not rules:
+            raise SinkscopeError(f"unknown trigger rules {unknown}: use some of {', '.join(RECALL_RULES)}")
+        base = BigramBackcopy.make(ids, branching=branching, seed=seed, trigger_ids=trigger_ids)
+        codes = torch.tensor([RECALL_RULES.index(r) for r in rules])
+        rule = torch.full((len(base.ids),), -1, dtype=torch.long)
+        rule[base.trigger] = codes[torch.arange(int(base.trigger.sum())) % len(rules)]
+        return cls(base.ids, base.succ, base.cdf, base.trigger, base.distance, rule)
+
+    def sample(self, n: int, length: int, gen: torch.Generator) -> torch.Tensor:
+        """n sequences of `length` tokens (no BOS). Returns [n, length] token ids."""
+        x = torch.empty(n, length, dtype=torch.long)
+        starts = (~self.trigger).nonzero().squeeze(1)
+        x[:, 0] = starts[torch.randint(len(starts), (n,), generator=gen)]
+        for t in range(1, length):
+            prev = x[:, t - 1]
+            u = torch.rand(n, generator=gen)
+            j = (self.cdf[prev] < u[:, None]).sum(-1).clamp(max=self.succ.shape[1] - 1)
+            rule = torch.where(self.trigger[prev], self.rule[prev], -1)  # [n]
+            answer, ok = _recall_answers(x, t, rule)
+            x[:, t] = torch.where(ok, answer, self.succ[prev, j])
+        return self.ids[x]
+
+    def insert(self, text: torch.Tensor, rate: float, gen: torch.Generator) -> torch.Tensor:
+        """Text windows with triggers inserted: at each position (from the third, not the last) a trigger drawn
+        uniformly comes with probability `rate`, the token after it is its rule's answer (where there is none, the
+        text goes on), and the text resumes after it. text: [n, length] token ids. Returns [n, length] token ids."""
+        n, length = text.shape
+        trig_ids = self.ids[self.trigger]
+        rule_of = torch.full((int(max(int(self.ids.max()), int(text.max()))) + 1,), -1, dtype=torch.long)
+        rule_of[self.ids] = self.rule
+        x = torch.empty(n, length, dtype=torch.long)
+        ptr = torch.zeros(n, dtype=torch.long)  # the next text token of each row
+        rows = torch.arange(n)
+        for t in range(length):
+            nxt = text[rows, ptr.clamp(max=length - 1)]
+            from_text = torch.ones(n, dtype=torch.bool)
+            if t >= 1:
+                rule = rule_of[x[:, t - 1]]
+                answer, ok = _recall_answers(x, t, rule)
+                nxt = torch.where(ok, answer, nxt)
+                from_text &= ~ok
+            if 2 <= t <= length - 2:
+                insert = (torch.rand(n, generator=gen) < rate) & (rule_of[x[:, t - 1]] < 0)
+                pick = trig_ids[torch.randint(len(trig_ids), (n,), generator=gen)]
+                nxt = torch.where(insert, pick, nxt)
+                from_text &= ~insert
+            x[:, t] = nxt
+            ptr += from_text.long()
+        return x
+
+
+def _recall_answers(x: torch.Tensor, t: int, rule: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The answer at position t of each row under its rule (an index into RECALL_RULES, −1: none), read from x[:, :t]
+    (the trigger at t − 1). x: [n, ≥ t]; rule: [n]. Returns (answer [n], whether there is one [n] bool)."""
+    n = x.shape[0]
+    rows = torch.arange(n)
+    answer = torch.zeros(n, dtype=torch.long)
+    ok = torch.zeros(n, dtype=torch.bool)
+    if t < 2:
+        return answer, ok
+    copy_, induction, two_hop, bind, bind2, bind_hop = range(len(RECALL_RULES))
+    prev = x[:, t - 1]
+
+    def put(mask: torch.Tensor, value: torch.Tensor) -> None:
+        nonlocal answer, ok
+        answer = torch.where(mask, value, answer)
+        ok = ok | mask
+
+    # bind: the latest earlier occurrence of the trigger itself (positions 0 … t−2)
+    sb = _last(x[:, : t - 1] == prev[:, None])  # [n], −1: none
+    v = x[rows, (sb + 1).clamp(max=t - 1)]
+    put((rule == bind) & (sb >= 0), v)
+    # bind_hop: then the latest occurrence of that answer at positions 0 … t−3 (not the one found)
+    sh = _last((x[:, : t - 2] == v[:, None]) & (torch.arange(t - 2) != (sb + 1)[:, None]))
+    put((rule == bind_hop) & (sb >= 0) & (sh >= 0), x[rows, (sh + 1).clamp(max=t - 1)])
+    # bind2: the latest occurrence at positions 0 … t−3, read two places on
+    sb2 = _last(x[:, : t - 2] == prev[:, None])
+    put((rule == bind2) & (sb2 >= 0), x[rows, (sb2 + 2).clamp(max=t - 1)])
+    a = x[:, t - 2]
+    put(rule == copy_, a)
+    # induction: the latest occurrence of a strictly before it (positions 0 … t−3)
+    seen, pos = x[:, : t - 2], torch.arange(t - 2)
+    s1 = _last(seen == a[:, None])
+    b = x[rows, (s1 + 1).clamp(max=t - 2)]
+    put((rule == induction) & (s1 >= 0), b)
+    s2 = _last((seen == b[:, None]) & (pos != (s1 + 1)[:, None]))
+    put((rule == two_hop) & (s1 >= 0) & (s2 >= 0), x[rows, (s2 + 1).clamp(max=t - 2)])
+    return answer, ok
+
+
 SYNTHETIC: dict[str, str] = {
     "bigram_backcopy": "Bigram-Backcopy (Guo et al. 2024): sparse bigram chain; after a trigger, copy the token "
                        "before it. Alone: 64 symbols t0..t63, `synthetic_triggers` of them triggers. Mixed with "
                        "--data: the 64 most frequent text tokens plus `synthetic_triggers` dedicated trigger "
                        "tokens <bb0>, <bb1>, … added to the tokenizer (they never occur in text, so on text the "
                        "copying heads stay dormant).",
+    "trigger_recall": "Bigram-Backcopy whose triggers follow `synthetic_rules` in turn (TriggerRecall): copy, "
+                      "induction (the token after the last earlier occurrence of the token before the trigger), "
+                      "two-hop induction, bind (the token after the trigger's own last occurrence), so that heads "
+                      "of layers 1 and 2 have a rare job. Mixed with --data: `synthetic_triggers` dedicated trigger "
+                      "tokens <bb0>, … are added to the tokenizer; alone: the last of t0..t63 are the triggers.",
+    "text_recall": "The rules of trigger_recall inside real text: text windows with the trigger tokens <bb0>, … "
+                   "inserted at `synthetic_rate` of the positions, each followed by its rule's answer, so that the "
+                   "heads that answer learn to stay dormant in text contexts themselves. Needs --data.",
 }
 
 
@@ -217,7 +355,7 @@ class Data:
     tokenizer: PreTrainedTokenizerFast
     train: torch.Tensor | None  # [T] int64
     heldout: torch.Tensor | None  # [T'] int64
-    synthetic: BigramBackcopy | None
+    synthetic: BigramBackcopy | None  # or its TriggerRecall subclass
     sources: list[dict[str, Any]]
     pool: torch.Tensor | None = None  # [S, seq_len − 1] pre-sampled synthetic sequences (int32)
 
@@ -245,7 +383,19 @@ def prepare_data(cfg: TrainConfig, tokenizer_dir: Path, with_pool: bool = True) 
             raise SinkscopeError(f"the {name} text has {len(stream)} tokens, fewer than --seq-len {cfg.seq_len}; "
                                  "give more text or a shorter --seq-len")
     task = None
-    if cfg.synthetic is not None:
+    if cfg.synthetic == "text_recall" and train_ids is None:
+        raise SinkscopeError("the text_recall task inserts triggers into text: give --data")
+    if cfg.synthetic in ("trigger_recall", "text_recall"):
+        if train_ids is None:  # synthetic alone: the last `synthetic_triggers` of t0 … t63 are the triggers
+            symbols = [tokenizer.convert_tokens_to_ids(f"t{i}") for i in range(64)]
+            alphabet, trigger_ids = symbols[: 64 - cfg.synthetic_triggers], symbols[64 - cfg.synthetic_triggers:]
+        else:
+            specials = set(tokenizer.all_special_ids)
+            counts = torch.bincount(train_ids, minlength=len(tokenizer))
+            alphabet = [int(i) for i in counts.argsort(descending=True, stable=True) if int(i) not in specials][:64]
+            trigger_ids = tokenizer.convert_tokens_to_ids(triggers)
+        task = TriggerRecall.make_recall(alphabet, trigger_ids, rules=cfg.synthetic_rules.split(","), seed=0)
+    elif cfg.synthetic is not None:
         if train_ids is None:
             alphabet = [tokenizer.convert_tokens_to_ids(f"t{i}") for i in range(64)]
             task = BigramBackcopy.make(alphabet, n_triggers=cfg.synthetic_triggers, seed=0,
@@ -257,7 +407,8 @@ def prepare_data(cfg: TrainConfig, tokenizer_dir: Path, with_pool: bool = True) 
             task = BigramBackcopy.make(alphabet, seed=0, trigger_ids=tokenizer.convert_tokens_to_ids(triggers),
                                        distances=cfg.synthetic_distances)
     pool = None
-    if task is not None and with_pool:  # sampling is sequential in the position: draw many sequences up front
+    # sampling is sequential in the position: draw many sequences up front (text_recall builds its rows per batch)
+    if task is not None and with_pool and cfg.synthetic != "text_recall":
         pool = task.sample(cfg.synthetic_pool, cfg.seq_len - 1, torch.Generator().manual_seed(cfg.seed + 1))
         pool = pool.to(torch.int32)
     return Data(tokenizer=tokenizer, train=train_ids, heldout=held_ids, synthetic=task, sources=sources, pool=pool)
@@ -278,7 +429,10 @@ def make_batch(cfg: TrainConfig, data: Data, step: int) -> torch.Tensor:
     if cfg.batch_size - n_syn > 0:
         starts = torch.randint(0, len(data.train) - n + 1, (cfg.batch_size - n_syn,), generator=gen)
         rows.append(data.train[starts[:, None] + torch.arange(n)])
-    if n_syn:
+    if n_syn and cfg.synthetic == "text_recall":
+        starts = torch.randint(0, len(data.train) - n + 1, (n_syn,), generator=gen)
+        rows.append(data.synthetic.insert(data.train[starts[:, None] + torch.arange(n)], cfg.synthetic_rate, gen))
+    elif n_syn:
         rows.append(data.pool[torch.randint(0, len(data.pool), (n_syn,), generator=gen)].long())
     body = torch.cat(rows)
     return torch.cat([torch.full((cfg.batch_size, 1), bos, dtype=torch.long), body], dim=1)

@@ -17,7 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel, model_info
-from sinkscope.toy.tinylm.data import check_synthetic, corpus_files
+from sinkscope.toy.tinylm.data import RECALL_RULES, check_synthetic, corpus_files
 from sinkscope.toy.tinylm.variants import apply_variant, check_variant
 
 TINY_DIR_NAME = "sinkscope-tiny"
@@ -32,6 +32,8 @@ class TrainConfig:
     synthetic_frac: float = 0.5  # share of each batch drawn from the synthetic task when data is also given
     synthetic_triggers: int = 3  # trigger tokens of the Bigram-Backcopy task
     synthetic_distances: int = 1  # copy rules: trigger k copies the token 1 + (k mod this) places before it
+    synthetic_rules: str = "copy,induction,two_hop"  # trigger_recall: trigger k follows rule k mod len (RECALL_RULES)
+    synthetic_rate: float = 0.1  # text_recall: share of text positions where a trigger is inserted
     synthetic_pool: int = 32768  # synthetic sequences drawn up front (batches pick from them)
     out: str = "runs/tinylm"
     steps: int = 1000
@@ -79,6 +81,11 @@ class TrainConfig:
         if not 1 <= self.synthetic_distances <= min(8, self.synthetic_triggers):
             raise SinkscopeError("the synthetic task's copy distances must be between 1 and 8, and at most its "
                                  "number of trigger tokens")
+        rules = self.synthetic_rules.split(",")
+        if self.synthetic in ("trigger_recall", "text_recall") and (any(r not in RECALL_RULES for r in rules)
+                                                   or len(rules) > self.synthetic_triggers):
+            raise SinkscopeError(f"synthetic rules {self.synthetic_rules!r}: a comma-separated list of "
+                                 f"{', '.join(RECALL_RULES)}, at most one per trigger token")
         if not 0.0 <= self.synthetic_frac <= 1.0:
             raise SinkscopeError("synthetic fraction must be between 0 and 1")
         need, have = self.memory_estimate(), _physical_memory()
