@@ -57,7 +57,7 @@ class MechanismsResult:
     """Tables, the summary and the parameters of one `analyze` run (`traces` holds the captures per variant: the
     norms of their residual stream and its reductions, never the vectors)."""
 
-    tables: MutableMapping[str, pd.DataFrame]  # `store.Tables`: bias_queries is built when read or saved
+    tables: MutableMapping[str, pd.DataFrame]  # `store.Tables`: norms and bias_queries are built when read or saved
     summary: dict[str, Any]
     params: dict[str, Any]
     traces: dict[str, MechTrace] = field(default_factory=dict, repr=False)
@@ -184,7 +184,7 @@ def analyze(
             bar.step()
         traces.update({v: mt for v, mt in by_variant.items() if v != variants.native})
     # 1-2. norms and where the sink forms
-    tables["norms"] = norm_table(main, kept)
+    tables["norms"] = partial(norm_table, main, kept)  # one row per prompt × site × position: built when read or saved
     profile = norm_profile(main)
     shares = sink_share_table(main, eps)
     tables["norm_profile"] = profile
