@@ -176,16 +176,25 @@ class BigramBackcopy:
         distance[trigger] = 1 + torch.arange(int(trigger.sum())) % distances
         return cls(torch.tensor(alphabet, dtype=torch.long), succ, cdf, trigger, distance)
 
-    def sample(self, n: int, length: int, gen: torch.Generator) -> torch.Tensor:
-        """n sequences of `length` tokens (no BOS). Returns [n, length] token ids."""
+    def _started(self, n: int, length: int, gen: torch.Generator) -> torch.Tensor:
+        """[n, length] token ids with a random non-trigger first token (the rest to be filled)."""
         x = torch.empty(n, length, dtype=torch.long)
         starts = (~self.trigger).nonzero().squeeze(1)
         x[:, 0] = starts[torch.randint(len(starts), (n,), generator=gen)]
+        return x
+
+    def _bigram_next(self, prev: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        """[n] a successor of each token in `prev` [n], drawn from the bigram chain."""
+        u = torch.rand(len(prev), generator=gen)
+        j = (self.cdf[prev] < u[:, None]).sum(-1).clamp(max=self.succ.shape[1] - 1)
+        return self.succ[prev, j]
+
+    def sample(self, n: int, length: int, gen: torch.Generator) -> torch.Tensor:
+        """n sequences of `length` tokens (no BOS). Returns [n, length] token ids."""
+        x = self._started(n, length, gen)
         for t in range(1, length):
             prev = x[:, t - 1]
-            u = torch.rand(n, generator=gen)
-            j = (self.cdf[prev] < u[:, None]).sum(-1).clamp(max=self.succ.shape[1] - 1)
-            nxt = self.succ[prev, j]
+            nxt = self._bigram_next(prev, gen)
             if t >= 2:
                 src = t - 1 - self.distance[prev]  # [n]: the position the copy reads
                 copy = x.gather(1, src.clamp(min=0)[:, None]).squeeze(1)
@@ -244,16 +253,13 @@ class TriggerRecall(BigramBackcopy):
 
     def sample(self, n: int, length: int, gen: torch.Generator) -> torch.Tensor:
         """n sequences of `length` tokens (no BOS). Returns [n, length] token ids."""
-        x = torch.empty(n, length, dtype=torch.long)
-        starts = (~self.trigger).nonzero().squeeze(1)
-        x[:, 0] = starts[torch.randint(len(starts), (n,), generator=gen)]
+        x = self._started(n, length, gen)
         for t in range(1, length):
             prev = x[:, t - 1]
-            u = torch.rand(n, generator=gen)
-            j = (self.cdf[prev] < u[:, None]).sum(-1).clamp(max=self.succ.shape[1] - 1)
+            nxt = self._bigram_next(prev, gen)
             rule = torch.where(self.trigger[prev], self.rule[prev], -1)  # [n]
             answer, ok = _recall_answers(x, t, rule)
-            x[:, t] = torch.where(ok, answer, self.succ[prev, j])
+            x[:, t] = torch.where(ok, answer, nxt)
         return self.ids[x]
 
     def insert(self, text: torch.Tensor, rate: float, gen: torch.Generator) -> torch.Tensor:
