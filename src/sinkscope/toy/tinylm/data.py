@@ -396,10 +396,7 @@ def prepare_data(cfg: TrainConfig, tokenizer_dir: Path, with_pool: bool = True) 
             symbols = [tokenizer.convert_tokens_to_ids(f"t{i}") for i in range(64)]
             alphabet, trigger_ids = symbols[: 64 - cfg.synthetic_triggers], symbols[64 - cfg.synthetic_triggers:]
         else:
-            specials = set(tokenizer.all_special_ids)
-            counts = torch.bincount(train_ids, minlength=len(tokenizer))
-            alphabet = [int(i) for i in counts.argsort(descending=True, stable=True) if int(i) not in specials][:64]
-            trigger_ids = tokenizer.convert_tokens_to_ids(triggers)
+            alphabet, trigger_ids = _frequent_tokens(tokenizer, train_ids), tokenizer.convert_tokens_to_ids(triggers)
         task = TriggerRecall.make_recall(alphabet, trigger_ids, rules=cfg.synthetic_rules.split(","), seed=0)
     elif cfg.synthetic is not None:
         if train_ids is None:
@@ -407,10 +404,8 @@ def prepare_data(cfg: TrainConfig, tokenizer_dir: Path, with_pool: bool = True) 
             task = BigramBackcopy.make(alphabet, n_triggers=cfg.synthetic_triggers, seed=0,
                                        distances=cfg.synthetic_distances)
         else:
-            specials = set(tokenizer.all_special_ids)
-            counts = torch.bincount(train_ids, minlength=len(tokenizer))
-            alphabet = [int(i) for i in counts.argsort(descending=True, stable=True) if int(i) not in specials][:64]
-            task = BigramBackcopy.make(alphabet, seed=0, trigger_ids=tokenizer.convert_tokens_to_ids(triggers),
+            task = BigramBackcopy.make(_frequent_tokens(tokenizer, train_ids), seed=0,
+                                       trigger_ids=tokenizer.convert_tokens_to_ids(triggers),
                                        distances=cfg.synthetic_distances)
     pool = None
     # sampling is sequential in the position: draw many sequences up front (text_recall builds its rows per batch)
@@ -418,6 +413,14 @@ def prepare_data(cfg: TrainConfig, tokenizer_dir: Path, with_pool: bool = True) 
         pool = task.sample(cfg.synthetic_pool, cfg.seq_len - 1, torch.Generator().manual_seed(cfg.seed + 1))
         pool = pool.to(torch.int32)
     return Data(tokenizer=tokenizer, train=train_ids, heldout=held_ids, synthetic=task, sources=sources, pool=pool)
+
+
+def _frequent_tokens(tokenizer: PreTrainedTokenizerFast, ids: torch.Tensor, n: int = 64) -> list[int]:
+    """The n most frequent non-special token ids of the text `ids` [T] (ties by id): a mixed synthetic task's
+    alphabet."""
+    specials = set(tokenizer.all_special_ids)
+    counts = torch.bincount(ids, minlength=len(tokenizer))
+    return [int(i) for i in counts.argsort(descending=True, stable=True) if int(i) not in specials][:n]
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
