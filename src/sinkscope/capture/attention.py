@@ -849,15 +849,27 @@ def _hooked(
     alphas: dict[int, torch.Tensor] = {}
     if nq > 1 and any(getattr(hook, "needs_columns", False) for hook in hooks):
         keys = key.float().contiguous()
-
-        def chunks() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-            for c0 in range(0, nq, step):
-                visible, _, e, rz, *_ = _chunk_attention(query, keys, mask, position_bias, c0, min(nq, c0 + step),
-                                                         want_entropy=False, **chunking)
-                yield c0, *_hook_rows(e, rz, visible, nk)
-
-        alphas = hook_column_means(hooks, layer, chunks, real_queries(mask, b, nq, nk, query.device))
+        alphas = hook_column_means(hooks, layer,
+                                   lambda: _hook_chunks(query, keys, mask, position_bias, step, **chunking),
+                                   real_queries(mask, b, nq, nk, query.device))
     return _Hooked(hooks=hooks, layer=layer, alphas=alphas)
+
+
+def _hook_chunks(
+    query: torch.Tensor,  # [b, h, q, d]
+    key: torch.Tensor,  # [b, kvh, k, d] float32, contiguous
+    mask: torch.Tensor | None,  # [b|1, 1, q, k] bool or additive float, or None
+    position_bias: torch.Tensor | None,  # [b|1, h, q, k]
+    step: int,
+    **chunking: Any,  # is_causal, scaling, softcap, s_aux, workspace (`_chunk_attention`)
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """The unchanged attention `step` queries at a time, as hooks receive it: (c0, probs [b, h, c, k], bias
+    [b|1, 1, c, k]) per chunk (`_hook_rows`)."""
+    nq, nk = query.shape[2], key.shape[2]
+    for c0 in range(0, nq, step):
+        visible, _, e, rz, *_ = _chunk_attention(query, key, mask, position_bias, c0, min(nq, c0 + step),
+                                                 want_entropy=False, **chunking)
+        yield c0, *_hook_rows(e, rz, visible, nk)
 
 
 def _hooked_columns(
@@ -870,16 +882,14 @@ def _hooked_columns(
     **chunking: Any,  # is_causal, scaling, softcap, s_aux, workspace (`_chunk_attention`)
 ) -> torch.Tensor:
     """[b, h, q, K] the changed attention's columns at `hooked.column_index` [b, h, K], a chunk at a time."""
+    from sinkscope.capture.intervene import apply_hooks
+
     assert hooked.column_index is not None
     b, h, nq, _ = query.shape
-    nk = key.shape[2]
-    keys = key.float().contiguous()
     out = torch.zeros(b, h, nq, hooked.column_index.shape[-1], device=query.device)
-    for c0 in range(0, nq, step):
-        c1 = min(nq, c0 + step)
-        visible, _, e, rz, *_ = _chunk_attention(query, keys, mask, position_bias, c0, c1, want_entropy=False,
-                                                 **chunking)
-        out[:, :, c0:c1] = _gather_columns(hooked.apply(e, rz, visible, nk), hooked.column_index)
+    for c0, probs, bias in _hook_chunks(query, key.float().contiguous(), mask, position_bias, step, **chunking):
+        changed = apply_hooks(hooked.hooks, hooked.layer, probs, bias, hooked.alphas)
+        out[:, :, c0 : c0 + probs.shape[2]] = _gather_columns(changed, hooked.column_index)
     return out
 
 
