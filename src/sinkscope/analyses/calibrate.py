@@ -28,6 +28,7 @@ import torch
 from sinkscope.analyses.evaluate.classify import PromptPass, label_token_ids, next_token_logprobs, score_labels
 from sinkscope.analyses.evaluate.datasets import DatasetSpec, Example
 from sinkscope.analyses.evaluate.run import Classified, EvalConfig, example_records, summarise_records
+from sinkscope.analyses.trained import sink_terms
 from sinkscope.capture import (
     Calibrate,
     CaptureConfig,
@@ -127,12 +128,8 @@ def accuracy(loaded: LoadedModel, spec: DatasetSpec, examples: Sequence[Example]
 def _sink_sums(trace: Trace) -> torch.Tensor:
     """[4]: Σ over the prompts of α₀ and of the null mass (each a mean over layers, heads and the queries, as
     `sinkscope.analyses.trained.prompt_sinks` defines them), the summed next-token NLL and its count."""
-    assert trace.columns is not None and trace.nll_sum is not None and trace.nll_count is not None
-    col = trace.columns[..., 0]  # [P, L, H, N]: A_i0 for every query i (0 past each prompt's length)
-    later = (torch.arange(col.shape[-1]) >= 1).float()  # queries i ≥ 1 (query 0 sees only itself)
-    alpha0 = (col * later).sum(-1) / (trace.lengths - 1).clamp(min=1)[:, None, None].float()  # [P, L, H]
-    null = (trace.sink_share.sum(-1) / trace.lengths[:, None, None].float()  # [P, L, H]
-            if trace.sink_share is not None else torch.zeros_like(alpha0))
+    assert trace.nll_sum is not None and trace.nll_count is not None
+    alpha0, null = sink_terms(trace)  # [P, L, H] each
     return torch.stack([alpha0.mean((1, 2)).sum(), null.mean((1, 2)).sum(), trace.nll_sum.sum().float(),
                         trace.nll_count.sum().float()]).double()
 

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from sinkscope.analyses.evaluate.datasets import DatasetSpec, Example
-from sinkscope.capture import CaptureConfig, Intervention, intervene, run_capture
+from sinkscope.capture import CaptureConfig, Intervention, Trace, intervene, run_capture
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel, model_info
 
@@ -103,14 +103,23 @@ def prompt_sinks(loaded: LoadedModel, prompts: Sequence[Sequence[int]], interven
         raise SinkscopeError("the sink share needs prompts of at least two tokens")
     with intervene(loaded.model, *interventions) if interventions else nullcontext():
         trace = run_capture(loaded, [list(p) for p in prompts], config, batch_size=batch_size, padding_side="right")
-    assert trace.nll_sum is not None and trace.nll_count is not None and trace.columns is not None
-    col = trace.columns[..., 0]  # [P, L, H, N]: A_i0 for every query i (0 past each prompt's length)
-    later = (torch.arange(col.shape[-1]) >= 1).float()  # queries i ≥ 1 (query 0 sees only itself)
-    alpha0 = (col * later).sum(-1) / (trace.lengths - 1).clamp(min=1)[:, None, None].float()  # [P, L, H]
-    null = (trace.sink_share.sum(-1) / trace.lengths[:, None, None].float()  # [P, L, H]
-            if trace.sink_share is not None else torch.zeros_like(alpha0))
+    assert trace.nll_sum is not None and trace.nll_count is not None
+    alpha0, null = sink_terms(trace)
     return {"sink_share": float(alpha0.mean()), "null_mass": float(null.mean()),
             "loss": float(trace.nll_sum.sum()) / max(1, int(trace.nll_count.sum()))}
+
+
+def sink_terms(trace: Trace) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per prompt, layer and head ([P, L, H] each): α₀, the mean over queries i ≥ 1 of A_i0, and the null mass, the
+    mean over queries of the learned sink's share (zeros without one). The trace needs `columns=[0]` (right padding,
+    so prompt position 0 is key 0)."""
+    assert trace.columns is not None
+    col = trace.columns[..., 0]  # [P, L, H, N]: A_i0 for every query i (0 past each prompt's length)
+    later = (torch.arange(col.shape[-1]) >= 1).float()  # queries i ≥ 1 (query 0 sees only itself)
+    alpha0 = (col * later).sum(-1) / (trace.lengths - 1).clamp(min=1)[:, None, None].float()
+    null = (trace.sink_share.sum(-1) / trace.lengths[:, None, None].float()
+            if trace.sink_share is not None else torch.zeros_like(alpha0))
+    return alpha0, null
 
 
 def variant_rows(trained: Sequence[TrainedVariant], spec: DatasetSpec, examples: Sequence[Example],
