@@ -97,6 +97,21 @@ def test_temperature_and_reweight_by_hand():
     torch.testing.assert_close(rew, torch.tensor([[[[0.0, 0.3, 0.4]]]]) / 0.7)
 
 
+@pytest.mark.parametrize("hook", [Calibrate(beta=0.5), MaskKeys(positions=[0]), Reweight(weights=[0.0, 1.0, 2.0]),
+                                  ReweightSinks(gamma=0.4)], ids=lambda h: type(h).__name__)
+def test_interventions_give_the_same_rows_with_gradients(hook):
+    # without gradients the changes run in place; with them they keep autograd's tensors: same rows, and a gradient
+    probs = torch.softmax(torch.randn(1, 2, 4, 4, generator=torch.Generator().manual_seed(0)) * 3, -1)
+    probs = probs.tril() / probs.tril().sum(-1, keepdim=True)
+    bias = torch.zeros(1, 1, 4, 4).masked_fill(torch.ones(4, 4, dtype=torch.bool).triu(1), -math.inf)
+    plain = hook(probs, 0, bias)
+    leaf = probs.clone().requires_grad_(True)
+    tracked = hook(leaf, 0, bias)
+    torch.testing.assert_close(tracked.detach(), plain, atol=0, rtol=0)
+    (tracked * torch.arange(4.0)).sum().backward()
+    assert leaf.grad is not None and torch.isfinite(leaf.grad).all()
+
+
 def test_head_scope_and_capture_sees_the_change(lm):
     enc = lm.tokenizer(TEXT, return_tensors="pt")
     with torch.no_grad(), intervene(lm.model, MaskKeys(positions=[0], layers=[1], heads=[2])), \

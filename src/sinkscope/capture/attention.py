@@ -286,16 +286,16 @@ def attention_probs(
     b, h, nq, d = query.shape
     kvh, nk = key.shape[1], key.shape[2]
     scores = (query.float().view(b, kvh, h // kvh, nq, d) @ key.float().transpose(-1, -2)[:, :, None])
-    scores = scores.reshape(b, h, nq, nk) * scaling
+    scores = scores.view(b, h, nq, nk).mul_(scaling)  # in place: fresh [b, h, q, k] buffers cost page faults
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    scores = scores + bias
+    scores.add_(bias)
     if s_aux is not None:
         sink = s_aux.float().reshape(1, h, 1, 1).expand(b, h, nq, 1)
         probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
     else:
         probs = torch.softmax(scores, dim=-1)
-    return torch.nan_to_num(probs, nan=0.0)
+    return torch.nan_to_num(probs, nan=0.0) if probs.requires_grad else probs.nan_to_num_(nan=0.0)
 
 
 def _weighted_values(probs: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -84,7 +84,10 @@ def _rescale_rows(probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     A row whose weighted mass is zero (every key removed) is left unchanged."""
     weighted = probs * weights
     total, new_total = probs.sum(-1, keepdim=True), weighted.sum(-1, keepdim=True)
-    return torch.where(new_total > 0, weighted * total / new_total.clamp(min=1e-30), probs)
+    if probs.requires_grad:  # autograd needs the intermediate tensors
+        return torch.where(new_total > 0, weighted * total / new_total.clamp(min=1e-30), probs)
+    weighted.mul_(total).div_(new_total.clamp(min=1e-30))  # in place: one [b, h, q, k] buffer instead of four
+    return torch.where(new_total > 0, weighted, probs, out=weighted)
 
 
 def _key_positions(positions: Sequence[int], nk: int, device: torch.device) -> torch.Tensor:
@@ -251,7 +254,10 @@ class Calibrate(Intervention):
         removed = (probs - scaled).sum(-1, keepdim=True)
         rest = torch.where(sinks, 0.0, probs)
         rest_total = rest.sum(-1, keepdim=True)
-        return torch.where(rest_total > 0, scaled + rest * removed / rest_total.clamp(min=1e-30), probs)
+        if probs.requires_grad:  # autograd needs the intermediate tensors
+            return torch.where(rest_total > 0, scaled + rest * removed / rest_total.clamp(min=1e-30), probs)
+        scaled.add_(rest.mul_(removed).div_(rest_total.clamp(min=1e-30)))  # in place: fewer [b, h, q, k] buffers
+        return torch.where(rest_total > 0, scaled, probs, out=scaled)
 
 
 def column_sums(probs: torch.Tensor, visible: torch.Tensor, real: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
