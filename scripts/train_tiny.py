@@ -34,12 +34,14 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sinkscope.cli.options import progress_bars
 from sinkscope.report.figures.tinylm import draw_trace
 from sinkscope.toy import tinylm
 from sinkscope.toy.tinylm import TrainConfig
@@ -438,8 +440,9 @@ def train_candidate(args: argparse.Namespace, candidate: str, out: Path) -> tupl
     cfg.validate()
     limit = None if args.minutes is None else args.minutes * 60 * 1.05
     t0 = time.perf_counter()
-    result = tinylm.train(cfg, resume=args.resume, progress=sys.stderr.isatty() and not args.quiet,
-                          time_limit_s=limit, log=lambda msg: print(f"[{candidate}] {msg}", flush=True))
+    with nullcontext(None) if args.quiet else progress_bars() as update:  # bars only on a terminal
+        result = tinylm.train(cfg, resume=args.resume, progress=update, time_limit_s=limit,
+                              log=lambda msg: print(f"[{candidate}] {msg}", flush=True))
     seconds = max(time.perf_counter() - t0, float(result.trace["time_s"].max()))  # a resumed run: the trace's clock
     draw_trace(result.trace, out / "trace.png", title=f"{args.preset} / {candidate}")
     device = tinylm.resolve_device(cfg.device)

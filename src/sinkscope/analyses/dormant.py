@@ -38,6 +38,7 @@ import torch
 from sinkscope.capture import CaptureConfig, run_capture
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
+from sinkscope.progress import Progress
 
 SHAKESPEARE = "tiny_shakespeare"
 STATES = ("dormant", "mixed", "active")
@@ -240,7 +241,7 @@ def head_domains(
     max_tokens: int | None = 128,
     min_tokens: int = 0,
     batch_size: int = 8,
-    progress: Any = None,
+    progress: Progress | None = None,
 ) -> DormantResult:
     """Active and dormant heads per domain (Guo et al. 2024): one capture per domain, then the tables
 

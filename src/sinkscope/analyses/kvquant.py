@@ -39,6 +39,7 @@ from transformers.cache_utils import DynamicLayer
 
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
+from sinkscope.progress import Progress
 
 FULL_PRECISION = 16  # bits ≥ this: the cache is not quantised (the baseline)
 KEEP_POLICIES = ("none", "sinks", "first")
@@ -299,7 +300,7 @@ class KVQuantResult:
 def kv_quant(loaded: LoadedModel, ids: Sequence[int], bits: Sequence[int] = (8, 4, 2), keep_first: int = 4,
              caches: Sequence[str] = CACHES, sink: int = 4, window: int = 256, group: int = 32, chunk: int = 32,
              prefix: int = 256, method: str = "column_mass", share: float = SINK_SHARE, prompt_id: int = 0,
-             progress: Any = None) -> KVQuantResult:
+             progress: Progress | None = None) -> KVQuantResult:
     """Perplexity of `ids` with the KV cache fake-quantised to each of `bits` — all tokens, the detected sinks kept
     (`sink_positions` on the first `prefix` tokens), the first `keep_first` kept — and unquantised, through each cache.
 

@@ -38,6 +38,7 @@ import torch
 from sinkscope.capture import CaptureConfig, MaskKeys, intervene, run_capture
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
+from sinkscope.progress import Progress
 
 CONDITIONS = ("intact", "masked")
 
@@ -105,7 +106,7 @@ def overmixing(
     seed: int = 0,
     max_tokens: int | None = 128,
     batch_size: int = 8,
-    progress: Any = None,
+    progress: Progress | None = None,
 ) -> OvermixingResult:
     """Perturbation spread and representation entropy per layer, with the sink intact and masked (module docstring).
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
-from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Mapping, MutableMapping, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -23,6 +23,7 @@ from sinkscope.capture import CaptureConfig, Trace, pad_to, run_capture, tokeniz
 from sinkscope.detect import detect, get_detector
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
+from sinkscope.progress import Progress
 from sinkscope.store import Run, Tables, make_manifest, open_run
 
 # The order of `profile`'s tables (in `ProfileResult.tables` and in the manifest).
@@ -148,9 +149,10 @@ def profile(
     *,
     capture: CaptureConfig | None = None,
     batch_size: int = 8,
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> ProfileResult:
     """Capture `prompts` (one string is one prompt), detect sinks with `method`, and build the tables.
+    progress: called as progress("capture", done, total) after each batch (`run_capture`).
 
     Prompts that are empty or longer than the context are skipped and listed in `result.skipped`
     (and the `skipped` table); if none is usable, SinkscopeError.
@@ -212,7 +214,7 @@ def profile_in_batches(
     overwrite: bool = False,
     capture: CaptureConfig | None = None,
     batch_size: int = 8,
-    progress: bool = False,
+    progress: Progress | None = None,
     command: str = "profile",
     maps: int = 0,
 ) -> ProfileSummary:
@@ -231,6 +233,7 @@ def profile_in_batches(
     maps: with `out`, also keep the full attention maps of the first `maps` prompts of at most `MAX_MAP_TOKENS`
     tokens (the `maps` table, `analyses.maps`; a second, map-only capture of those short prompts), so the report
     shows a map when a head is clicked. L·H·n² rows per prompt, hence the caps.
+    progress: called as progress("profile", done, total) after each batch (done, total: batches).
     """
     from sinkscope.analyses.maps import MAX_MAP_TOKENS, maps_table
 
@@ -243,11 +246,7 @@ def profile_in_batches(
         raise _no_usable_prompt(bad)
     n_max = max(len(ids[i]) for i in good)
     config = capture or CaptureConfig()
-    batches: Iterable[list[int]] = [good[i : i + batch_size] for i in range(0, len(good), batch_size)]
-    if progress and len(good) > batch_size:
-        from rich.progress import track
-
-        batches = track(batches, description="profiling", transient=True)
+    batches = [good[i : i + batch_size] for i in range(0, len(good), batch_size)]
     summary = LayerSummary()
     map_left = max(0, int(maps)) if out is not None else 0
     map_config = CaptureConfig(rows=None, entropy=False, maps=True, max_map_tokens=MAX_MAP_TOKENS)
@@ -258,7 +257,7 @@ def profile_in_batches(
         folder = stack.enter_context(open_run(out, command, overwrite=overwrite, restart=False)) \
             if out is not None else None
         stream = stack.enter_context(folder.table_stream()) if folder is not None else None
-        for batch in batches:
+        for done, batch in enumerate(batches, 1):
             trace = run_capture(loaded, [ids[i].tolist() for i in batch], config, batch_size=batch_size,
                                 texts=[prompts[i] for i in batch])
             trace = _widened(trace, n_max)  # [b, L, H, n_max]
@@ -283,6 +282,8 @@ def profile_in_batches(
                 stream.append("maps", table)
                 map_left -= len(short)
             captured = trace.info.get("capture")
+            if progress is not None:
+                progress("profile", done, len(batches))
         small = {"layers": summary.table(), "skipped": skipped_table(bad)}
         rows.update({name: len(table) for name, table in small.items()})
         if folder is not None:

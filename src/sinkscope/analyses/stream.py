@@ -36,6 +36,7 @@ from transformers import DynamicCache
 
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
+from sinkscope.progress import Progress
 
 POLICIES = ("full", "sink_window", "window")
 
@@ -187,7 +188,7 @@ def stream_nll(loaded: LoadedModel, ids: Sequence[int], policy: str, sink: int =
 
 
 def compare(loaded: LoadedModel, ids: Sequence[int], sink: int = 4, window: int = 256,
-            policies: Sequence[str] = POLICIES, progress: Callable[[str, int, int], None] | None = None
+            policies: Sequence[str] = POLICIES, progress: Progress | None = None
             ) -> list[StreamResult]:
     """Run every policy on the same tokens. `progress(policy, done, total)` as in `stream_nll`."""
     return [stream_nll(loaded, ids, p, sink, window,

@@ -31,7 +31,7 @@ batches and only the per-head statistics are kept.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +43,7 @@ from sinkscope.capture import CaptureConfig, Trace, model_for, run_capture
 from sinkscope.capture.moments import tag_moments
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
+from sinkscope.progress import Progress, tracked
 
 __all__ = [
     "COSINE_BINS",
@@ -131,13 +132,13 @@ def capture_tags(
     *,
     batch_size: int = 8,
     hidden_states: bool = False,
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> list[tuple[Trace, list[list[PromptLayer]], list[torch.Tensor] | None]]:
     """Capture in batches, in one pass per batch: head outputs, values, and per head the attention columns of the
     candidate sinks (α_k > floor, `CaptureConfig.sink_columns` — computed in the chunked statistics, never as a
     [query, key] matrix). Returns per batch: the trace, per prompt × layer a `PromptLayer`, and (with
     `hidden_states`) per prompt the residual stream [L + 1, n, d_model] (entry l is the input of layer l, entry L the
-    last block's output)."""
+    last block's output). progress: called as progress("tags", done, total) after each batch."""
     if not 0 < floor < 1:
         raise SinkscopeError(f"the sink threshold must be in (0, 1), got {floor}")
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -154,16 +155,12 @@ def capture_tags(
     return out
 
 
-def _batches(prompts: Sequence[str], batch_size: int, progress: bool) -> Any:
-    """The prompts in batches (one string is one prompt), with a progress bar when asked and there are several."""
+def _batches(prompts: Sequence[str], batch_size: int, progress: Progress | None) -> Iterator[Sequence[str]]:
+    """The prompts in batches (one string is one prompt); progress("tags", done, total) after each batch is done."""
     if not prompts:
         raise SinkscopeError("no prompts given: pass --prompt TEXT or --prompts FILE with one prompt per line")
-    batches = [prompts[i: i + batch_size] for i in range(0, len(prompts), max(1, batch_size))]
-    if progress and len(batches) > 1:
-        from rich.progress import track
-
-        return track(batches, description="capturing tags", transient=True)
-    return batches
+    return tracked([prompts[i: i + batch_size] for i in range(0, len(prompts), max(1, batch_size))], "tags",
+                   progress)
 
 
 def _prompt_layers(trace: Trace) -> list[list[PromptLayer]]:
@@ -354,7 +351,7 @@ def projection_factors(w_o: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 
 def _moment_batches(
-    loaded: LoadedModel, prompts: Sequence[str], floor: float, batch_size: int, progress: bool
+    loaded: LoadedModel, prompts: Sequence[str], floor: float, batch_size: int, progress: Progress | None
 ) -> list[tuple[Trace, list[list[LayerMoments]]]]:
     """One capture per batch with the tag moments reduced inside it (`CaptureConfig.tag_moments`): per prompt and
     layer a LayerMoments; no head outputs, values or columns are kept."""
@@ -399,7 +396,7 @@ def tag_statistics(
     project: bool = False,
     geometry: bool = False,
     batch_size: int = 8,
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> TagResult:
     """Stream the corpus in batches and build the tables:
 
@@ -409,6 +406,7 @@ def tag_statistics(
     `geometry` (needs the output projections), tag_cosines (pairs of distinct tag directions W_O^h v_s in one
     layer of one prompt), cosine_histogram and tag_alignment (mean cosine between a sink's tag direction and the
     layer-input residual h_i of the non-sink tokens i that attend to that sink most among the head's sinks).
+    progress: called as progress("tags", done, total) after each batch.
     """
     if not 0 < eps < 1:
         raise SinkscopeError(f"the sink threshold must be in (0, 1), got {eps}")
@@ -583,10 +581,11 @@ def final_token_parts(
     eps: float = 0.2,
     *,
     batch_size: int = 8,
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> dict[str, np.ndarray]:
     """Tag, non-tag and full head output at each text's last token: arrays [S, L, H, d_v] (float32) under the keys
-    "tag", "nontag", "full"; sinks per prompt and head from its column mass (α > eps)."""
+    "tag", "nontag", "full"; sinks per prompt and head from its column mass (α > eps). progress: called as
+    progress("tags", done, total) after each batch."""
     tags, fulls = [], []
     for _, units in _moment_batches(loaded, list(texts), eps, batch_size, progress):
         for layers in units:

@@ -39,6 +39,7 @@ from sinkscope.capture.images import display_pixels, is_vision, pixel_values, vi
 from sinkscope.detect import detect, get_detector
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
+from sinkscope.progress import Progress
 from sinkscope.store import Run, make_manifest
 
 NORM_RATIO = 3.0
@@ -74,11 +75,12 @@ def analyze_images(
     params: dict[str, Any] | None = None,
     norm_ratio: float = NORM_RATIO,
     batch_size: int = 8,
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> VisionResult:
     """Capture a vision transformer on images (PIL images, files, folders, or pixel values [P, C, H, W]) once and
     reduce it to the tables of this module. `method` and `params`: the sink detector run on α per head and on the
-    head mean (any detector of `sinkscope.detect` that returns a mask)."""
+    head mean (any detector of `sinkscope.detect` that returns a mask). progress: called as
+    progress("capture", done, total) after each batch (`run_capture`)."""
     if not is_vision(loaded):
         raise SinkscopeError(f"{loaded.info.name} is a text model; sinkscope vision needs a vision transformer (ViT, "
                              "DeiT, DINOv2, CLIP or SigLIP vision tower, or a tiny:vit-like built-in)")

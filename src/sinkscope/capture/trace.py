@@ -24,6 +24,7 @@ from sinkscope.capture.images import VisionLayout, is_vision, pixel_values, visi
 from sinkscope.capture.moments import MOMENT_K_DIMS
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
+from sinkscope.progress import Progress
 
 
 @dataclass
@@ -214,7 +215,7 @@ def run_capture(
     *,
     batch_size: int = 8,
     padding_side: str | None = None,
-    progress: bool = False,
+    progress: Progress | None = None,
     texts: Sequence[str] | None = None,
     embed_delta: tuple[int, torch.Tensor] | None = None,
     continuation: Continuation | None = None,
@@ -234,6 +235,7 @@ def run_capture(
     continuation: continue the sequence held in this KV cache (`Continuation`): one prompt of new token ids (or
         text, tokenised with special tokens); the key mass, rows, entropy, values and logprobs only. The cache and the
         continuation's ids grow by the new tokens; the Trace is in sequence coordinates.
+    progress: called as progress("capture", done, total) after each batch (done, total: batches).
     Raises SinkscopeError for an empty prompt list, an empty prompt or a prompt longer than the context
     (use `validate_prompts` first to skip bad prompts instead).
     A vision transformer (`capture.images.is_vision`) takes images instead of prompts: PIL images, image files,
@@ -276,13 +278,10 @@ def run_capture(
         raise SinkscopeError("padding side must be 'left' or 'right'")
     batches = [seqs[i : i + batch_size] for i in range(0, len(seqs), batch_size)]
     parts: list[dict[str, Any]] = []
-    iterator: Any = batches
-    if progress and len(batches) > 1:
-        from rich.progress import track
-
-        iterator = track(batches, description="capturing", transient=True)
-    for batch in iterator:
+    for batch in batches:
         parts.append(_capture_batch(loaded, batch, config, side, embed_delta, continuation))
+        if progress is not None:
+            progress("capture", len(parts), len(batches))
     if continuation is not None and texts is None:
         names = [_decode(tok, continuation.ids)]
     trace = _assemble(loaded, names, parts, config)
@@ -440,8 +439,8 @@ def _recorded(recorder: HiddenRecorder, config: CaptureConfig) -> dict[str, Any]
     return part
 
 
-def _capture_images(loaded: LoadedModel, images: Any, config: CaptureConfig, batch_size: int, progress: bool
-                    ) -> Trace:
+def _capture_images(loaded: LoadedModel, images: Any, config: CaptureConfig, batch_size: int,
+                    progress: Progress | None) -> Trace:
     """`run_capture` for a vision transformer: images (see `capture.images.pixel_values`) in batches; every image is
     one sequence of the layout's tokens, with no padding and no token ids (input_ids −1)."""
     if config.logprobs or config.loss:
@@ -451,12 +450,11 @@ def _capture_images(loaded: LoadedModel, images: Any, config: CaptureConfig, bat
     names, pixels = pixel_values(loaded, images)  # [P, C, H, W]
     layout = vision_layout(loaded, pixels.shape[-2], pixels.shape[-1])
     batches = [pixels[i : i + batch_size] for i in range(0, len(pixels), batch_size)]
-    iterator: Any = batches
-    if progress and len(batches) > 1:
-        from rich.progress import track
-
-        iterator = track(batches, description="capturing", transient=True)
-    parts = [_capture_pixels(loaded, batch, config, layout) for batch in iterator]
+    parts: list[dict[str, Any]] = []
+    for batch in batches:
+        parts.append(_capture_pixels(loaded, batch, config, layout))
+        if progress is not None:
+            progress("capture", len(parts), len(batches))
     trace = _assemble(loaded, names, parts, config)
     trace.info["image"] = {**layout.info(), "size": [int(pixels.shape[-2]), int(pixels.shape[-1])]}
     return trace

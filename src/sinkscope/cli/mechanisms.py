@@ -25,6 +25,7 @@ from sinkscope.cli.options import (
     gather_prompts,
     load,
     parse_selection,
+    progress_bars,
     renamed,
     user_errors,
 )
@@ -78,10 +79,11 @@ def mechanisms_command(
     loaded = load(model, device, dtype, trust_remote_code, allow_pickle)
     if layers is None:
         layers = list(range(loaded.info.n_layers))
-    result = analyze(loaded, texts, eps=threshold, min_share=min_share, norm_ratio=norm_ratio,
-                     ablate_layers=layers, ablate_heads=heads, massive_ratio=massive_ratio,
-                     massive_min_value=massive_min_value, bos=not no_bos,
-                     bos_id=bos_id, replace_with=replace_with, batch_size=batch_size, progress=True)
+    with progress_bars() as update:
+        result = analyze(loaded, texts, eps=threshold, min_share=min_share, norm_ratio=norm_ratio,
+                         ablate_layers=layers, ablate_heads=heads, massive_ratio=massive_ratio,
+                         massive_min_value=massive_min_value, bos=not no_bos,
+                         bos_id=bos_id, replace_with=replace_with, batch_size=batch_size, progress=update)
     for line in result.lines():
         console.print(line, highlight=False, soft_wrap=True)
     skipped = dict(result.skipped)

@@ -33,6 +33,7 @@ from sinkscope.errors import SinkscopeError
 
 if TYPE_CHECKING:
     from sinkscope.models import LoadedModel
+    from sinkscope.progress import Progress
 
 # piped output (a log, a CI run) gets whole tables instead of rich's 80-column default
 _width = None if sys.stdout.isatty() or "COLUMNS" in os.environ else 200
@@ -235,28 +236,32 @@ def check_out(out: Path) -> None:
 
 
 @contextmanager
-def progress_bars() -> Iterator[Callable[[str, int, int | None], None]]:
-    """The one progress display of long commands: a bar per task with done/total, elapsed time and an ETA, on stderr,
-    gone when finished; nothing when stderr is not a terminal (a pipe or a log would get only a stray blank line).
-    Yields `update(task, done, total)`."""
+def progress_bars() -> Iterator[Progress]:
+    """The one progress display of long commands: a bar per task with done/total, elapsed time, an ETA and the task's
+    status text, on stderr, gone when finished; nothing when stderr is not a terminal (a pipe or a log would get only
+    a stray blank line). Yields `update(task, done, total, status=None)`, a `sinkscope.progress.Progress` to pass to
+    library functions."""
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
-        Progress,
         TextColumn,
         TimeElapsedColumn,
         TimeRemainingColumn,
     )
+    from rich.progress import Progress as RichProgress
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("ETA"), TimeRemainingColumn())
-    with Progress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal) as bar:
+               TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
+    # lines printed meanwhile go above the bars when both streams are the terminal, to stdout as they are otherwise
+    with RichProgress(*columns, console=err_console, transient=True, disable=not err_console.is_terminal,
+                      redirect_stdout=sys.stdout.isatty()) as bar:
         tasks: dict[str, Any] = {}
 
-        def update(task: str, done: int, total: int | None) -> None:
+        def update(task: str, done: int, total: int | None, *, status: str | None = None) -> None:
             if task not in tasks:
-                tasks[task] = bar.add_task(task, total=total)
-            bar.update(tasks[task], completed=done, total=total)
+                tasks[task] = bar.add_task(task, total=total, status="")
+            fields = {} if status is None else {"status": status}
+            bar.update(tasks[task], completed=done, total=total, **fields)
 
         yield update
 

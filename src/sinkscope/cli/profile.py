@@ -31,6 +31,7 @@ from sinkscope.cli.options import (
     load,
     method_params,
     parse_selection,
+    progress_bars,
     user_errors,
 )
 from sinkscope.errors import SinkscopeError
@@ -94,9 +95,10 @@ def profile_command(
     texts, file_bad = gather_prompts(prompt, prompts)
     params = method_params(method, threshold, min_queries)
     loaded = load(model, device, dtype, trust_remote_code, allow_pickle)
-    with _calibrated(loaded, calibration):  # a batch's tables at a time: written to --out, or only summarised
+    # a batch's tables at a time: written to --out, or only summarised
+    with _calibrated(loaded, calibration), progress_bars() as update:
         summary = profile_in_batches(loaded, texts, method, params, out=out, overwrite=overwrite,
-                                     capture=CaptureConfig(), batch_size=batch_size, progress=True, maps=maps)
+                                     capture=CaptureConfig(), batch_size=batch_size, progress=update, maps=maps)
     skipped = dict(summary.skipped)
     skipped.update(dict(file_bad))
     info = loaded.info

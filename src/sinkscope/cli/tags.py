@@ -29,6 +29,7 @@ from sinkscope.cli.options import (
     described,
     err_console,
     load,
+    progress_bars,
     read_prompts,
     renamed,
     user_errors,
@@ -142,8 +143,9 @@ def tags_command(
         raise SinkscopeError(f"--residual-layer {residual_layer} is out of range: the model has {n_layers} layers, "
                              f"so 0 (the embeddings) to {n_layers} (the last layer's output)")
     texts = _too_long(loaded, texts)
-    result = tag_statistics(loaded, texts, threshold, project=project, geometry=geometry, batch_size=batch_size,
-                            progress=True)
+    with progress_bars() as update:
+        result = tag_statistics(loaded, texts, threshold, project=project, geometry=geometry,
+                                batch_size=batch_size, progress=update)
     view = pca_view(loaded, texts[0], pca_layer, pca_head, residual_layer, threshold)
     tables = {**result.tables, "pca": view}
     heads = result.tables["heads"]
@@ -216,8 +218,9 @@ def tags_sensitivity_command(
     for name in model:
         loaded = load(name, device, dtype, trust_remote_code, allow_pickle)
         texts = _too_long(loaded, texts0)
-        result = tag_statistics(loaded, texts, min(grid), eps_grid=grid, project=project, batch_size=batch_size,
-                                progress=True)
+        with progress_bars() as update:
+            result = tag_statistics(loaded, texts, min(grid), eps_grid=grid, project=project,
+                                    batch_size=batch_size, progress=update)
         curve = result.tables["sensitivity"]
         curves[name] = curve
         frames.append(curve.assign(model=name))
@@ -270,7 +273,8 @@ def probe_command(
         raise SinkscopeError(f"--c {c}: the inverse regularisation strength must be positive")
     texts, labels = load_statements(dataset, limit, seed=seed, data_dir=data)
     loaded = load(model, device, dtype, trust_remote_code, allow_pickle)
-    features = final_token_parts(loaded, texts, threshold, batch_size=batch_size, progress=True)
+    with progress_bars() as update:
+        features = final_token_parts(loaded, texts, threshold, batch_size=batch_size, progress=update)
     with console.status("fitting probes"):
         results = fit_probes(features, labels, test_size=test_size, random_state=seed, C=c)
     best = best_heads(results, top)

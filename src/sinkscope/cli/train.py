@@ -17,6 +17,7 @@ from sinkscope.cli.options import (
     SeedOpt,
     console,
     described,
+    progress_bars,
     renamed,
     user_errors,
 )
@@ -96,7 +97,8 @@ def train_lm(
     )
     if not resume:
         cfg.validate()
-    result = train(cfg, resume=resume, progress=True, log=console.print, overwrite=overwrite)
+    with progress_bars() as update:
+        result = train(cfg, resume=resume, progress=update, log=console.print, overwrite=overwrite)
     if result.final is not None:
         console.print(summary_table(summarise(result.final)))
     console.print(f"wrote {result.out}/ (model/, checkpoint/, trace.parquet, manifest.json) in "

@@ -24,6 +24,7 @@ from sinkscope.cli.options import (
     described,
     load,
     method_params,
+    progress_bars,
     user_errors,
 )
 from sinkscope.errors import SinkscopeError
@@ -64,8 +65,9 @@ def vision_command(
     if not -loaded.info.n_layers <= layer < loaded.info.n_layers:
         raise SinkscopeError(f"--layer {layer}: the model has {loaded.info.n_layers} layers (0 to "
                              f"{loaded.info.n_layers - 1}, or -1 for the last)")
-    result = analyze_images(loaded, files, method=method, params=params, norm_ratio=norm_ratio,
-                            batch_size=batch_size, progress=True)
+    with progress_bars() as update:
+        result = analyze_images(loaded, files, method=method, params=params, norm_ratio=norm_ratio,
+                                batch_size=batch_size, progress=update)
     for line in result.lines():
         console.print(line, highlight=False, soft_wrap=True)
     if out is not None:

@@ -34,6 +34,7 @@ from sinkscope.analyses.mitigate import aggregate_rows, detect_mask_renormalise
 from sinkscope.detect import get_detector
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
+from sinkscope.progress import Progress
 from sinkscope.store import Run, RunFolder, make_manifest, open_run, reporter
 
 __all__ = ["Classified", "EvalConfig", "EvalResult", "causal_subset", "classify_examples", "evaluate",
@@ -42,7 +43,6 @@ __all__ = ["Classified", "EvalConfig", "EvalResult", "causal_subset", "classify_
 
 COMMAND = "eval"
 RECORDS = "records.jsonl"
-Progress = Callable[[str, int, int], None]
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,7 @@ from sinkscope.analyses.mechanisms.residual import MechTrace, capture_ids
 from sinkscope.capture import CaptureConfig, validate_prompts
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
+from sinkscope.progress import Progress
 from sinkscope.store import Run, Tables, make_manifest
 
 
@@ -99,7 +100,7 @@ def analyze(
     replace_with: str = "the",
     bias: bool = True,
     batch_size: int = 8,
-    progress: bool = False,
+    progress: Progress | None = None,
 ) -> MechanismsResult:
     """Measure where the position-0 sink comes from (seeds 001 and 002) on `prompts`.
 
@@ -109,7 +110,7 @@ def analyze(
     the median |h|; pass massive_min_value=0, massive_ratio=100 for the looser ratio-only rule); bos: run the
     BOS-removal variants (bos_id overrides the tokenizer's BOS, replace_with is the replacement token's text).
     Prompts that are empty, too long, or have fewer than two real tokens are skipped (`result.skipped`).
-    `progress` shows a bar over the forward passes (with an ETA).
+    progress: called as progress("mechanism passes", done, total) after each forward pass over the prompts.
     """
     if not 0 < min_share <= 1:
         raise SinkscopeError("min_share must be in (0, 1]")
@@ -138,7 +139,14 @@ def analyze(
     config = CaptureConfig(rows=None, entropy=False)
     n_ablations = len(ablate_layers) * (len(ablate_heads) if ablate_heads is not None else info.n_heads) \
         + (len(ablate_layers) if ablate_heads is None or len(ablate_heads) > 1 else 0)
-    bar = _Passes(1 + (2 if bos else 0) + n_ablations, progress)
+    resolved = None
+    summary: dict[str, Any] = {}
+    if bos:
+        try:
+            resolved = resolve_bos(tok, info.adds_bos, bos_id, replace_with)
+        except SinkscopeError as err:
+            summary["bos_skipped"] = str(err)
+    bar = _Passes(1 + (2 if resolved is not None else 0) + n_ablations, progress)
     # one pass over the native prompts gives the residual stream reduced as it is read (norms, the top entries and
     # median per site, position 0's vector, the cross-prompt unit sums) and, for the bias decomposition, each head's
     # output norms, the value norms, position 0's value and its attention column: nothing of size n × d is kept
@@ -156,13 +164,6 @@ def analyze(
     # every other forward pass runs next, while only the captures' small reductions are held (the ablations
     # first: they keep a few numbers per layer, the BOS variants their key mass); the tables, which grow with the
     # prompts, are built after the last pass, so a pass's working memory never meets them
-    resolved = None
-    summary: dict[str, Any] = {}
-    if bos:
-        try:
-            resolved = resolve_bos(tok, info.adds_bos, bos_id, replace_with)
-        except SinkscopeError as err:
-            summary["bos_skipped"] = str(err)
     prof = None
     if ablate_layers:  # 5. head ablation: one pass per ablated head (and per layer with all of them)
         prof = ablation_sweep(loaded, native, ablate_layers, ablate_heads, eps=eps, baseline=main,
@@ -233,29 +234,19 @@ def analyze(
         tables["bias_heads"] = heads
         tables["bias_queries"] = partial(bias_queries, main, kept)  # built when read or saved
         summary["bias"] = _bias_digest(heads)
-    bar.close()
     return MechanismsResult(tables=tables, summary=summary, params=params, traces=traces, skipped=bad)
 
 
 class _Passes:
-    """A rich progress bar over the forward passes (nothing when not asked for)."""
+    """Counts the forward passes, reporting each to `progress` ("mechanism passes", done, total)."""
 
-    def __init__(self, total: int, show: bool) -> None:
-        self._progress: Any = None
-        if show:
-            from rich.progress import Progress
-
-            self._progress = Progress(*Progress.get_default_columns(), transient=True)
-            self._task = self._progress.add_task("mechanism passes", total=total)
-            self._progress.start()
+    def __init__(self, total: int, progress: Progress | None) -> None:
+        self.total, self.done, self._progress = total, 0, progress
 
     def step(self) -> None:
+        self.done += 1
         if self._progress is not None:
-            self._progress.advance(self._task)
-
-    def close(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
+            self._progress("mechanism passes", self.done, self.total)
 
 
 def _leading(ids: Sequence[Sequence[int]]) -> int:

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from sinkscope.errors import SinkscopeError
+from sinkscope.progress import Progress
 from sinkscope.store import (
     Run,
     RunFolder,
@@ -134,7 +135,7 @@ def train(
     cfg: TrainConfig,
     *,
     resume: bool = False,
-    progress: bool = False,
+    progress: Progress | None = None,
     stop_after: int | None = None,
     time_limit_s: float | None = None,
     log: Callable[[str], None] | None = None,
@@ -148,6 +149,8 @@ def train(
     time_limit_s: a safety net for fixed budgets: once this process has trained this long, evaluate, save and
         finish early (`TrainResult.steps_done` < cfg.steps; the learning rate has not fully decayed then).
     overwrite: start over in a folder that holds a run (of this or another command) instead of refusing.
+    progress: called as progress("train", step, cfg.steps, status="loss … α₀ …") after each step (the train loss
+        since the previous evaluation, α₀ mean over layers ≥ 1 at the last evaluation).
     The folder is locked while training: a second process on the same cfg.out gets one error line.
     """
     folder = open_run(cfg.out, COMMAND, overwrite=overwrite, owned=OWNED)
@@ -157,7 +160,7 @@ def train(
         folder.close()
 
 
-def _train(folder: RunFolder, cfg: TrainConfig, resume: bool, progress: bool, stop_after: int | None,
+def _train(folder: RunFolder, cfg: TrainConfig, resume: bool, progress: Progress | None, stop_after: int | None,
            time_limit_s: float | None, log: Callable[[str], None] | None) -> TrainResult:
     out = folder.path
     say = log or (lambda _msg: None)
@@ -220,50 +223,47 @@ def _train(folder: RunFolder, cfg: TrainConfig, resume: bool, progress: bool, st
             first = make_batch(cfg, data, 1).to(device)
             evaluate(0, float(model(input_ids=first, labels=first, use_cache=False).loss))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
-    bar_ctx = _progress_bar(progress)
     final: AttentionStats | None = None
     step = start
-    loss_sum, loss_n, shown = torch.zeros((), device=device), 0, float("nan")
-    with bar_ctx as bar:
-        task = bar.add_task("training", total=cfg.steps, completed=start, loss=shown, a0=float("nan")) \
-            if bar else None
-        model.train()
-        for step in range(start + 1, cfg.steps + 1):
-            lr = lr_at(cfg, step - 1)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            batch = make_batch(cfg, data, step).to(device, non_blocking=True)
-            with autocast:
-                loss = model(input_ids=batch, labels=batch, use_cache=False).loss
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            loss_sum += loss.detach().float()
-            loss_n += 1
-            last = step == cfg.steps or (time_limit_s is not None and time.perf_counter() - run_t0 > time_limit_s)
-            if step % cfg.eval_every == 0 or last:
-                train_loss = float(loss_sum) / loss_n  # mean over the steps since the previous evaluation
-                loss_sum.zero_()
-                loss_n = 0
-                shown = train_loss
-                final = evaluate(step, train_loss)
-                later = final.alpha0()[1:] if final.alpha0().shape[0] > 1 else final.alpha0()
-                say(f"step {step}: train loss {train_loss:.3f}, eval loss {final.loss:.3f}, α₀ (layers ≥ 1) "
-                    f"{float(later.mean()):.3f}, heads α₀>0.3 {float((later > 0.3).float().mean()):.0%}")
-                if bar:
-                    bar.update(task, a0=float(later.mean()))
-            if step % save_every == 0 or last:
-                _save_checkpoint(folder, model, data.tokenizer, optimizer, step, cfg)
-            if bar:
-                bar.update(task, completed=step, loss=shown)
-            if stop_after is not None and step >= stop_after and step % save_every == 0:
-                return TrainResult(out, trace, step, False, time.perf_counter() - t0, final)
-            if last:
-                if step < cfg.steps:
-                    say(f"time limit of {time_limit_s:.0f} s reached: stopped at step {step} of {cfg.steps}")
-                break
+    loss_sum, loss_n, shown, a0 = torch.zeros((), device=device), 0, float("nan"), float("nan")
+    if progress is not None:
+        progress("train", start, cfg.steps, status=_status(shown, a0))
+    model.train()
+    for step in range(start + 1, cfg.steps + 1):
+        lr = lr_at(cfg, step - 1)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = make_batch(cfg, data, step).to(device, non_blocking=True)
+        with autocast:
+            loss = model(input_ids=batch, labels=batch, use_cache=False).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        loss_sum += loss.detach().float()
+        loss_n += 1
+        last = step == cfg.steps or (time_limit_s is not None and time.perf_counter() - run_t0 > time_limit_s)
+        if step % cfg.eval_every == 0 or last:
+            train_loss = float(loss_sum) / loss_n  # mean over the steps since the previous evaluation
+            loss_sum.zero_()
+            loss_n = 0
+            shown = train_loss
+            final = evaluate(step, train_loss)
+            later = final.alpha0()[1:] if final.alpha0().shape[0] > 1 else final.alpha0()
+            say(f"step {step}: train loss {train_loss:.3f}, eval loss {final.loss:.3f}, α₀ (layers ≥ 1) "
+                f"{float(later.mean()):.3f}, heads α₀>0.3 {float((later > 0.3).float().mean()):.0%}")
+            a0 = float(later.mean())
+        if step % save_every == 0 or last:
+            _save_checkpoint(folder, model, data.tokenizer, optimizer, step, cfg)
+        if progress is not None:
+            progress("train", step, cfg.steps, status=_status(shown, a0))
+        if stop_after is not None and step >= stop_after and step % save_every == 0:
+            return TrainResult(out, trace, step, False, time.perf_counter() - t0, final)
+        if last:
+            if step < cfg.steps:
+                say(f"time limit of {time_limit_s:.0f} s reached: stopped at step {step} of {cfg.steps}")
+            break
     with atomic_dir(out / "model") as final_dir, quiet():
         model.save_pretrained(final_dir)
         data.tokenizer.save_pretrained(final_dir)
@@ -272,19 +272,7 @@ def _train(folder: RunFolder, cfg: TrainConfig, resume: bool, progress: bool, st
     return TrainResult(out, trace, step, True, time.perf_counter() - t0, final)
 
 
-def _progress_bar(enabled: bool) -> Any:
-    if not enabled:
-        return nullcontext(None)
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("loss {task.fields[loss]:.3f}  α₀ {task.fields[a0]:.3f}"), TimeElapsedColumn(),
-                    TimeRemainingColumn(), transient=False)
+def _status(loss: float, a0: float) -> str:
+    """The trainer's status beside its bar: the last train loss and α₀ (layers ≥ 1)."""
+    return f"loss {loss:.3f}  α₀ {a0:.3f}"
 
