@@ -161,8 +161,11 @@ def test_ablation_equals_zeroed_o_proj_slice(lm, layer, heads):
 
 
 def test_ablation_sweep_table(lm):
-    prof = ablation_sweep(lm, _ids(lm), layers=[0], heads=[0, 3])
+    updates = []
+    prof = ablation_sweep(lm, _ids(lm), layers=[0], heads=[0, 3],
+                          progress=lambda task, done, total, **_: updates.append((task, done, total)))
     assert list(dict.fromkeys(prof["ablation"])) == ["baseline", "L0H0", "L0H3", "L0 all"]
+    assert updates == [("ablation runs", done, 3) for done in (1, 2, 3)]  # one per ablated run, not the baseline
     assert len(prof) == 4 * lm.info.n_layers
     table = ablation_table(prof, target_depth=1.5)
     assert table["ablation"].tolist() == ["L0H0", "L0H3", "L0 all"]

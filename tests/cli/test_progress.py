@@ -40,7 +40,8 @@ def updates(monkeypatch):
         if info.name != "options" and hasattr(module, "progress_bars"):
             monkeypatch.setattr(module, "progress_bars", bars)
             patched.append(info.name)
-    assert {"profile", "tags", "mechanisms", "train", "stream", "toy"} <= set(patched), patched
+    assert {"profile", "tags", "mechanisms", "train", "stream", "toy", "generate", "kvquant", "sweep"} \
+        <= set(patched), patched
     return calls
 
 
@@ -66,6 +67,15 @@ PROMPTS = ["The cat sat on the mat.", "Attention sinks draw attention.", "A thir
 @pytest.mark.parametrize(("args", "tasks"), [
     (["stream", "--model", "tiny:llama", "--text-file", "{text}", "--sink", "2", "--window", "8", "--max-tokens",
       "40"], {"full": None, "sink_window": None, "window": None}),
+    # 24 tokens: 23 next-token predictions through each cache
+    (["kv-quant", "--model", "tiny:llama", "--text-file", "{text}", "--bits", "4", "--sink", "2", "--window", "8",
+      "--group", "4", "--chunk", "4", "--max-tokens", "24"], {"full": 23, "sink_window": 23}),
+    # five prompts, three new tokens each
+    (["generate", "--model", "tiny:llama", "--prompts", "{prompts}", "--max-new-tokens", "3", "--ignore-eos",
+      "--no-figures"], {"generating": 15}),
+    # five prompts in units of two: three units
+    (["sweep", "--model", "tiny:llama", "--prompts", "{prompts}", "--unit-size", "2", "--out", "{tmp}/sweep"],
+     {"units (this process)": 3}),
     (["toy", "train", "--epochs", "2"], {"training (epochs)": 2}),
     (["toy", "success-rate", "--c-values", "10", "--seeds", "2", "--epochs", "1"], {"training runs": 2}),
     (["toy", "sep2", "--n-heads", "1", "--seeds", "2", "--epochs", "1"], {"training runs": 2}),
@@ -90,7 +100,8 @@ PROMPTS = ["The cat sat on the mat.", "Attention sinks draw attention.", "A thir
       "--layers", "1", "--top-layers", "1", "--save", "{tmp}/calib.json"], {"ACT search: layer trials": 1}),
     (["bench-mitigation", "--model", "tiny:llama", "--dataset", "sst2", "--data", "{sst2}", "--limit", "2"],
      {"sst2": None}),
-], ids=["stream", "toy-train", "toy-success-rate", "toy-sep2", "profile", "tags", "tags-geometry", "probe",
+], ids=["stream", "kv-quant", "generate", "sweep",
+        "toy-train", "toy-success-rate", "toy-sep2", "profile", "tags", "tags-geometry", "probe",
         "mechanisms", "vision", "train-lm", "eval", "calibrate", "bench-mitigation"])
 def test_long_commands_show_progress_with_a_total(args, tasks, updates, tmp_path):
     """Each task of the command was shown, its last update reaches its total (`tasks`: the expected totals, None

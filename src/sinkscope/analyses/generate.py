@@ -39,6 +39,7 @@ from sinkscope.capture import CaptureConfig, run_capture, use_sinkscope_attentio
 from sinkscope.capture.trace import Continuation
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
+from sinkscope.progress import Progress
 from sinkscope.store import Run, make_manifest, open_run
 
 SINK_EPS = 0.3
@@ -338,7 +339,7 @@ def generate(
     out: str | Path | None = None,
     overwrite: bool = False,
     figures: Mapping[str, Callable[[dict[str, pd.DataFrame], Path], Any]] | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> GenerateResult:
     """Generate from each prompt (prompt_id: its index) and record the sinks of every generated token's attention
     (module docstring).
@@ -348,7 +349,8 @@ def generate(
         tables and the manifest at the end; without it `steps` is kept in `result.tables`.
     figures: {file name: draw(tables, path)}, drawn from the finished tables and saved in `out` with them (listed in
         the manifest, so the report embeds them); analyses never plot, the caller passes the drawing.
-    progress: called as progress(done, total) after each generated token (total: max_new_tokens per prompt).
+    progress: called as progress("generating", done, total) after each generated token (total: max_new_tokens per
+        prompt; a prompt that stops at EOS leaves its remaining tokens uncounted).
     Tables: generation (per prompt: prompt, text, counts, why it stopped), tokens (every position of every sequence),
     steps (per generated token × layer × head), layers, secondary_sinks, sink_curves.
     """
@@ -381,7 +383,7 @@ def generate(
 
         for pid, (prompt, ids) in enumerate(zip(prompts, all_ids, strict=True)):
             done = pid * settings.max_new_tokens
-            tick = None if progress is None else (lambda step, done=done: progress(done + step, total))
+            tick = None if progress is None else (lambda step, done=done: progress("generating", done + step, total))
             one = _generate_one(loaded, ids, settings, pid, emit, tick)
             one.tables["generation"].insert(1, "prompt", prompt if isinstance(prompt, str)
                                             else "".join(one.tokens[: len(ids)]))

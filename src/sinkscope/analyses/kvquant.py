@@ -220,13 +220,14 @@ def sink_positions(loaded: LoadedModel, ids: Sequence[int], prefix: int = 256, m
 
 # ------------------------------------------------------------------------------------------------ the scoring
 def kv_quant_nll(loaded: LoadedModel, ids: Sequence[int], conds: Sequence[Condition], cache: str = "full",
-                 sink: int = 4, window: int = 256, group: int = 32, chunk: int = 32, progress: Any = None
+                 sink: int = 4, window: int = 256, group: int = 32, chunk: int = 32, progress: Progress | None = None
                  ) -> torch.Tensor:
     """Next-token NLL of `ids` under each condition, through the full cache or StreamingLLM's sink + window cache
     (`analyses.stream`: the first `sink` entries + the last `window`, evicted after each chunk).
 
     Returns [n_conditions, T − 1]: nll[c, t] = −log p(x_{t+1} | x_≤t) under condition c (the full cache: T is at most
-    the model's context). `progress(done, total)` is called after each chunk.
+    the model's context). progress: called as progress(cache, done, total) after each chunk (the task is the cache's
+    name: "full", "sink_window").
     """
     from sinkscope.analyses.stream import _rotary, _SinkWindowCache, context_length
 
@@ -278,7 +279,7 @@ def kv_quant_nll(loaded: LoadedModel, ids: Sequence[int], conds: Sequence[Condit
             if cache == "sink_window" and kv.get_seq_length() > budget:
                 book.evict(kv.get_seq_length() - budget)
             if progress is not None:
-                progress(t + size, n - 1)
+                progress(cache, t + size, n - 1)
     return nll
 
 
@@ -304,7 +305,7 @@ def kv_quant(loaded: LoadedModel, ids: Sequence[int], bits: Sequence[int] = (8, 
     """Perplexity of `ids` with the KV cache fake-quantised to each of `bits` — all tokens, the detected sinks kept
     (`sink_positions` on the first `prefix` tokens), the first `keep_first` kept — and unquantised, through each cache.
 
-    `progress(task, done, total)` is called after each chunk."""
+    `progress(cache, done, total)` is called after each chunk, as in `kv_quant_nll`."""
     from sinkscope.analyses.stream import perplexity
 
     if keep_first < 0:
@@ -318,8 +319,7 @@ def kv_quant(loaded: LoadedModel, ids: Sequence[int], bits: Sequence[int] = (8, 
     text = [tokenizer.decode([i]) for i in ids] if tokenizer is not None else [str(i) for i in ids]
     rows, token_parts = [], []
     for name in caches:
-        report = None if progress is None else (lambda done, total, name=name: progress(name, done, total))
-        nll = kv_quant_nll(loaded, ids, conds, name, sink, window, group, chunk, report)  # [conditions, T − 1]
+        nll = kv_quant_nll(loaded, ids, conds, name, sink, window, group, chunk, progress)  # [conditions, T − 1]
         base = perplexity(nll[0])
         for row, c in enumerate(conds):
             ppl = perplexity(nll[row])

@@ -28,7 +28,7 @@ from __future__ import annotations
 import inspect
 import math
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -141,11 +141,12 @@ class _SinkWindowCache:
 
 
 def stream_nll(loaded: LoadedModel, ids: Sequence[int], policy: str, sink: int = 4, window: int = 256,
-               progress: Callable[[int, int], None] | None = None) -> StreamResult:
+               progress: Progress | None = None) -> StreamResult:
     """Feed `ids` one token at a time under a cache policy and return each next-token NLL.
 
     `full` scores only the tokens within the model's context (`StreamResult.n_tokens`); the evicting policies score
-    any length. `progress(done, total)` is called every 16 tokens and after the last (a progress bar's update)."""
+    any length. progress: called as progress(policy, done, total) every 16 tokens and after the last (the task is the
+    policy's name: "full", "sink_window", "window")."""
     if policy not in POLICIES:
         raise SinkscopeError(f"unknown cache policy '{policy}': use one of {', '.join(POLICIES)}")
     if sink < 0 or window < 1:
@@ -183,7 +184,7 @@ def stream_nll(loaded: LoadedModel, ids: Sequence[int], policy: str, sink: int =
             if policy != "full" and cache.get_seq_length() > budget:
                 book.evict()
             if progress is not None and ((t + 1) % 16 == 0 or t + 1 == total):
-                progress(t + 1, total)
+                progress(policy, t + 1, total)
     return StreamResult(policy=policy, sink=sink, window=window, nll=nll)
 
 
@@ -191,6 +192,4 @@ def compare(loaded: LoadedModel, ids: Sequence[int], sink: int = 4, window: int 
             policies: Sequence[str] = POLICIES, progress: Progress | None = None
             ) -> list[StreamResult]:
     """Run every policy on the same tokens. `progress(policy, done, total)` as in `stream_nll`."""
-    return [stream_nll(loaded, ids, p, sink, window,
-                       None if progress is None else (lambda done, total, p=p: progress(p, done, total)))
-            for p in policies]
+    return [stream_nll(loaded, ids, p, sink, window, progress) for p in policies]

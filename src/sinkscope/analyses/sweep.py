@@ -46,6 +46,7 @@ from sinkscope.capture import CaptureConfig, run_capture, validate_prompts
 from sinkscope.detect import get_detector
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel, parse_dtype
+from sinkscope.progress import Progress
 from sinkscope.store import (
     KILL_HOOK,
     UNITS,
@@ -294,9 +295,9 @@ def pending_units(plan: SweepPlan, ranks: Ranks | None = None) -> tuple[list[int
 
 
 def run_units(loaded: LoadedModel, plan: SweepPlan, ranks: Ranks | None = None,
-              progress: Callable[[int, int], None] | None = None, todo: Sequence[int] | None = None) -> list[int]:
+              progress: Progress | None = None, todo: Sequence[int] | None = None) -> list[int]:
     """Do this process's unfinished units (`todo`, default `pending_units`); returns the units done.
-    progress(done, total)."""
+    progress: called as progress("units (this process)", done, total) after each unit."""
     ranks = ranks or Ranks()
     todo = pending_units(plan, ranks)[0] if todo is None else list(todo)
     done: list[int] = []
@@ -309,7 +310,7 @@ def run_units(loaded: LoadedModel, plan: SweepPlan, ranks: Ranks | None = None,
         plan.folder.write_unit(unit_name(u), tables, info)
         done.append(u)
         if progress is not None:
-            progress(len(done), len(todo))
+            progress("units (this process)", len(done), len(todo))
     return done
 
 
@@ -352,11 +353,12 @@ def _sum_over_ranks(ranks: Ranks, value: int) -> int:
 
 
 def sweep_run(loaded: LoadedModel, plan: SweepPlan, ranks: Ranks | None = None,
-              progress: Callable[[int, int], None] | None = None, source: Any = None,
+              progress: Progress | None = None, source: Any = None,
               log: Callable[[str], None] | None = None) -> SweepResult:
     """Do this process's units, wait for the others, and (rank 0) merge them into a run folder in `plan.out`.
 
-    Collective when distributed: every rank calls it. `source` (e.g. the dataset) goes into the manifest. Each
+    Collective when distributed: every rank calls it. `source` (e.g. the dataset) goes into the manifest. progress:
+    `run_units`'s, for this process's units. Each
     damaged unit that is recomputed is reported through `log` (default: the `sinkscope` logger), e.g.
     "unit 2: keys.parquet missing — recomputing". Releases the folder's lock at the end.
     """

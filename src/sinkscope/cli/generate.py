@@ -82,7 +82,7 @@ def generate_command(
     figures = {} if no_figures else {FIGURE: _draw}
     with progress_bars() as update:
         result = generate(loaded, texts, settings, chat=chat, out=out, overwrite=overwrite, figures=figures,
-                          progress=lambda done, total: update("generating", done, total))
+                          progress=update)
     _print_summary(result, loaded.info.name)
     if out is not None:
         listed = ", ".join(["steps", *result.tables, *figures])

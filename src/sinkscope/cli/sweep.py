@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -65,15 +64,6 @@ def sweep_prompts(prompt: list[str] | None, prompts: Path | None, dataset: str |
     return [spec.prompt(ex.fields) for ex in examples], [], source
 
 
-@contextmanager
-def _progress(show: bool) -> Iterator[Callable[[int, int], None] | None]:
-    if not show:
-        yield None
-        return
-    with progress_bars() as update:
-        yield lambda done, total: update("units (this process)", done, total)
-
-
 @user_errors
 def sweep_command(
     model: ModelOpt,
@@ -115,7 +105,7 @@ def sweep_command(
     with process_group(ranks, device) as where:
         plan = plan_sweep(out, texts, model, dtype, config, ranks, overwrite=overwrite)
         loaded = load(model, where, dtype, trust_remote_code, allow_pickle)
-        with _progress(ranks.main) as progress:
+        with progress_bars() if ranks.main else nullcontext() as progress:  # the bars on rank 0 only
             result = sweep_run(loaded, plan, ranks, progress, source)
     if result.summary is None:
         return

@@ -161,7 +161,7 @@ def train_cmd(
     cfg = _model_config(task, c, renamed(n_heads, heads))
     tc = TrainConfig(seed=seed, epochs=epochs)
     with progress_bars() as update:
-        res = train(cfg, tc, progress=lambda done, total: update("training (epochs)", done, total))
+        res = train(cfg, tc, progress=update)
     batch = check_batch(TaskConfig(sep2=cfg.sep2), tc.data_seed)
     report = check_mechanism_sep2(res.model, batch) if cfg.sep2 else check_mechanism(res.model, batch)
     c_final = "learned embedding" if res.c is None else f"{res.c:.4f}"
@@ -195,8 +195,7 @@ def success_rate_cmd(
     _check_jobs(jobs)
     values, tc = _floats(c_values, "--c-values"), TrainConfig(epochs=epochs)
     with progress_bars() as update:
-        runs = success_rate(values, range(seed, seed + seeds), tc, n_jobs=jobs,
-                            progress=lambda done, total: update("training runs", done, total))
+        runs = success_rate(values, range(seed, seed + seeds), tc, n_jobs=jobs, progress=update)
     table = success_table(runs)
     typer.echo(format_table(table))
     typer.echo(f"({len(runs)} runs in {time.perf_counter() - start:.0f} s)")
@@ -228,8 +227,7 @@ def sep2(
     _check_jobs(jobs)
     head_counts, tc = _ints(renamed(n_heads, heads), "--n-heads", 1, MAX_HEADS), TrainConfig(epochs=epochs)
     with progress_bars() as update:
-        runs = sep2_experiment(head_counts, range(seed, seed + seeds), c, tc, n_jobs=jobs,
-                               progress=lambda done, total: update("training runs", done, total))
+        runs = sep2_experiment(head_counts, range(seed, seed + seeds), c, tc, n_jobs=jobs, progress=update)
     table = sep2_table(runs)
     typer.echo(format_table(table))
     typer.echo(f"({len(runs)} runs in {time.perf_counter() - start:.0f} s)")
@@ -264,7 +262,7 @@ def plot(
     cfg = _model_config(task, c, renamed(n_heads, heads))
     tc = TrainConfig(seed=seed, epochs=epochs)
     with progress_bars() as update:
-        res = train(cfg, tc, progress=lambda done, total: update("training (epochs)", done, total))
+        res = train(cfg, tc, progress=update)
     batch = check_batch(TaskConfig(sep2=cfg.sep2))
     name = f"attention_{task}_c{c:g}_seed{seed}.png"
     with tempfile.TemporaryDirectory() as tmp:

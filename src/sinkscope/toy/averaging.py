@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from sinkscope.progress import Progress
+
 NUMBER, SEP, SEP2 = 0, 1, 2
 
 AttnHook = Callable[[int, Tensor], Tensor]  # (layer index, attention [batch, head, query, key]) -> attention
@@ -294,10 +296,10 @@ def evaluate(model: AveragingTransformer, batch: AveragingBatch) -> tuple[float,
 
 def train(
     model_config: ToyConfig = ToyConfig(), train_config: TrainConfig = TrainConfig(), task: TaskConfig | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> TrainResult:
-    """Train with AdamW on the MSE loss; returns the held-out R^2 and loss. `progress(epoch, epochs)` is called
-    after each epoch (a progress bar's update).
+    """Train with AdamW on the MSE loss; returns the held-out R^2 and loss. progress: called as
+    progress("training (epochs)", epoch, epochs) after each epoch.
 
     Deterministic given the configs on one torch build and CPU; training is chaotic, so another torch version
     or instruction set can turn a converging seed into a failing one (seen for [SEP2], not for one [SEP]).
@@ -327,7 +329,7 @@ def train(
             total += loss.item() * len(idx)
         history.append(total / len(data))
         if progress is not None:
-            progress(len(history), train_config.epochs)
+            progress("training (epochs)", len(history), train_config.epochs)
     mse, r2 = evaluate(model, test)
     if not math.isfinite(r2):
         r2 = float("-inf")

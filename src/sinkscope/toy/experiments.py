@@ -8,7 +8,7 @@ Two experiments: the success rate over initial tag values c (seed 003 rebuttal, 
 from __future__ import annotations
 
 import io
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, replace
 from multiprocessing import get_context
@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from sinkscope.progress import Progress
 from sinkscope.store import Content, Run, make_manifest, save_run
 from sinkscope.toy.averaging import (
     AveragingBatch,
@@ -75,10 +76,10 @@ def _init_worker() -> None:
 
 def run_seeds(
     model_configs: Sequence[ToyConfig], seeds: Sequence[int], train_config: TrainConfig | None = None,
-    r2_min: float = 0.99, n_jobs: int = 1, progress: Callable[[int, int], None] | None = None,
+    r2_min: float = 0.99, n_jobs: int = 1, progress: Progress | None = None,
 ) -> pd.DataFrame:
     """`run_one` for every (config, seed) pair, config-major; n_jobs > 1 runs them in worker processes.
-    `progress(done, total)` is called as runs finish (in order)."""
+    progress: called as progress("training runs", done, total) as runs finish (in order)."""
     train_config = train_config or TrainConfig()
     jobs = [(cfg, replace(train_config, seed=seed), r2_min) for cfg in model_configs for seed in seeds]
     if n_jobs <= 1:
@@ -89,18 +90,18 @@ def run_seeds(
     return pd.DataFrame(rows)
 
 
-def _collect(results: Iterable[Row], total: int, progress: Callable[[int, int], None] | None) -> list[Row]:
+def _collect(results: Iterable[Row], total: int, progress: Progress | None) -> list[Row]:
     rows = []
     for row in results:
         rows.append(row)
         if progress is not None:
-            progress(len(rows), total)
+            progress("training runs", len(rows), total)
     return rows
 
 
 def success_rate(
     c_values: Sequence[float] = (10.0, 6.0, 1.0), seeds: Sequence[int] = range(10),
-    train_config: TrainConfig | None = None, n_jobs: int = 1, progress: Callable[[int, int], None] | None = None,
+    train_config: TrainConfig | None = None, n_jobs: int = 1, progress: Progress | None = None,
 ) -> pd.DataFrame:
     """One-[SEP] task, paper model, one run per (initial c, seed): the per-run table."""
     return run_seeds([ToyConfig(c_init=c) for c in c_values], seeds, train_config, n_jobs=n_jobs, progress=progress)
@@ -108,7 +109,7 @@ def success_rate(
 
 def sep2_experiment(
     heads: Sequence[int] = (2, 1), seeds: Sequence[int] = range(15), c_init: float = 10.0,
-    train_config: TrainConfig | None = None, n_jobs: int = 1, progress: Callable[[int, int], None] | None = None,
+    train_config: TrainConfig | None = None, n_jobs: int = 1, progress: Progress | None = None,
 ) -> pd.DataFrame:
     """[SEP2] task, rebuttal model with `heads` heads of dimension 3 per layer: the per-run table."""
     return run_seeds([rebuttal_config(h, c_init) for h in heads], seeds, train_config, n_jobs=n_jobs,

@@ -10,7 +10,7 @@ clustering (some even strengthen it): the mechanism is collective. The table per
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -20,6 +20,7 @@ from sinkscope.analyses.mechanisms.residual import MechTrace, capture_ids
 from sinkscope.capture import AblateHeads, CaptureConfig
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
+from sinkscope.progress import Progress
 
 
 def label(layer: int | None, head: int | None) -> str:
@@ -52,11 +53,11 @@ def ablation_sweep(
     eps: float = 0.2,
     baseline: MechTrace | None = None,
     batch_size: int = 8,
-    step: Callable[[], None] | None = None,
+    progress: Progress | None = None,
 ) -> pd.DataFrame:
     """Rerun `ids` once per ablated head (and once per layer with all of `heads` ablated when `include_all`) and
-    return the per-layer statistics of every run, the baseline included (`ablation` == "baseline"). `step` is
-    called after each run (a progress bar's advance).
+    return the per-layer statistics of every run, the baseline included (`ablation` == "baseline"). progress: called
+    as progress("ablation runs", done, total) after each ablated run (the baseline, given or not, is not counted).
 
     Columns: ablation, ablated_layer (−1 for the baseline), head (−1 for all heads / the baseline), layer, alpha0,
     sink_share, pos0_ratio_attn, pos0_ratio_block, pos0_norm_attn, pos0_norm_block.
@@ -72,16 +73,16 @@ def ablation_sweep(
     base = baseline if baseline is not None else capture_ids(loaded, ids, config, hidden="norms",
                                                              batch_size=batch_size)
     runs: list[tuple[int, int, pd.DataFrame]] = [(-1, -1, run_stats(base, eps))]
+    sets: list[tuple[int, list[int]]] = [(h, [h]) for h in picked]
+    if include_all and len(picked) > 1:
+        sets.append((-1, picked))
     for layer in layers:
-        sets: list[tuple[int, list[int]]] = [(h, [h]) for h in picked]
-        if include_all and len(picked) > 1:
-            sets.append((-1, picked))
         for head, chosen in sets:
             mt = capture_ids(loaded, ids, config, interventions=[AblateHeads(layers=[layer], heads=chosen)],
                              hidden="norms", batch_size=batch_size)
             runs.append((layer, head, run_stats(mt, eps)))
-            if step is not None:
-                step()
+            if progress is not None:
+                progress("ablation runs", len(runs) - 1, len(layers) * len(sets))
     frames = []
     for layer, head, stats in runs:
         frame = stats.copy()

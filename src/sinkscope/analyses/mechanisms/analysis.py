@@ -167,7 +167,7 @@ def analyze(
     prof = None
     if ablate_layers:  # 5. head ablation: one pass per ablated head (and per layer with all of them)
         prof = ablation_sweep(loaded, native, ablate_layers, ablate_heads, eps=eps, baseline=main,
-                              batch_size=batch_size, step=bar.step)
+                              batch_size=batch_size, progress=bar.each_update)
     by_variant: dict[str, MechTrace] = {}
     sims: list[pd.DataFrame] = []
     if resolved is not None:  # 3. BOS removal: the two other encodings
@@ -247,6 +247,10 @@ class _Passes:
         self.done += 1
         if self._progress is not None:
             self._progress("mechanism passes", self.done, self.total)
+
+    def each_update(self, task: str, done: int, total: int | None, *, status: str | None = None) -> None:
+        """A `Progress` for a part that reports one update per forward pass (`ablation_sweep`): each is one step."""
+        self.step()
 
 
 def _leading(ids: Sequence[Sequence[int]]) -> int:
