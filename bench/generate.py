@@ -54,7 +54,7 @@ def captured(loaded: Any, ids: list[int], n: int) -> tuple[float, float]:
     marks: list[float] = []
     start = time.perf_counter()
     generate(loaded, [ids], GenerateSettings(max_new_tokens=n, stop_at_eos=False),
-             progress=lambda done, total: marks.append(time.perf_counter()) if done == total else None)
+             progress=lambda task, done, total, **_: marks.append(time.perf_counter()) if done == total else None)
     end = time.perf_counter()
     return (marks[-1] - start) / n, (end - start) / n
 

@@ -41,6 +41,7 @@ from sinkscope.capture import (
 )
 from sinkscope.errors import SinkscopeError
 from sinkscope.models import LoadedModel
+from sinkscope.progress import Progress
 
 # what the interpretation-only rows run: detect-mask-renormalise with the z-score and entropy detectors (seed 000)
 ALIGNMENT = EvalConfig(methods=("zscore", "entropy_delta"), causal=False)
@@ -191,7 +192,7 @@ def mitigation_benchmark(
     gammas: Sequence[float] = (0.4,),
     alignment: EvalConfig | None = ALIGNMENT,
     causal_ids: Collection[str] | None = None,
-    step: Callable[[int, int], None] | None = None,
+    progress: Progress | None = None,
 ) -> pd.DataFrame:
     """Accuracy, alignment and cost of each inference-time mitigation on the same examples, side by side.
 
@@ -215,8 +216,8 @@ def mitigation_benchmark(
     causal effects, over n_causal examples: those in `causal_ids` when alignment.causal, else none); for the rows
     that change the forward pass, sink_share, null_mass and loss on the examples' prompts under the method
     (`sinkscope.analyses.trained.prompt_sinks`; NaN for the interpretation-only rows).
-    Methods run interleaved batch by batch, so a load from other processes slows them alike. `step(done, total)`
-    is called after each batch of each stage (a progress bar's update).
+    Methods run interleaved batch by batch, so a load from other processes slows them alike. `progress(spec.name,
+    done, total)` is called after each batch of each stage.
     """
     methods: list[tuple[str, list[Intervention]]] = [
         ("none", []),
@@ -279,8 +280,8 @@ def mitigation_benchmark(
             start = time.perf_counter()
             preds[name][idx] = run(idx)
             seconds[name] += time.perf_counter() - start
-        if step is not None:
-            step(done, total)
+        if progress is not None:
+            progress(spec.name, done, total)
     gold = torch.tensor([ex.label_id for ex in examples])
 
     def row(name: str, method: str, kind: str) -> dict:
@@ -297,8 +298,8 @@ def mitigation_benchmark(
         records = []
         for i, (idx, done) in enumerate(zip(batches, classified, strict=True), 1):
             records += example_records(loaded, spec, [examples[j] for j in idx], alignment, done, causal_ids)
-            if step is not None:
-                step(len(batches) + i, total)
+            if progress is not None:
+                progress(spec.name, len(batches) + i, total)
         summary = summarise_records(records, alignment).set_index("variant")
         scores = ["mismatch", "match", "spearman", "topk_overlap", "n_causal"]
         rows[0].update(summary.loc["before", scores].to_dict())

@@ -197,8 +197,7 @@ def bench_mitigation_command(
             spec, examples, causal_ids = _examples(name, data, limit, seed, causal_limit)
             with progress_bars() as update:
                 frames.append(mitigation_benchmark(loaded, spec, examples, calib, beta, batch_size, gammas=gammas,
-                                                   alignment=alignment, causal_ids=causal_ids,
-                                                   step=lambda done, total, name=name: update(name, done, total)))
+                                                   alignment=alignment, causal_ids=causal_ids, progress=update))
             if trained:
                 from sinkscope.analyses.trained import variant_rows
 
