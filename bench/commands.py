@@ -8,7 +8,7 @@ they run (issue #16 targets 4 and 5).
 `bench/analyses.py --quick` prints the same ratios (`quick_lines`, one turn, GPT-2-small shape, no memory).
 
 Ways, each beside the plain forward passes of the same inputs, in one process, in turns (a ratio per turn, then the
-median):
+median; in each turn the plain call runs just before and just after the command, and their mean is the reference):
 - explain:          `explain(loaded, text)` on one prompt of n tokens (one input variant) / a plain forward of its ids
                     (`model(input_ids=ids, use_cache=False)`). Target ≤ 1.15.
 - eval-causal:      `causal_effects(loaded, prompt, target)` (mask mode: one masked variant per prompt token, run in
@@ -139,10 +139,11 @@ def time_ratios(loaded: Any, repeats: int, tokens: int = 512, n_examples: int = 
         ratios: dict[str, list[float]] = {k: [] for k in runs}
         for _ in range(repeats):
             for name, (command, plain, count) in runs.items():
-                base, _ = timed(plain)
+                before, _ = timed(plain)
                 spent, result = timed(command)
+                after, _ = timed(plain)  # the plain pass on both sides: a drift in machine speed hits both alike
                 n = count(result) if callable(count) else count
-                ratios[name].append(spent / (n * base))
+                ratios[name].append(spent / (n * (before + after) / 2))
     return {k: statistics.median(v) for k, v in ratios.items()}
 
 

@@ -20,7 +20,6 @@ first pass over the chunks (`hook_column_means`, shared by both).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,9 +30,9 @@ import transformers
 
 from sinkscope.capture.attention import (
     _HOOKS,
+    _hook_chunks,
     _weighted_values,
-    additive_bias,
-    attention_probs,
+    _Workspace,
     chunk_size_for,
     use_sinkscope_attention,
 )
@@ -267,24 +266,6 @@ def column_sums(probs: torch.Tensor, visible: torch.Tensor, real: torch.Tensor) 
     return (probs * real[:, None, :, None].to(probs.dtype)).sum(-2), seen.sum(-2)
 
 
-def _chunk_bias(mask: torch.Tensor | None, query: torch.Tensor, key: torch.Tensor, c0: int, c1: int, is_causal: bool,
-                position_bias: torch.Tensor | None) -> torch.Tensor:
-    """`additive_bias` of the queries c0..c1 only: [b|1, 1|h, c, k] float32, −inf where a key is invisible."""
-    nq, nk = query.shape[2], key.shape[2]
-    if mask is None:
-        bias = torch.zeros(1, 1, c1 - c0, nk, device=query.device)
-        if is_causal and nq > 1:  # query i sees the keys up to i + k − q (the cache holds k − q earlier keys)
-            rows = torch.arange(c0, c1, device=query.device)[:, None] + (nk - nq)
-            bias.masked_fill_(rows < torch.arange(nk, device=query.device), -math.inf)
-    else:
-        bias = additive_bias(mask if mask.shape[2] == 1 else mask[:, :, c0:c1], query[:, :, c0:c1], key, is_causal,
-                             None)
-    if position_bias is not None:
-        pb = position_bias if position_bias.shape[2] == 1 else position_bias[:, :, c0:c1]
-        bias = bias + pb[..., -nk:].float()
-    return bias
-
-
 def real_queries(mask: torch.Tensor | None, b: int, nq: int, nk: int, device: torch.device) -> torch.Tensor:
     """[b, q] bool: the queries ACT's column means count. A padded position is a key no query sees (without a mask,
     every query is real); query i sits at key i + (k − q)."""
@@ -351,20 +332,18 @@ def chunked_attention(
     nk, dv = key.shape[2], value.shape[-1]
     if chunk is None:
         chunk = max(16, min(chunk_size_for(b, h, nk, query.device), nq * dv // max(1, nk)))
-    starts = range(0, nq, chunk)
+    keys = key.float().contiguous()
+    chunking = {"is_causal": is_causal, "scaling": scaling, "softcap": softcap, "s_aux": s_aux,
+                "workspace": _Workspace()}
 
-    def probs_of(c0: int) -> tuple[int, torch.Tensor, torch.Tensor]:
-        c1 = min(nq, c0 + chunk)
-        bias = _chunk_bias(mask, query, key, c0, c1, is_causal, position_bias)
-        return c0, attention_probs(query[:, :, c0:c1], key, bias, scaling, softcap, s_aux), bias  # [b, h, c, k]
+    def chunks() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:  # the capture's chunks: (c0, probs, bias)
+        return _hook_chunks(query, keys, mask, position_bias, chunk, **chunking)
 
     alphas: dict[int, torch.Tensor] = {}
     if any(hook.needs_columns for hook in hooks):
-        alphas = hook_column_means(hooks, layer, lambda: map(probs_of, starts),
-                                   real_queries(mask, b, nq, nk, query.device))
+        alphas = hook_column_means(hooks, layer, chunks, real_queries(mask, b, nq, nk, query.device))
     out = torch.empty(b, nq, h, dv, device=query.device)
-    for c0 in starts:
-        _, probs, bias = probs_of(c0)
+    for c0, probs, bias in chunks():
         out[:, c0 : c0 + chunk] = _weighted_values(apply_hooks(hooks, layer, probs, bias, alphas), value)
     return out
 
