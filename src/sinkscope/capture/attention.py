@@ -406,6 +406,7 @@ def chunk_size_for(batch: int, heads: int, nk: int, device: torch.device, reques
 
 
 _NEG = -1e30  # finite "minus infinity": exp underflows to 0 and 0 · _NEG stays finite, so no NaN fix-ups
+_FLOOR = -80.0  # what an invisible key's s − max becomes before exp: exp stays on its fast path (normal floats)
 
 
 def _chunk_visibility(
@@ -468,18 +469,24 @@ def _chunk_probs(
     s = s.view(b, h, c, kend)  # [b, h, c, kend]
     if softcap is not None:
         s.div_(softcap).tanh_().mul_(softcap)
-    if bias is not None:
+    hidden, start = None, 0  # the causal tail's invisible keys [c, w], w = kend − start (None: no tail)
+    if bias is not None:  # (refilling the bias's invisible keys as below costs more than their slow exp saves)
         s += bias
     elif causal_tail and c > 1:  # every key before the last min(c, kend) is visible to the whole chunk
-        w = min(c, kend)
-        s[..., kend - w:] += torch.zeros(c, w, device=s.device).masked_fill_(~visible[0, :, kend - w:], _NEG)
+        start = kend - min(c, kend)
+        hidden = ~visible[0, :, start:]  # [c, w]
+        s[..., start:] += torch.zeros(hidden.shape, device=s.device).masked_fill_(hidden, _NEG)
     m = s.amax(-1, keepdim=True)  # [b, h, c, 1]
     if s_aux is not None:
         sink = s_aux.float().view(1, h, 1, 1)
         m = torch.maximum(m, sink)
     s -= m
+    if hidden is not None:  # exp(≈ −1e30) takes the vector exp's slow path (6× a normal lane): exp(_FLOOR), then 0
+        s[..., start:].masked_fill_(hidden, _FLOOR)
     # the entropy reads s beside e = exp(s); without it e overwrites s (one chunk buffer, not two)
     e = torch.exp(s, out=workspace.take("exp", (b, h, c, kend), query.device)) if want_entropy else s.exp_()
+    if hidden is not None:
+        e[..., start:].masked_fill_(hidden, 0.0)
     z = e.sum(-1, keepdim=True)
     sink_e = torch.exp(sink - m) if s_aux is not None else None
     if sink_e is not None:
