@@ -539,3 +539,17 @@ def test_loss_equals_the_models_own_per_prompt(padding_side):
         torch.testing.assert_close(trace.logprobs[p], torch.log_softmax(out.logits[0, -1], -1), atol=1e-5, rtol=0)
     with pytest.raises(SinkscopeError, match="no tokenizer"):
         run_capture(bare, PROMPTS)
+
+
+@pytest.mark.parametrize("chunk", [(0, 5), (5, 16), (30, 37)])
+def test_causal_query_counts_equal_the_visible_triangle(chunk):
+    """With no mask but the causal triangle the per-key query counts come from c1 − max(c0, j), not from the chunk's
+    [c, k] visibility: the same counts."""
+    from sinkscope.capture.attention import _chunk_visibility, _query_counts
+
+    c0, c1 = chunk
+    _, visible, kend = _chunk_visibility(None, c0, c1, 37, 37, True, torch.device("cpu"))
+    real = torch.ones(1, 37, dtype=torch.bool)
+    closed = _query_counts(real, visible, c0, c1, kend, causal_only=True)
+    assert torch.equal(closed, _query_counts(real, visible, c0, c1, kend, causal_only=False))
+    assert closed[0, 0, 0] == c1 - c0 and closed[0, 0, kend - 1] == 1

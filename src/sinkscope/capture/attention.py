@@ -491,8 +491,9 @@ def _chunk_probs(
     sink_e = torch.exp(sink - m) if s_aux is not None else None
     if sink_e is not None:
         z = z + sink_e
-    sees = visible.any(-1)[:, None, :, None].float()  # [b|1, 1, c, 1]
-    rz = z.reciprocal() * sees  # rows that see nothing get zeros
+    # without a bias every row sees key 0 (causal or not); with one, rows that see nothing get zeros
+    sees = visible.any(-1)[:, None, :, None].float() if bias is not None else torch.ones(1, 1, c, 1, device=s.device)
+    rz = z.reciprocal() * sees if bias is not None else z.reciprocal()
     entropy = share = None
     if want_entropy or sink_e is not None:
         row_sum = rz * (z - sink_e) if sink_e is not None else (rz > 0).float()
@@ -588,6 +589,17 @@ def _chunk_attention(
     return visible, kend, e, rz, m, ent, share
 
 
+def _query_counts(qvalid: torch.Tensor, visible: torch.Tensor, c0: int, c1: int, kend: int, causal_only: bool
+                  ) -> torch.Tensor:
+    """[b|1, 1, kend]: how many real queries of c0..c1 see each key. qvalid [b, q] bool, visible [b|1, c, kend]. With no
+    mask but the causal triangle of a prompt (`causal_only`: every query real, query i sees keys ≤ i) it is
+    c1 − max(c0, j), without reading visible."""
+    if causal_only:
+        keys = torch.arange(kend, device=visible.device).clamp(min=c0)
+        return (c1 - keys).clamp(min=0).float()[None, None]
+    return qvalid[:, None, c0:c1].float() @ visible.float()
+
+
 def _hook_rows(e: torch.Tensor, rz: torch.Tensor, visible: torch.Tensor, nk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """What a hook receives for a chunk: its probabilities A = e·rz over every key, [b, h, c, nk] (zeros past kend),
     and the bias [b|1, 1, c, nk] (0 where a key is visible, −inf elsewhere). e [b, h, c, kend], rz [b, h, c, 1],
@@ -653,6 +665,7 @@ def _reduce_chunks(
     g = h // kvh
     dev = query.device
     all_valid = bool(qvalid.all())
+    causal_only = mask is None and is_causal and nq > 1 and all_valid  # visibility is the triangle alone
     entropy, sink_share, row_max, row_rz = sums.entropy, sums.sink_share, sums.row_max, sums.row_rz
     key_mass_sum, key_count, outs, layer_out = sums.key_mass_sum, sums.key_count, sums.outs, sums.layer_out
     need_av = outs is not None or layer_out is not None
@@ -688,7 +701,7 @@ def _reduce_chunks(
         weight = rz if all_valid else rz * qvalid[:, None, c0:c1, None]  # [b, h, c, 1]
         key_mass_sum[..., :kend] += weight.transpose(-1, -2) @ e
         if key_count is not None:
-            key_count[..., :kend] += qvalid[:, None, c0:c1].float() @ visible.float()
+            key_count[..., :kend] += _query_counts(qvalid, visible, c0, c1, kend, causal_only)
         if need_av:
             av = torch.bmm(e.reshape(b * kvh, g * c, kend), value[:, :, :kend].float().reshape(b * kvh, kend, -1))
             av = av.view(b, h, c, -1) * rz  # [b, h, c, dv]
