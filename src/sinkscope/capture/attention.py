@@ -464,11 +464,17 @@ def _chunk_probs(
     kvh, kend = key.shape[1], key.shape[2]
     g = h // kvh
     q = query.float().mul(scaling).view(b, kvh, g, c, d).reshape(b * kvh, g * c, d)
-    s = workspace.take("scores", (b * kvh, g * c, kend), query.device)
-    torch.bmm(q, key.float().reshape(b * kvh, kend, d).transpose(1, 2), out=s)
+    kt = key.float().reshape(b * kvh, kend, d).transpose(1, 2)
+    # Under autograd (interventions in a forward pass that keeps gradients) no reused buffers and no in-place change
+    # of a tensor autograd keeps; the numbers are the same.
+    tracked = torch.is_grad_enabled() and (q.requires_grad or kt.requires_grad)
+    if tracked:
+        s = torch.bmm(q, kt)
+    else:
+        s = torch.bmm(q, kt, out=workspace.take("scores", (b * kvh, g * c, kend), query.device))
     s = s.view(b, h, c, kend)  # [b, h, c, kend]
     if softcap is not None:
-        s.div_(softcap).tanh_().mul_(softcap)
+        s = torch.tanh(s / softcap) * softcap if tracked else s.div_(softcap).tanh_().mul_(softcap)
     hidden, start = None, 0  # the causal tail's invisible keys [c, w], w = kend − start (None: no tail)
     if bias is not None:  # (refilling the bias's invisible keys as below costs more than their slow exp saves)
         s += bias
@@ -476,15 +482,20 @@ def _chunk_probs(
         start = kend - min(c, kend)
         hidden = ~visible[0, :, start:]  # [c, w]
         s[..., start:] += torch.zeros(hidden.shape, device=s.device).masked_fill_(hidden, _NEG)
-    m = s.amax(-1, keepdim=True)  # [b, h, c, 1]
+    m = s.detach().amax(-1, keepdim=True)  # [b, h, c, 1] (softmax does not depend on it: no gradient needed)
     if s_aux is not None:
         sink = s_aux.float().view(1, h, 1, 1)
         m = torch.maximum(m, sink)
     s -= m
+    if tracked:
+        hidden = None
     if hidden is not None:  # exp(≈ −1e30) takes the vector exp's slow path (6× a normal lane): exp(_FLOOR), then 0
         s[..., start:].masked_fill_(hidden, _FLOOR)
     # the entropy reads s beside e = exp(s); without it e overwrites s (one chunk buffer, not two)
-    e = torch.exp(s, out=workspace.take("exp", (b, h, c, kend), query.device)) if want_entropy else s.exp_()
+    if tracked:
+        e = torch.exp(s)
+    else:
+        e = torch.exp(s, out=workspace.take("exp", (b, h, c, kend), query.device)) if want_entropy else s.exp_()
     if hidden is not None:
         e[..., start:].masked_fill_(hidden, 0.0)
     z = e.sum(-1, keepdim=True)
