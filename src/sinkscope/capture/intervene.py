@@ -31,6 +31,7 @@ import transformers
 from sinkscope.capture.attention import (
     _HOOKS,
     _hook_chunks,
+    _hooked,
     _weighted_values,
     _Workspace,
     chunk_size_for,
@@ -335,15 +336,9 @@ def chunked_attention(
     keys = key.float().contiguous()
     chunking = {"is_causal": is_causal, "scaling": scaling, "softcap": softcap, "s_aux": s_aux,
                 "workspace": _Workspace()}
-
-    def chunks() -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:  # the capture's chunks: (c0, probs, bias)
-        return _hook_chunks(query, keys, mask, position_bias, chunk, **chunking)
-
-    alphas: dict[int, torch.Tensor] = {}
-    if any(hook.needs_columns for hook in hooks):
-        alphas = hook_column_means(hooks, layer, chunks, real_queries(mask, b, nq, nk, query.device))
+    alphas = _hooked(hooks, layer, query, keys, mask, position_bias, chunk, **chunking).alphas  # as in a capture
     out = torch.empty(b, nq, h, dv, device=query.device)
-    for c0, probs, bias in chunks():
+    for c0, probs, bias in _hook_chunks(query, keys, mask, position_bias, chunk, **chunking):
         out[:, c0 : c0 + chunk] = _weighted_values(apply_hooks(hooks, layer, probs, bias, alphas), value)
     return out
 
