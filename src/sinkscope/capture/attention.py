@@ -168,6 +168,7 @@ class _Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._tails: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def take(self, name: str, shape: Sequence[int], device: torch.device) -> torch.Tensor:
         """A contiguous float32 tensor of `shape` backed by the buffer `name` (grown when too small)."""
@@ -177,6 +178,15 @@ class _Workspace:
             buf = torch.empty(numel, device=device)
             self._buffers[(name, device)] = buf
         return buf[:numel].view(*shape)
+
+    def causal_tail(self, c: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last c keys of a causal chunk of c queries whose last query is the last key: (hidden [c, c] bool,
+        True above the diagonal; bias [c, c] float32, _NEG there and 0 elsewhere), built once per size."""
+        tail = self._tails.get((c, device))
+        if tail is None:
+            hidden = torch.ones(c, c, dtype=torch.bool, device=device).triu_(1)
+            tail = self._tails[(c, device)] = (hidden, torch.zeros(c, c, device=device).masked_fill_(hidden, _NEG))
+        return tail
 
 
 _ACTIVE: contextvars.ContextVar[_Session | None] = contextvars.ContextVar("sinkscope_session", default=None)
@@ -369,9 +379,10 @@ def additive_bias(
     return bias
 
 
-_CPU_CHUNK_BYTES = 4 * 2**20  # float32 scores per chunk on CPU: small enough to stay in cache
+_CPU_CHUNK_BYTES = 1 * 2**20  # float32 scores per chunk on CPU: about one core's L2 cache
+_CPU_BATCH_BYTES = 4 * 2**20  # short prompts batched into one chunk up to this (fewer, larger ops: see pass_sizes)
 _GPU_CHUNK_BYTES = 512 * 2**20  # on accelerators fewer, larger kernels win
-_MIN_CHUNK = 64  # queries: at least the usual head dimension (see chunk_size_for)
+_MIN_ROWS = 192  # rows of a KV head's scores per chunk, its query heads × queries (see min_chunk)
 
 
 def free_memory(device: torch.device) -> int | None:
@@ -389,16 +400,24 @@ def free_memory(device: torch.device) -> int | None:
     return None
 
 
-def chunk_size_for(batch: int, heads: int, nk: int, device: torch.device, requested: int | None = None) -> int:
+def min_chunk(group: int) -> int:
+    """The fewest queries worth a chunk when `group` query heads share each KV head: `_MIN_ROWS` rows per KV head.
+    Each chunk's matmuls pack its KV head's keys and values anew, and with fewer rows packing outweighs multiplying
+    (queries · keys at 2,048 keys, one thread: 44 GFLOP/s with 64 rows, 67 with 128, 76 with 256). More rows also
+    mean a larger masked triangle per causal chunk: at 4,096 tokens 192 rows beat 128 and 256 (bench/RESULTS.md)."""
+    return max(1, math.ceil(_MIN_ROWS / max(1, group)))
+
+
+def chunk_size_for(batch: int, heads: int, nk: int, device: torch.device, requested: int | None = None,
+                   group: int = 1) -> int:
     """Queries per chunk: `requested`, or as many as keep one chunk's float32 scores [b, h, c, nk] near the device's
-    target size, but at least `_MIN_CHUNK` — every chunk re-reads K and V, so fewer queries than the head dimension
-    turn the chunk's matmuls from compute-bound into memory-bound — and always below 1/16 of free memory (a chunk
-    holds about four such tensors at once)."""
+    target size, but at least `min_chunk(group)` (`group` query heads per KV head) and always below 1/16 of free
+    memory (a chunk holds about four such tensors at once)."""
     if requested is not None:
         return requested
     row = max(1, batch * heads * nk * 4)
     target = _CPU_CHUNK_BYTES if device.type == "cpu" else _GPU_CHUNK_BYTES
-    chunk = max(_MIN_CHUNK, target // row)
+    chunk = max(min_chunk(group), target // row)
     free = free_memory(device)
     if free is not None:
         chunk = min(chunk, free // 16 // row)
@@ -406,7 +425,9 @@ def chunk_size_for(batch: int, heads: int, nk: int, device: torch.device, reques
 
 
 _NEG = -1e30  # finite "minus infinity": exp underflows to 0 and 0 · _NEG stays finite, so no NaN fix-ups
-_FLOOR = -80.0  # what an invisible key's s − max becomes before exp: exp stays on its fast path (normal floats)
+_FLOOR = -80.0  # what an invisible key's s − max becomes before exp2: exp2 stays on its fast path (normal floats)
+_LOG2E = 1.0 / math.log(2.0)  # scores in base 2: exp(s) = exp2(s · log₂e)
+_LN2 = math.log(2.0)
 
 
 def _chunk_visibility(
@@ -417,17 +438,21 @@ def _chunk_visibility(
     nk: int,
     is_causal: bool,
     device: torch.device,
-) -> tuple[torch.Tensor | None, torch.Tensor, int]:
+    need_visible: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, int]:
     """Which keys the queries c0..c1 see, without building the n×n mask.
 
     Returns (bias [b|1, 1, c, kend] float32 with _NEG at invisible keys, or None when every key < kend is visible
-    except a causal triangle handled by the caller; visible [b|1, c, kend] bool; kend: one past the last key any query
-    of the chunk sees — keys past it get no attention and are skipped)."""
+    except a causal triangle handled by the caller; visible [b|1, c, kend] bool, or None for that causal triangle
+    unless `need_visible`; kend: one past the last key any query of the chunk sees — keys past it get no attention
+    and are skipped)."""
     c = c1 - c0
     if mask is None:  # SDPA's semantics: is_causal is top-left aligned (query i sees keys ≤ i); one query sees all
         if not (is_causal and nq > 1):
             return None, torch.ones(1, c, nk, dtype=torch.bool, device=device), nk
         kend = min(c1, nk)
+        if not need_visible:
+            return None, None, kend
         visible = torch.arange(c0, c1, device=device)[:, None] >= torch.arange(kend, device=device)
         return None, visible[None], kend
     chunk = mask[:, :, c0:c1, -nk:]
@@ -446,8 +471,8 @@ def _chunk_probs(
     query: torch.Tensor,  # [b, h, c, d] (one chunk of queries)
     key: torch.Tensor,  # [b, kvh, kend, d]
     bias: torch.Tensor | None,  # [b|1, 1|h, c, kend] or None (causal triangle at the end)
-    visible: torch.Tensor,  # [b|1, c, kend]
-    causal_tail: bool,
+    visible: torch.Tensor | None,  # [b|1, c, kend] (read only with a bias)
+    tail: tuple[torch.Tensor, torch.Tensor] | None,  # the causal triangle over the last w keys: hidden [c, w], bias
     scaling: float,
     softcap: float | None,
     s_aux: torch.Tensor | None,  # [h]
@@ -459,11 +484,16 @@ def _chunk_probs(
     Returns (e [b, h, c, kend], rz [b, h, c, 1] = 1/Z (0 for rows that see no key), max [b, h, c, 1], entropy
     [b, h, c] or None, sink share [b, h, c] or None). A = e · rz; with learned sink logits Z includes the sink's exp,
     so rows sum to 1 − sink share. The entropy uses H = log Z · Σ_j A_j − rz · Σ_j e_j (s_j − max) — no log of the
-    n×c matrix."""
+    n×c matrix.
+
+    The scores are taken in base 2 (s·log₂e, folded into the queries' scaling) and exponentiated with exp2: the same
+    e and the same rounding, but on CPU torch's float32 exp2 is vectorised and its exp is not (0.38 against 1.21 ns
+    per element here) — exp was a fifth of a long prompt's chunk time."""
     b, h, c, d = query.shape
     kvh, kend = key.shape[1], key.shape[2]
     g = h // kvh
-    q = query.float().mul(scaling).view(b, kvh, g, c, d).reshape(b * kvh, g * c, d)
+    base = scaling if softcap is not None else scaling * _LOG2E  # soft-capping acts on the natural scores
+    q = query.float().mul(base).view(b, kvh, g, c, d).reshape(b * kvh, g * c, d)
     kt = key.float().reshape(b * kvh, kend, d).transpose(1, 2)
     # Under autograd (interventions in a forward pass that keeps gradients) no reused buffers and no in-place change
     # of a tensor autograd keeps; the numbers are the same.
@@ -472,48 +502,49 @@ def _chunk_probs(
         s = torch.bmm(q, kt)
     else:
         s = torch.bmm(q, kt, out=workspace.take("scores", (b * kvh, g * c, kend), query.device))
-    s = s.view(b, h, c, kend)  # [b, h, c, kend]
+    s = s.view(b, h, c, kend)  # [b, h, c, kend] in base 2
     if softcap is not None:
-        s = torch.tanh(s / softcap) * softcap if tracked else s.div_(softcap).tanh_().mul_(softcap)
+        s = torch.tanh(s / softcap) * (softcap * _LOG2E) if tracked else s.div_(softcap).tanh_().mul_(softcap * _LOG2E)
     hidden, start = None, 0  # the causal tail's invisible keys [c, w], w = kend − start (None: no tail)
     if bias is not None:  # (refilling the bias's invisible keys as below costs more than their slow exp saves)
-        s += bias
-    elif causal_tail and c > 1:  # every key before the last min(c, kend) is visible to the whole chunk
-        start = kend - min(c, kend)
-        hidden = ~visible[0, :, start:]  # [c, w]
-        s[..., start:] += torch.zeros(hidden.shape, device=s.device).masked_fill_(hidden, _NEG)
+        s = s.add(bias, alpha=_LOG2E) if tracked else s.add_(bias, alpha=_LOG2E)
+    elif tail is not None:  # every key before the last w is visible to the whole chunk
+        hidden = tail[0]
+        start = kend - hidden.shape[1]
+        s[..., start:] += tail[1]
     m = s.detach().amax(-1, keepdim=True)  # [b, h, c, 1] (softmax does not depend on it: no gradient needed)
     if s_aux is not None:
-        sink = s_aux.float().view(1, h, 1, 1)
+        sink = s_aux.float().view(1, h, 1, 1) * _LOG2E
         m = torch.maximum(m, sink)
     s -= m
     if tracked:
         hidden = None
-    if hidden is not None:  # exp(≈ −1e30) takes the vector exp's slow path (6× a normal lane): exp(_FLOOR), then 0
+    if hidden is not None:  # exp2(≈ −1e30) takes the vector exp2's slow path: exp2(_FLOOR), then 0
         s[..., start:].masked_fill_(hidden, _FLOOR)
-    # the entropy reads s beside e = exp(s); without it e overwrites s (one chunk buffer, not two)
+    # the entropy reads s beside e = exp2(s); without it e overwrites s (one chunk buffer, not two)
     if tracked:
-        e = torch.exp(s)
+        e = torch.exp2(s)
     else:
-        e = torch.exp(s, out=workspace.take("exp", (b, h, c, kend), query.device)) if want_entropy else s.exp_()
+        e = torch.exp2(s, out=workspace.take("exp", (b, h, c, kend), query.device)) if want_entropy else s.exp2_()
     if hidden is not None:
         e[..., start:].masked_fill_(hidden, 0.0)
     z = e.sum(-1, keepdim=True)
-    sink_e = torch.exp(sink - m) if s_aux is not None else None
+    sink_e = torch.exp2(sink - m) if s_aux is not None else None
     if sink_e is not None:
         z = z + sink_e
-    # without a bias every row sees key 0 (causal or not); with one, rows that see nothing get zeros
-    sees = visible.any(-1)[:, None, :, None].float() if bias is not None else torch.ones(1, 1, c, 1, device=s.device)
-    rz = z.reciprocal() * sees if bias is not None else z.reciprocal()
+    # without a bias every row sees key 0 (causal or not); with one, rows that see nothing get zeros: sees
+    # [b|1, 1, c, 1], or None when every row sees a key
+    sees = visible.any(-1)[:, None, :, None].float() if bias is not None and visible is not None else None
+    rz = z.reciprocal() if sees is None else z.reciprocal() * sees
     entropy = share = None
     if want_entropy or sink_e is not None:
         row_sum = rz * (z - sink_e) if sink_e is not None else (rz > 0).float()
         if want_entropy:
-            et = torch.einsum("bhck,bhck->bhc", e, s)[..., None]
+            et = torch.einsum("bhck,bhck->bhc", e, s)[..., None] * _LN2  # Σ_j e_j (s_j − max), natural units
             entropy = (torch.log(z) * row_sum - rz * et).squeeze(-1)
         if sink_e is not None:
-            share = ((1.0 - row_sum) * sees).squeeze(-1)
-    return e, rz, m, entropy, share
+            share = (1.0 - row_sum if sees is None else (1.0 - row_sum) * sees).squeeze(-1)
+    return e, rz, m * _LN2, entropy, share
 
 
 @dataclass
@@ -555,19 +586,22 @@ def _heads(x: torch.Tensor | None, part: slice) -> torch.Tensor | None:
 
 
 def pass_sizes(batch: int, heads: int, kv_heads: int, nk: int, device: torch.device) -> tuple[int, int]:
-    """How many prompts and KV heads (with their query heads) `_statistics` reduces together: as many as keep a chunk
-    of `_MIN_CHUNK` queries' float32 scores [prompts, heads, c, nk] within the device's target size, at least one of
-    each, split evenly. On CPU a batch of long prompts is reduced a prompt at a time and a very long prompt a few heads
-    at a time, so a chunk stays cache-sized instead of growing with the batch (8 × 2,048 tokens × 12 heads: 6 MB, not
-    50 MB) or with the heads (32,768 tokens: 8 MB per head, not 100 MB). A head's queries read only its KV head's keys,
-    so splitting heads re-reads nothing."""
+    """How many prompts and KV heads (with their query heads) `_statistics` reduces together, split evenly.
+
+    A chunk holds at least `min_chunk` queries (or the whole prompt) of every head of the pass. When that chunk of one
+    prompt and every head fits the device's target size (short prompts), whole prompts are batched, on CPU up to
+    `_CPU_BATCH_BYTES`: at 128 tokens the per-op cost, not the cache, dominates. Otherwise a pass is one prompt and as
+    many KV heads as keep the chunk within the target (at least one), so on CPU a chunk stays cache-sized instead of
+    growing with the batch or the heads (2,048 tokens: 1.5 MB per head, not 18 MB for twelve). A head's queries read
+    only its KV head's keys, so splitting heads re-reads nothing."""
     target = _CPU_CHUNK_BYTES if device.type == "cpu" else _GPU_CHUNK_BYTES
-    per_head = max(1, nk * 4 * _MIN_CHUNK)
-    fit = max(1, min(batch, target // (heads * per_head)))
-    prompts = math.ceil(batch / math.ceil(batch / fit))
-    if prompts > 1 or heads * per_head <= target:
-        return prompts, kv_heads
-    fit = max(1, min(kv_heads, target // (heads // kv_heads * per_head)))
+    group = max(1, heads // kv_heads)
+    per_head = max(1, nk * 4 * min(nk, min_chunk(group)))
+    if heads * per_head <= target:
+        room = _CPU_BATCH_BYTES if device.type == "cpu" else target
+        fit = max(1, min(batch, room // (heads * per_head)))
+        return math.ceil(batch / math.ceil(batch / fit)), kv_heads
+    fit = max(1, min(kv_heads, target // (group * per_head)))
     return 1, math.ceil(kv_heads / math.ceil(kv_heads / fit))
 
 
@@ -585,29 +619,51 @@ def _chunk_attention(
     s_aux: torch.Tensor | None,  # [h]
     want_entropy: bool,
     workspace: _Workspace,
-) -> tuple[torch.Tensor, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """The queries c0..c1: (visible [b|1, c, kend], kend, then `_chunk_probs`' e [b, h, c, kend], rz, max, entropy,
-    sink share) — the keys past kend are seen by no query of the chunk."""
+    need_visible: bool = True,
+) -> tuple[torch.Tensor | None, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None,
+           torch.Tensor | None]:
+    """The queries c0..c1: (visible [b|1, c, kend] — None for a plain causal triangle unless `need_visible` —, kend,
+    then `_chunk_probs`' e [b, h, c, kend], rz, max, entropy, sink share) — the keys past kend are seen by no query of
+    the chunk."""
     nq, nk = query.shape[2], key.shape[2]
-    bias, visible, kend = _chunk_visibility(mask, c0, c1, nq, nk, is_causal, query.device)
+    bias, visible, kend = _chunk_visibility(mask, c0, c1, nq, nk, is_causal, query.device,
+                                            need_visible or position_bias is not None)
     if position_bias is not None:
         pb = position_bias[:, :, c0:c1, -nk:][..., :kend].float()
         bias = pb if bias is None else bias + pb
         if mask is None and is_causal and nq > 1:
+            assert visible is not None
             bias = bias.masked_fill(~visible[:, None], _NEG)
-    e, rz, m, ent, share = _chunk_probs(query[:, :, c0:c1], key[:, :, :kend], bias, visible,
-                                        mask is None and is_causal, scaling, softcap, s_aux, want_entropy, workspace)
+    tail = None
+    if bias is None and mask is None and is_causal and c1 - c0 > 1:
+        tail = _causal_tail(c0, c1, kend, workspace, query.device)
+    e, rz, m, ent, share = _chunk_probs(query[:, :, c0:c1], key[:, :, :kend], bias, visible, tail, scaling, softcap,
+                                        s_aux, want_entropy, workspace)
     return visible, kend, e, rz, m, ent, share
 
 
-def _query_counts(qvalid: torch.Tensor, visible: torch.Tensor, c0: int, c1: int, kend: int, causal_only: bool
+def _causal_tail(c0: int, c1: int, kend: int, workspace: _Workspace, device: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The causal triangle of the queries c0..c1 over their last w = min(c, kend) keys (every earlier key is seen by
+    the whole chunk): (hidden [c, w] bool, bias [c, w] float32 with _NEG where hidden). A chunk that ends at its last
+    key has the same triangle wherever it starts: it is built once per size."""
+    c = c1 - c0
+    start = kend - min(c, kend)
+    if start == c0:
+        return workspace.causal_tail(c, device)
+    hidden = torch.arange(c0, c1, device=device)[:, None] < torch.arange(start, kend, device=device)
+    return hidden, torch.zeros(hidden.shape, device=device).masked_fill_(hidden, _NEG)
+
+
+def _query_counts(qvalid: torch.Tensor, visible: torch.Tensor | None, c0: int, c1: int, kend: int, causal_only: bool
                   ) -> torch.Tensor:
     """[b|1, 1, kend]: how many real queries of c0..c1 see each key. qvalid [b, q] bool, visible [b|1, c, kend]. With no
     mask but the causal triangle of a prompt (`causal_only`: every query real, query i sees keys ≤ i) it is
-    c1 − max(c0, j), without reading visible."""
+    c1 − max(c0, j), without reading visible (which may then be None)."""
     if causal_only:
-        keys = torch.arange(kend, device=visible.device).clamp(min=c0)
+        keys = torch.arange(kend, device=qvalid.device).clamp(min=c0)
         return (c1 - keys).clamp(min=0).float()[None, None]
+    assert visible is not None
     return qvalid[:, None, c0:c1].float() @ visible.float()
 
 
@@ -690,8 +746,10 @@ def _reduce_chunks(
         c = c1 - c0
         visible, kend, e, rz, m, ent, share = _chunk_attention(
             query, key, mask, position_bias, c0, c1, is_causal=is_causal, scaling=scaling, softcap=softcap,
-            s_aux=s_aux, want_entropy=entropy is not None and hooked is None, workspace=workspace)
+            s_aux=s_aux, want_entropy=entropy is not None and hooked is None, workspace=workspace,
+            need_visible=hooked is not None or not causal_only)
         if hooked is not None:  # A' = the hooks' change of A = e·rz over whole rows; then e ← A', rz ← 1
+            assert visible is not None
             changed = hooked.apply(e, rz, visible, nk)  # [b, h, c, nk]
             if hooked.columns is not None and hooked.column_index is not None:
                 hooked.columns[:, :, c0:c1] = _gather_columns(changed, hooked.column_index)
@@ -784,7 +842,7 @@ def _statistics(
     g = h // kvh
     # hooks see every prompt and head at once: a hook's scope (heads, MaskKeyPerRow's prompts) indexes the batch's
     n_prompts, n_kv = (b, kvh) if nq == 1 or hooks else pass_sizes(b, h, kvh, nk, dev)
-    step = 1 if nq == 1 else chunk_size_for(n_prompts, n_kv * g, nk, dev, cfg.chunk_size)
+    step = 1 if nq == 1 else chunk_size_for(n_prompts, n_kv * g, nk, dev, cfg.chunk_size, group=g)
     hooked = None
     if hooks:
         hooked = _hooked(hooks, layer, query, key, mask, position_bias, is_causal=is_causal, scaling=scaling,
@@ -900,6 +958,7 @@ def _hook_chunks(
     for c0 in range(0, nq, step):
         visible, _, e, rz, *_ = _chunk_attention(query, key, mask, position_bias, c0, min(nq, c0 + step),
                                                  want_entropy=False, **chunking)
+        assert visible is not None
         yield c0, *_hook_rows(e, rz, visible, nk)
 
 

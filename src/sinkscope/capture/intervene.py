@@ -332,7 +332,7 @@ def chunked_attention(
     b, h, nq, _ = query.shape
     nk, dv = key.shape[2], value.shape[-1]
     if chunk is None:
-        chunk = max(16, min(chunk_size_for(b, h, nk, query.device), nq * dv // max(1, nk)))
+        chunk = max(16, min(chunk_size_for(b, h, nk, query.device, group=h // key.shape[1]), nq * dv // max(1, nk)))
     keys = key.float().contiguous()
     chunking = {"is_causal": is_causal, "scaling": scaling, "softcap": softcap, "s_aux": s_aux,
                 "workspace": _Workspace()}
