@@ -168,7 +168,7 @@ class _Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, torch.device], torch.Tensor] = {}
-        self._tails: dict[tuple[int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._tails: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     def take(self, name: str, shape: Sequence[int], device: torch.device) -> torch.Tensor:
         """A contiguous float32 tensor of `shape` backed by the buffer `name` (grown when too small)."""
@@ -179,13 +179,13 @@ class _Workspace:
             self._buffers[(name, device)] = buf
         return buf[:numel].view(*shape)
 
-    def causal_tail(self, c: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """The last c keys of a causal chunk of c queries whose last query is the last key: (hidden [c, c] bool,
-        True above the diagonal; bias [c, c] float32, _NEG there and 0 elsewhere), built once per size."""
+    def causal_tail(self, c: int, device: torch.device) -> torch.Tensor:
+        """The bias over the last c keys of a causal chunk of c queries whose last query is the last key: [c, c]
+        float32, _NEG above the diagonal and 0 elsewhere, built once per size."""
         tail = self._tails.get((c, device))
         if tail is None:
             hidden = torch.ones(c, c, dtype=torch.bool, device=device).triu_(1)
-            tail = self._tails[(c, device)] = (hidden, torch.zeros(c, c, device=device).masked_fill_(hidden, _NEG))
+            tail = self._tails[(c, device)] = torch.zeros(c, c, device=device).masked_fill_(hidden, _NEG)
         return tail
 
 
@@ -425,7 +425,6 @@ def chunk_size_for(batch: int, heads: int, nk: int, device: torch.device, reques
 
 
 _NEG = -1e30  # finite "minus infinity": exp underflows to 0 and 0 · _NEG stays finite, so no NaN fix-ups
-_FLOOR = -80.0  # what an invisible key's s − max becomes before exp2: exp2 stays on its fast path (normal floats)
 _LOG2E = 1.0 / math.log(2.0)  # scores in base 2: exp(s) = exp2(s · log₂e)
 _LN2 = math.log(2.0)
 
@@ -472,7 +471,7 @@ def _chunk_probs(
     key: torch.Tensor,  # [b, kvh, kend, d]
     bias: torch.Tensor | None,  # [b|1, 1|h, c, kend] or None (causal triangle at the end)
     visible: torch.Tensor | None,  # [b|1, c, kend] (read only with a bias)
-    tail: tuple[torch.Tensor, torch.Tensor] | None,  # the causal triangle over the last w keys: hidden [c, w], bias
+    tail: torch.Tensor | None,  # [c, w] the causal triangle's bias over the last w keys (None: no triangle)
     scaling: float,
     softcap: float | None,
     s_aux: torch.Tensor | None,  # [h]
@@ -505,29 +504,22 @@ def _chunk_probs(
     s = s.view(b, h, c, kend)  # [b, h, c, kend] in base 2
     if softcap is not None:
         s = torch.tanh(s / softcap) * (softcap * _LOG2E) if tracked else s.div_(softcap).tanh_().mul_(softcap * _LOG2E)
-    hidden, start = None, 0  # the causal tail's invisible keys [c, w], w = kend − start (None: no tail)
-    if bias is not None:  # (refilling the bias's invisible keys as below costs more than their slow exp saves)
+    # Invisible keys get ≈ −1e30, which exp2 turns into exact zeros at full speed (measured; exp's vector lanes take a
+    # slow path 6× as long under −88, and exp2's under −126 down to at least −200), so no masked refills are needed.
+    if bias is not None:
         s = s.add(bias, alpha=_LOG2E) if tracked else s.add_(bias, alpha=_LOG2E)
     elif tail is not None:  # every key before the last w is visible to the whole chunk
-        hidden = tail[0]
-        start = kend - hidden.shape[1]
-        s[..., start:] += tail[1]
+        s[..., kend - tail.shape[1]:] += tail
     m = s.detach().amax(-1, keepdim=True)  # [b, h, c, 1] (softmax does not depend on it: no gradient needed)
     if s_aux is not None:
         sink = s_aux.float().view(1, h, 1, 1) * _LOG2E
         m = torch.maximum(m, sink)
     s -= m
-    if tracked:
-        hidden = None
-    if hidden is not None:  # exp2(≈ −1e30) takes the vector exp2's slow path: exp2(_FLOOR), then 0
-        s[..., start:].masked_fill_(hidden, _FLOOR)
     # the entropy reads s beside e = exp2(s); without it e overwrites s (one chunk buffer, not two)
     if tracked:
         e = torch.exp2(s)
     else:
         e = torch.exp2(s, out=workspace.take("exp", (b, h, c, kend), query.device)) if want_entropy else s.exp2_()
-    if hidden is not None:
-        e[..., start:].masked_fill_(hidden, 0.0)
     z = e.sum(-1, keepdim=True)
     sink_e = torch.exp2(sink - m) if s_aux is not None else None
     if sink_e is not None:
@@ -642,17 +634,16 @@ def _chunk_attention(
     return visible, kend, e, rz, m, ent, share
 
 
-def _causal_tail(c0: int, c1: int, kend: int, workspace: _Workspace, device: torch.device
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def _causal_tail(c0: int, c1: int, kend: int, workspace: _Workspace, device: torch.device) -> torch.Tensor:
     """The causal triangle of the queries c0..c1 over their last w = min(c, kend) keys (every earlier key is seen by
-    the whole chunk): (hidden [c, w] bool, bias [c, w] float32 with _NEG where hidden). A chunk that ends at its last
-    key has the same triangle wherever it starts: it is built once per size."""
+    the whole chunk) as a bias [c, w] float32: _NEG at the keys a query does not see, 0 elsewhere. A chunk that ends
+    at its last key has the same triangle wherever it starts: it is built once per size."""
     c = c1 - c0
     start = kend - min(c, kend)
-    if start == c0:
+    if start == c0 and kend - start == c:
         return workspace.causal_tail(c, device)
     hidden = torch.arange(c0, c1, device=device)[:, None] < torch.arange(start, kend, device=device)
-    return hidden, torch.zeros(hidden.shape, device=device).masked_fill_(hidden, _NEG)
+    return torch.zeros(hidden.shape, device=device).masked_fill_(hidden, _NEG)
 
 
 def _query_counts(qvalid: torch.Tensor, visible: torch.Tensor | None, c0: int, c1: int, kend: int, causal_only: bool
