@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextvars
 import math
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any, Protocol
@@ -168,7 +168,7 @@ class _Workspace:
 
     def __init__(self) -> None:
         self._buffers: dict[tuple[str, torch.device], torch.Tensor] = {}
-        self._tails: dict[tuple[int, torch.device], torch.Tensor] = {}
+        self._cached: dict[tuple[Any, ...], torch.Tensor] = {}
 
     def take(self, name: str, shape: Sequence[int], device: torch.device) -> torch.Tensor:
         """A contiguous float32 tensor of `shape` backed by the buffer `name` (grown when too small)."""
@@ -179,14 +179,11 @@ class _Workspace:
             self._buffers[(name, device)] = buf
         return buf[:numel].view(*shape)
 
-    def causal_tail(self, c: int, device: torch.device) -> torch.Tensor:
-        """The bias over the last c keys of a causal chunk of c queries whose last query is the last key: [c, c]
-        float32, _NEG above the diagonal and 0 elsewhere, built once per size."""
-        tail = self._tails.get((c, device))
-        if tail is None:
-            hidden = torch.ones(c, c, dtype=torch.bool, device=device).triu_(1)
-            tail = self._tails[(c, device)] = torch.zeros(c, c, device=device).masked_fill_(hidden, _NEG)
-        return tail
+    def cached(self, key: tuple[Any, ...], build: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """The tensor stored under `key`, built by `build` the first time (for tensors every chunk of a size shares)."""
+        if key not in self._cached:
+            self._cached[key] = build()
+        return self._cached[key]
 
 
 _ACTIVE: contextvars.ContextVar[_Session | None] = contextvars.ContextVar("sinkscope_session", default=None)
@@ -452,8 +449,7 @@ def _chunk_visibility(
         kend = min(c1, nk)
         if not need_visible:
             return None, None, kend
-        visible = torch.arange(c0, c1, device=device)[:, None] >= torch.arange(kend, device=device)
-        return None, visible[None], kend
+        return None, _causal_visible(c0, c1, 0, kend, device)[None], kend
     chunk = mask[:, :, c0:c1, -nk:]
     visible = chunk[:, 0] if chunk.dtype == torch.bool else chunk[:, 0] > torch.finfo(chunk.dtype).min / 2
     hit = visible.any(0).any(0).nonzero()
@@ -640,10 +636,19 @@ def _causal_tail(c0: int, c1: int, kend: int, workspace: _Workspace, device: tor
     at its last key has the same triangle wherever it starts: it is built once per size."""
     c = c1 - c0
     start = kend - min(c, kend)
-    if start == c0 and kend - start == c:
-        return workspace.causal_tail(c, device)
-    hidden = torch.arange(c0, c1, device=device)[:, None] < torch.arange(start, kend, device=device)
-    return torch.zeros(hidden.shape, device=device).masked_fill_(hidden, _NEG)
+
+    def build() -> torch.Tensor:
+        hidden = ~_causal_visible(c0, c1, start, kend, device)
+        return torch.zeros(hidden.shape, device=device).masked_fill_(hidden, _NEG)
+
+    if start == c0 and kend - start == c:  # the same triangle wherever the chunk starts
+        return workspace.cached(("causal_tail", c, device), build)
+    return build()
+
+
+def _causal_visible(c0: int, c1: int, k0: int, k1: int, device: torch.device) -> torch.Tensor:
+    """[c1 − c0, k1 − k0] bool: whether query c0 + i sees key k0 + j under a top-left causal mask (key ≤ query)."""
+    return torch.arange(c0, c1, device=device)[:, None] >= torch.arange(k0, k1, device=device)
 
 
 def _query_counts(qvalid: torch.Tensor, visible: torch.Tensor | None, c0: int, c1: int, kend: int, causal_only: bool
